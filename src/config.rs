@@ -1,0 +1,391 @@
+//! Configuration: built-in defaults, then the TOML file, then the environment.
+//!
+//! ```toml
+//! [providers.topaz]
+//! base_url = "https://api.topazlabs.com/image/v1"
+//! concurrency = 8
+//! rate_limits = ["10/1s"]
+//! max_attempts = 8
+//! poll_interval = "3s"
+//! timeout = "120s"
+//! max_in_flight = 16
+//! ```
+//!
+//! Credentials come from the environment (`TOPAZ_API_KEY` …) or the file's
+//! `api_key`/`client_id`/`client_secret`; they are held only in memory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::ProviderKind;
+use crate::providers::{self, Credentials};
+use crate::rate::RateSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything the engine needs to know about one provider.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub base_url: String,
+    /// Requests to this provider in progress at once.
+    pub concurrency: usize,
+    /// All enforced together.
+    pub rate_limits: Vec<RateSpec>,
+    /// Failed attempts (429s excluded) before a job fails for good.
+    pub max_attempts: u32,
+    pub poll_interval: Duration,
+    /// Per-request read timeout (reset on every read) — not a bound on a whole
+    /// download, which may legitimately take long.
+    pub timeout: Duration,
+    /// Remote tasks accepted and not yet finished, at most. Polls of these come
+    /// before new submissions, so this bounds how much of the rate budget polling
+    /// can take.
+    pub max_in_flight: usize,
+    pub credentials: Credentials,
+}
+
+/// Settings that are not per provider.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Largest result file accepted (a hostile URL cannot fill the disk).
+    pub max_download_bytes: u64,
+    /// Widening of every rate window (see `engine::limiter`).
+    pub rate_margin: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_download_bytes: 2 * 1024 * 1024 * 1024,
+            rate_margin: Duration::from_millis(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub providers: BTreeMap<ProviderKind, ProviderConfig>,
+    pub engine: EngineSettings,
+    /// The file the configuration was read from, if any.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    providers: BTreeMap<String, FileProvider>,
+    #[serde(default)]
+    engine: Option<FileEngine>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEngine {
+    max_download_bytes: Option<u64>,
+    rate_margin: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProvider {
+    base_url: Option<String>,
+    concurrency: Option<usize>,
+    rate_limits: Option<Vec<String>>,
+    max_attempts: Option<u32>,
+    poll_interval: Option<String>,
+    timeout: Option<String>,
+    max_in_flight: Option<usize>,
+    api_key: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// The documented or, where a provider publishes none, conservative defaults.
+/// `docs/providers.md` gives the reason for each.
+pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
+    let rates = |list: &[&str]| list.iter().filter_map(|s| s.parse().ok()).collect();
+    let (concurrency, rate_limits, poll_ms, timeout_s, in_flight) = match kind {
+        ProviderKind::Topaz => (8, rates(&["10/1s"]), 2_000, 120, 16),
+        ProviderKind::Photio => (4, rates(&["4/1s"]), 1_000, 300, 4),
+        ProviderKind::Aithriving => (4, rates(&["4/1s"]), 1_000, 300, 4),
+        ProviderKind::Perfect => (4, rates(&["100/1m", "100/5m"]), 2_000, 120, 8),
+        ProviderKind::Dzine => (4, rates(&["10/1s"]), 2_000, 120, 16),
+    };
+    ProviderConfig {
+        kind,
+        base_url: providers::default_base_url(kind).to_string(),
+        concurrency,
+        rate_limits,
+        max_attempts: 8,
+        poll_interval: Duration::from_millis(poll_ms),
+        timeout: Duration::from_secs(timeout_s),
+        max_in_flight: in_flight,
+        credentials: Credentials::default(),
+    }
+}
+
+/// The environment variables a provider reads: (base URL, API key or client id,
+/// client secret).
+pub fn env_names(kind: ProviderKind) -> (&'static str, &'static str, Option<&'static str>) {
+    match kind {
+        ProviderKind::Dzine => ("PIXBATCH_DZINE_URL", "DZINE_API_KEY", None),
+        ProviderKind::Perfect => ("PIXBATCH_PERFECT_URL", "PERFECT_CLIENT_ID", Some("PERFECT_CLIENT_SECRET")),
+        ProviderKind::Topaz => ("PIXBATCH_TOPAZ_URL", "TOPAZ_API_KEY", None),
+        ProviderKind::Photio => ("PIXBATCH_PHOTIO_URL", "PHOTIO_API_KEY", None),
+        ProviderKind::Aithriving => ("PIXBATCH_AITHRIVING_URL", "AITHRIVING_API_KEY", None),
+    }
+}
+
+impl Config {
+    /// Loads `explicit` if given (it must exist), else `./pixbatch.toml` if present,
+    /// then applies `env` (a lookup, so tests need not touch the process environment).
+    pub fn load(explicit: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let (file, source) = match explicit {
+            Some(p) => (Some(read_file(p)?), Some(p.to_path_buf())),
+            None => {
+                let p = PathBuf::from("pixbatch.toml");
+                if p.is_file() {
+                    (Some(read_file(&p)?), Some(p))
+                } else {
+                    (None, None)
+                }
+            }
+        };
+        let file = file.unwrap_or_default();
+        let source_name = source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the defaults".into());
+        let bad = |m: String| ConfigError::File {
+            path: source_name.clone(),
+            message: m,
+        };
+
+        let mut engine = EngineSettings::default();
+        if let Some(e) = &file.engine {
+            if let Some(b) = e.max_download_bytes {
+                engine.max_download_bytes = b;
+            }
+            if let Some(m) = &e.rate_margin {
+                engine.rate_margin = parse_duration(m).map_err(|m| bad(format!("engine.rate_margin: {m}")))?;
+            }
+        }
+
+        let mut providers = BTreeMap::new();
+        for (name, _) in file.providers.iter() {
+            name.parse::<ProviderKind>()
+                .map_err(|e| bad(format!("[providers.{name}]: {e}")))?;
+        }
+        for kind in ProviderKind::ALL {
+            let mut c = default_provider_config(kind);
+            if let Some(f) = file.providers.get(kind.name()) {
+                let ctx = |field: &str, m: String| bad(format!("providers.{kind}.{field}: {m}"));
+                if let Some(v) = &f.base_url {
+                    c.base_url = v.clone();
+                }
+                if let Some(v) = f.concurrency {
+                    if v == 0 {
+                        return Err(ctx("concurrency", "must be at least 1".into()));
+                    }
+                    c.concurrency = v;
+                }
+                if let Some(list) = &f.rate_limits {
+                    c.rate_limits = list
+                        .iter()
+                        .map(|s| s.parse::<RateSpec>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| ctx("rate_limits", e.to_string()))?;
+                }
+                if let Some(v) = f.max_attempts {
+                    if v == 0 {
+                        return Err(ctx("max_attempts", "must be at least 1".into()));
+                    }
+                    c.max_attempts = v;
+                }
+                if let Some(v) = &f.poll_interval {
+                    c.poll_interval = parse_duration(v).map_err(|m| ctx("poll_interval", m))?;
+                }
+                if let Some(v) = &f.timeout {
+                    c.timeout = parse_duration(v).map_err(|m| ctx("timeout", m))?;
+                }
+                if let Some(v) = f.max_in_flight {
+                    if v == 0 {
+                        return Err(ctx("max_in_flight", "must be at least 1".into()));
+                    }
+                    c.max_in_flight = v;
+                }
+                c.credentials.api_key = f.api_key.clone();
+                c.credentials.client_id = f.client_id.clone();
+                c.credentials.client_secret = f.client_secret.clone();
+            }
+            let (url_var, key_var, secret_var) = env_names(kind);
+            if let Some(v) = env(url_var).filter(|v| !v.trim().is_empty()) {
+                c.base_url = v;
+            }
+            if let Some(v) = env(key_var).filter(|v| !v.is_empty()) {
+                if kind == ProviderKind::Perfect {
+                    c.credentials.client_id = Some(v);
+                } else {
+                    c.credentials.api_key = Some(v);
+                }
+            }
+            if let Some(var) = secret_var {
+                if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+                    c.credentials.client_secret = Some(v);
+                }
+            }
+            check_base_url(&c.base_url).map_err(|m| ConfigError::Invalid(format!("{kind}: {m}")))?;
+            providers.insert(kind, c);
+        }
+        Ok(Config {
+            providers,
+            engine,
+            source,
+        })
+    }
+
+    pub fn provider(&self, kind: ProviderKind) -> &ProviderConfig {
+        // Every kind is inserted by `load`; fall back to defaults for safety.
+        self.providers.get(&kind).unwrap_or_else(|| {
+            static FALLBACK: std::sync::OnceLock<BTreeMap<ProviderKind, ProviderConfig>> = std::sync::OnceLock::new();
+            &FALLBACK.get_or_init(|| {
+                ProviderKind::ALL
+                    .into_iter()
+                    .map(|k| (k, default_provider_config(k)))
+                    .collect()
+            })[&kind]
+        })
+    }
+
+    /// Every secret held, for scrubbing logs and messages.
+    pub fn secrets(&self) -> Vec<String> {
+        self.providers.values().flat_map(|p| p.credentials.secrets()).collect()
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// "2s", "500ms", "1m30s" (humantime), or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Plain http only to loopback: credentials must not cross a network in clear.
+pub fn check_base_url(base: &str) -> Result<(), String> {
+    let url = url::Url::parse(base).map_err(|e| format!("base URL {base:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "base URL {base:?} uses plain http to a host that is not loopback; use https"
+                ))
+            }
+        }
+        other => Err(format!("base URL {base:?} has scheme {other:?}; use https")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+[providers.perfect]
+rate_limits = ["50/1m", "80/5m"]
+poll_interval = "1500ms"
+[providers.topaz]
+base_url = "http://127.0.0.1:9/topaz/image/v1"
+api_key = "from-file"
+concurrency = 2
+"#,
+        )
+        .unwrap();
+        let env = |k: &str| (k == "TOPAZ_API_KEY").then(|| "from-env".to_string());
+        let c = Config::load(Some(&path), &env).unwrap();
+        let p = c.provider(ProviderKind::Perfect);
+        assert_eq!(p.rate_limits.len(), 2);
+        assert_eq!(p.rate_limits[1].to_string(), "80/5m");
+        assert_eq!(p.poll_interval, Duration::from_millis(1500));
+        let t = c.provider(ProviderKind::Topaz);
+        assert_eq!(t.concurrency, 2);
+        assert_eq!(t.credentials.api_key.as_deref(), Some("from-env"));
+        assert!(!format!("{:?}", t.credentials).contains("from-env"));
+    }
+
+    #[test]
+    fn defaults_follow_the_documents() {
+        let c = Config::load(None, &no_env).unwrap();
+        let p = c.provider(ProviderKind::Perfect);
+        let limits: Vec<String> = p.rate_limits.iter().map(|r| r.to_string()).collect();
+        assert_eq!(limits, vec!["100/1m", "100/5m"]);
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        assert!(check_base_url("http://127.0.0.1:8080/topaz").is_ok());
+        assert!(check_base_url("http://localhost:1/x").is_ok());
+        assert!(check_base_url("http://[::1]:1/x").is_ok());
+        assert!(check_base_url("https://api.topazlabs.com/image/v1").is_ok());
+        assert!(check_base_url("http://api.topazlabs.com/image/v1").is_err());
+        assert!(check_base_url("http://10.0.0.1/x").is_err());
+        assert!(check_base_url("ftp://127.0.0.1/x").is_err());
+        let env = |k: &str| (k == "PIXBATCH_PHOTIO_URL").then(|| "http://example.com".to_string());
+        assert!(Config::load(None, &env).is_err());
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[providers.topaz]\nrate_limits = [\"10/1d\"]\n").unwrap();
+        let e = Config::load(Some(&path), &no_env).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("rate_limits"), "{e}");
+        std::fs::write(&path, "[providers.nope]\n").unwrap();
+        assert!(Config::load(Some(&path), &no_env).is_err());
+    }
+}

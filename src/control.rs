@@ -1,0 +1,131 @@
+//! The running process answers reading commands over a Unix socket beside the
+//! database (`<db>.sock`, mode 0600): sled lets one process open a database, so
+//! `status`, `list`, `show` and `report` from another terminal ask the run instead
+//! of opening it. One JSON `Query` line in, JSON answer lines out, then the
+//! connection closes; an error is a line `{"error": "..."}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::query::{self, LiveInfo, Query, QueryError};
+use crate::store::Store;
+
+/// Serves queries until dropped (the task is aborted with the guard).
+pub struct ControlServer {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts answering at `path`. `live` is called for each `status` to add the run's
+/// own figures.
+pub fn serve(
+    path: &Path,
+    store: Store,
+    live: Arc<dyn Fn() -> LiveInfo + Send + Sync>,
+) -> std::io::Result<ControlServer> {
+    // A socket left by a killed run is stale: we hold the database lock, so no one
+    // else is serving it.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let store = store.clone();
+            let live = live.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, store, live).await {
+                    tracing::debug!("control connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+async fn handle(stream: UnixStream, store: Store, live: Arc<dyn Fn() -> LiveInfo + Send + Sync>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take_line_limit();
+    reader.read_line(&mut line).await?;
+    let query: Query = match serde_json::from_str(&line) {
+        Ok(q) => q,
+        Err(e) => {
+            let msg = serde_json::json!({ "error": format!("bad query: {e}") });
+            write.write_all(format!("{msg}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let info = matches!(query, Query::Status).then(|| live());
+    // The store is synchronous; answer on a blocking thread and stream lines back.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut emit = |v: serde_json::Value| -> std::io::Result<()> {
+            tx.blocking_send(format!("{v}\n"))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader went away"))
+        };
+        if let Err(e) = query::answer(&store, &query, info, &mut emit) {
+            let _ = tx.blocking_send(format!("{}\n", serde_json::json!({ "error": e.to_string() })));
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        write.write_all(chunk.as_bytes()).await?;
+    }
+    let _ = worker.await;
+    write.shutdown().await
+}
+
+/// Limits the query line so a stray client cannot make the run buffer forever.
+trait TakeLineLimit: Sized {
+    fn take_line_limit(self) -> tokio::io::Take<Self>;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> TakeLineLimit for BufReader<R> {
+    fn take_line_limit(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, 64 * 1024)
+    }
+}
+
+/// Asks the run serving `path`; calls `emit` for each answer line.
+pub fn ask(
+    path: &Path,
+    query: &Query,
+    emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>,
+) -> Result<(), QueryError> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    let mut line = serde_json::to_string(query)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let reader = std::io::BufReader::new(stream);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
+            return Err(QueryError::Remote(err.to_string()));
+        }
+        emit(value)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The material of `pixbatch demo`: the example manifest (embedded from
+//! `jobs.example.csv`) and its input pictures (drawn here, deterministically, and
+//! also committed under `examples/images/` so the manifest works from the repo).
+
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+
+/// The example manifest, as committed at the repository root.
+pub const EXAMPLE_MANIFEST: &str = include_str!("../jobs.example.csv");
+
+/// (file name, width, height) of the example inputs.
+pub const EXAMPLE_IMAGES: [(&str, u32, u32); 4] = [
+    ("portrait.png", 96, 128),
+    ("landscape.png", 160, 96),
+    ("square.png", 128, 128),
+    ("tiny.png", 64, 48),
+];
+
+/// Draws example picture `name`: a gradient with a few shapes, different per name.
+pub fn example_image(name: &str, width: u32, height: u32) -> RgbImage {
+    let seed = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    let (cx, cy) = (width as i64 / 2, height as i64 / 2);
+    let r2 = (width.min(height) as i64 / 3).pow(2);
+    RgbImage::from_fn(width, height, |x, y| {
+        let (xi, yi) = (x as i64, y as i64);
+        let d2 = (xi - cx).pow(2) + (yi - cy).pow(2);
+        let base = [
+            ((x * 255) / width.max(1)) as u8,
+            ((y * 255) / height.max(1)) as u8,
+            (seed % 256) as u8,
+        ];
+        if d2 < r2 {
+            Rgb([255 - base[0], base[2], 255 - base[1]])
+        } else if (x / 16 + y / 16) % 2 == 0 {
+            Rgb([base[0] / 2 + 60, base[1] / 2 + 40, base[2]])
+        } else {
+            Rgb(base)
+        }
+    })
+}
+
+/// PNG bytes of example picture `name`.
+pub fn example_png(name: &str, width: u32, height: u32) -> Result<Vec<u8>, image::ImageError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    example_image(name, width, height).write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// Writes the manifest and its pictures under `folder` (kept if already there, so
+/// re-running the demo resumes the same jobs); returns the manifest's path.
+pub fn materialize(folder: &Path) -> std::io::Result<PathBuf> {
+    let images = folder.join("examples").join("images");
+    std::fs::create_dir_all(&images)?;
+    for (name, w, h) in EXAMPLE_IMAGES {
+        let path = images.join(name);
+        let png = example_png(name, w, h).map_err(std::io::Error::other)?;
+        if std::fs::read(&path).ok().as_deref() != Some(png.as_slice()) {
+            std::fs::write(&path, png)?;
+        }
+    }
+    let manifest = folder.join("jobs.example.csv");
+    if std::fs::read_to_string(&manifest).ok().as_deref() != Some(EXAMPLE_MANIFEST) {
+        std::fs::write(&manifest, EXAMPLE_MANIFEST)?;
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_example_images_match_the_generator() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images");
+        for (name, w, h) in EXAMPLE_IMAGES {
+            let committed = std::fs::read(dir.join(name)).unwrap();
+            assert_eq!(committed, example_png(name, w, h).unwrap(), "{name} differs: regenerate it with `pixbatch demo`");
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The engine: a dispatcher that decides which job steps run, and step tasks that
+//! each carry one job one step forward (`step.rs`).
+//!
+//! The dispatcher owns the decisions (cargo-nextest's runner shape): for every
+//! provider ("lane") it picks due jobs from the store's state index, polls and
+//! downloads first, then reconciliations, then new submissions while the number of
+//! remote tasks in flight allows; it spawns a step task per job, bounded by the
+//! lane's concurrency semaphore, and sleeps until a step finishes or the next job
+//! falls due. Nothing here knows a provider's details; the lane holds the adapter,
+//! its `Api` and its rate-limit gate.
+
+pub mod limiter;
+pub mod retry;
+mod step;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::api::Api;
+use crate::config::{Config, ProviderConfig};
+use crate::model::{now_ms, JobState, ProviderKind};
+use crate::providers::Provider;
+use crate::store::{Store, StoreError};
+use limiter::ProviderGate;
+
+/// How a run is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopSignal {
+    Run,
+    /// Stop taking new work, let running steps end (briefly), persist, return.
+    Graceful,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Counters shared by a run's lanes, for progress lines and the summary.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
+    /// Finish times (ms) of the last minute, for the rate and the ETA.
+    recent: Mutex<VecDeque<u64>>,
+}
+
+impl RunStats {
+    pub fn record_done(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        self.note_finish();
+    }
+
+    pub fn record_failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.note_finish();
+    }
+
+    fn note_finish(&self) {
+        let now = now_ms();
+        if let Ok(mut r) = self.recent.lock() {
+            r.push_back(now);
+            while r.front().is_some_and(|&t| t + 60_000 < now) {
+                r.pop_front();
+            }
+        }
+    }
+
+    /// Jobs finished per second over the last minute (or since the start).
+    pub fn rate_per_sec(&self, run_started_ms: u64) -> f64 {
+        let now = now_ms();
+        let Ok(r) = self.recent.lock() else { return 0.0 };
+        let n = r.iter().filter(|&&t| t + 60_000 >= now).count();
+        let span = (now.saturating_sub(run_started_ms)).clamp(1, 60_000) as f64 / 1000.0;
+        n as f64 / span.max(1.0)
+    }
+}
+
+/// One provider's share of the engine.
+pub struct Lane {
+    pub kind: ProviderKind,
+    pub adapter: Arc<dyn Provider>,
+    pub api: Api,
+    pub gate: Arc<ProviderGate>,
+    pub config: ProviderConfig,
+    permits: Arc<Semaphore>,
+    pub stats: Arc<RunStats>,
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub done: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Jobs neither done, failed nor cancelled (only after an interrupted run).
+    pub unfinished: u64,
+    pub interrupted: bool,
+    /// Jobs finished by this run.
+    pub finished_this_run: u64,
+}
+
+/// A snapshot for progress displays.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub counts: BTreeMap<JobState, u64>,
+    pub total: u64,
+    pub rate_per_sec: f64,
+    pub eta_secs: Option<u64>,
+}
+
+/// Receives progress snapshots (the CLI draws a bar or prints lines).
+pub trait ProgressSink: Send + Sync {
+    fn update(&self, progress: &Progress);
+}
+
+/// States the dispatcher serves, in priority order: keep accepted (paid) work moving
+/// before starting new work.
+const DISPATCH_ORDER: [JobState; 7] = [
+    JobState::Submitted,
+    JobState::Polling,
+    JobState::Downloading,
+    JobState::Submitting,
+    JobState::Preparing,
+    JobState::RetryWait,
+    JobState::Queued,
+];
+
+fn is_new_work(s: JobState) -> bool {
+    matches!(s, JobState::Preparing | JobState::RetryWait | JobState::Queued)
+}
+
+pub struct Engine {
+    store: Store,
+    out_dir: PathBuf,
+    config: Config,
+    lanes: BTreeMap<ProviderKind, Arc<Lane>>,
+    stats: Arc<RunStats>,
+}
+
+impl Engine {
+    /// Builds a lane for every provider that has unfinished jobs. A provider whose
+    /// adapter cannot be built (no credentials) is an error naming it: its jobs are
+    /// left as they are for a later run.
+    pub fn new(store: Store, config: Config, out_dir: PathBuf) -> Result<Engine, EngineError> {
+        let stats = Arc::new(RunStats::default());
+        let counts = store.counts()?;
+        let mut needed: Vec<ProviderKind> = counts
+            .iter()
+            .filter(|((s, _), n)| !s.is_terminal() && **n > 0)
+            .map(|((_, p), _)| *p)
+            .collect();
+        needed.dedup();
+        let mut lanes = BTreeMap::new();
+        let mut problems = Vec::new();
+        for kind in needed {
+            if lanes.contains_key(&kind) {
+                continue;
+            }
+            let pc = config.provider(kind).clone();
+            let adapter = match crate::providers::build(kind, &pc.credentials) {
+                Ok(a) => a,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            let client = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(15))
+                .read_timeout(pc.timeout)
+                .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| EngineError::Setup(format!("{kind}: HTTP client: {e}")))?;
+            let gate = Arc::new(ProviderGate::new(
+                kind,
+                &pc.rate_limits,
+                config.engine.rate_margin,
+                Some(store.clone()),
+            ));
+            let api = Api::new(&pc.base_url, client, gate.clone());
+            lanes.insert(
+                kind,
+                Arc::new(Lane {
+                    kind,
+                    adapter,
+                    api,
+                    gate,
+                    permits: Arc::new(Semaphore::new(pc.concurrency)),
+                    config: pc,
+                    stats: stats.clone(),
+                }),
+            );
+        }
+        if !problems.is_empty() {
+            return Err(EngineError::Setup(problems.join("\n")));
+        }
+        Ok(Engine {
+            store,
+            out_dir,
+            config,
+            lanes,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<RunStats> {
+        self.stats.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Works until no job is runnable, or until `stop` says otherwise.
+    pub async fn run(
+        &self,
+        mut stop: watch::Receiver<StopSignal>,
+        progress: Option<Arc<dyn ProgressSink>>,
+    ) -> Result<RunSummary, EngineError> {
+        let started = now_ms();
+        for lane in self.lanes.values() {
+            if let Err(e) = lane.adapter.authenticate(&lane.api).await {
+                return Err(EngineError::Setup(format!("{}: {e}", lane.kind)));
+            }
+        }
+        let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let wake = Arc::new(Notify::new());
+        let mut tasks: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut interrupted = false;
+        let mut last_progress = 0u64;
+        let mut last_prune = now_ms();
+
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tasks.abort_all();
+                        return Err(e.into());
+                    }
+                    Err(e) if e.is_panic() => {
+                        tasks.abort_all();
+                        return Err(EngineError::Setup(format!("a step panicked: {e}")));
+                    }
+                    Err(_) => {}
+                }
+            }
+            if *stop.borrow() != StopSignal::Run {
+                interrupted = true;
+                break;
+            }
+
+            let now = now_ms();
+            let mut next_wake = now + 1_000;
+            for lane in self.lanes.values() {
+                let mut remote_in_flight = [
+                    JobState::Submitting,
+                    JobState::Submitted,
+                    JobState::Polling,
+                    JobState::Downloading,
+                ]
+                .iter()
+                .map(|s| self.store.count(*s, lane.kind).unwrap_or(0))
+                .sum::<u64>() as usize;
+                for state in DISPATCH_ORDER {
+                    let free = lane.permits.available_permits();
+                    if free == 0 {
+                        break;
+                    }
+                    if is_new_work(state) && remote_in_flight >= lane.config.max_in_flight {
+                        continue;
+                    }
+                    let busy = claimed.lock().map(|c| c.len()).unwrap_or(0);
+                    let ids = self.store.due(state, lane.kind, now, free + busy)?;
+                    for id in ids {
+                        if is_new_work(state) && remote_in_flight >= lane.config.max_in_flight {
+                            break;
+                        }
+                        let fresh = claimed.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
+                        if !fresh {
+                            continue;
+                        }
+                        let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
+                            if let Ok(mut c) = claimed.lock() {
+                                c.remove(&id);
+                            }
+                            break;
+                        };
+                        if is_new_work(state) {
+                            remote_in_flight += 1;
+                        }
+                        let lane = lane.clone();
+                        let store = self.store.clone();
+                        let out_dir = self.out_dir.clone();
+                        let claimed = claimed.clone();
+                        let wake = wake.clone();
+                        let max_download_bytes = self.config.engine.max_download_bytes;
+                        tasks.spawn(async move {
+                            let env = step::StepEnv {
+                                lane: &lane,
+                                store: &store,
+                                out_dir: &out_dir,
+                                max_download_bytes,
+                            };
+                            let result = step::run(&env, &id).await;
+                            if let Ok(mut c) = claimed.lock() {
+                                c.remove(&id);
+                            }
+                            drop(permit);
+                            wake.notify_one();
+                            result
+                        });
+                    }
+                    if let Some(due) = self.store.next_due(state, lane.kind)? {
+                        if due > now {
+                            next_wake = next_wake.min(due);
+                        }
+                    }
+                }
+            }
+
+            if now >= last_progress + 250 {
+                last_progress = now;
+                if let Some(p) = &progress {
+                    p.update(&self.progress(started)?);
+                }
+            }
+            if now >= last_prune + 10_000 {
+                last_prune = now;
+                for lane in self.lanes.values() {
+                    lane.gate.prune().await;
+                }
+            }
+
+            let unfinished: u64 = self
+                .store
+                .counts()?
+                .iter()
+                .filter(|((s, p), _)| !s.is_terminal() && self.lanes.contains_key(p))
+                .map(|(_, n)| n)
+                .sum();
+            if unfinished == 0 && tasks.is_empty() {
+                break;
+            }
+
+            let sleep_ms = next_wake.saturating_sub(now_ms()).clamp(5, 1_000);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+
+        if interrupted {
+            // Let steps that are mid-request finish for a moment; whatever is cut
+            // off is safe: its last durable state leads the next run to reconcile.
+            let deadline = tokio::time::sleep(Duration::from_secs(3));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = tasks.join_next() => if next.is_none() { break },
+                    _ = &mut deadline => { tasks.abort_all(); break; }
+                }
+            }
+        }
+        self.store.sync().await?;
+        if let Some(p) = &progress {
+            p.update(&self.progress(started)?);
+        }
+        let mut summary = self.summary()?;
+        summary.interrupted = interrupted;
+        summary.finished_this_run =
+            self.stats.done.load(Ordering::Relaxed) + self.stats.failed.load(Ordering::Relaxed);
+        Ok(summary)
+    }
+
+    fn progress(&self, started: u64) -> Result<Progress, StoreError> {
+        let mut counts = BTreeMap::new();
+        for ((s, _), n) in self.store.counts()? {
+            *counts.entry(s).or_insert(0) += n;
+        }
+        let total = counts.values().sum();
+        let remaining: u64 = counts.iter().filter(|(s, _)| !s.is_terminal()).map(|(_, n)| n).sum();
+        let rate = self.stats.rate_per_sec(started);
+        let eta_secs = (rate > 0.0).then(|| (remaining as f64 / rate).ceil() as u64);
+        Ok(Progress {
+            counts,
+            total,
+            rate_per_sec: rate,
+            eta_secs,
+        })
+    }
+
+    pub fn summary(&self) -> Result<RunSummary, StoreError> {
+        summarize(&self.store)
+    }
+}
+
+/// Counts of the whole queue, as `run` reports them and decides its exit code on.
+pub fn summarize(store: &Store) -> Result<RunSummary, StoreError> {
+    let mut s = RunSummary::default();
+    for ((state, _), n) in store.counts()? {
+        match state {
+            JobState::Done => s.done += n,
+            JobState::Failed => s.failed += n,
+            JobState::Cancelled => s.cancelled += n,
+            _ => s.unfinished += n,
+        }
+    }
+    Ok(s)
+}

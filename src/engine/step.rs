@@ -1,0 +1,483 @@
+//! One step of one job: the state machine.
+//!
+//! ```text
+//! queued ─▶ preparing ─▶ submitting ─▶ submitted ─▶ polling ─▶ downloading ─▶ done
+//!   ▲           │            │  ▲          │           │            │
+//!   └─retry-wait◀┴────────────┘  └reconcile │           │            │
+//!                                          └───────────┴─▶ failed / cancelled
+//! ```
+//!
+//! Each function loads nothing itself: it gets the job, talks to the provider
+//! through the adapter, and writes the job's next version. The order of "write, make
+//! durable, then act" is the point of this module:
+//! - the intent to submit (`Submitting` + submit key) is durable before the paid
+//!   request goes out;
+//! - the remote id is written and synced as soon as it is known;
+//! - `Done` is written only after every output file is renamed into place, and is
+//!   durable before the provider's copy is deleted (`cleanup`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::api::ProviderError;
+use crate::download::{self, DownloadError};
+use crate::engine::retry::backoff_delay;
+use crate::engine::Lane;
+use crate::model::{now_ms, EventKind, Job, JobEvent, JobState, OutputFile, PendingOutput};
+use crate::providers::{JobContext, OutputData, PollOutcome, Reconciliation, SubmitOutcome};
+use crate::store::{Store, StoreError};
+
+/// What a step needs besides the job.
+pub(crate) struct StepEnv<'a> {
+    pub lane: &'a Lane,
+    pub store: &'a Store,
+    pub out_dir: &'a Path,
+    pub max_download_bytes: u64,
+}
+
+/// Which part of the life an error happened in: it decides where the job goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepare,
+    Submit,
+    Reconcile,
+    Poll,
+    Download,
+}
+
+/// After an unknown outcome, ask the provider this soon.
+const RECONCILE_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs the next step of job `id`. Only store errors come back: everything the
+/// provider or the network does is recorded on the job.
+pub(crate) async fn run(env: &StepEnv<'_>, id: &str) -> Result<(), StoreError> {
+    let Some(job) = env.store.get(id)? else {
+        return Ok(());
+    };
+    match job.state {
+        JobState::Queued | JobState::RetryWait | JobState::Preparing => prepare_and_submit(env, job).await,
+        JobState::Submitting => reconcile(env, job).await,
+        JobState::Submitted | JobState::Polling => poll(env, job).await,
+        JobState::Downloading => download(env, job).await,
+        JobState::Done | JobState::Failed | JobState::Cancelled => Ok(()),
+    }
+}
+
+fn context(job: &Job) -> JobContext<'_> {
+    JobContext {
+        spec: &job.spec,
+        submit_key: job.submit_key(),
+        prepared: &job.prepared,
+    }
+}
+
+fn event(env: &StepEnv<'_>, job: &Job, kind: EventKind, message: impl Into<String>) -> Result<(), StoreError> {
+    let message = message.into();
+    tracing::debug!(job = %job.id(), event = kind.name(), "{message}");
+    env.store.add_event(
+        job.id(),
+        &JobEvent {
+            at_ms: now_ms(),
+            kind,
+            message,
+        },
+    )
+}
+
+fn save(env: &StepEnv<'_>, job: &mut Job) -> Result<(), StoreError> {
+    job.updated_ms = now_ms();
+    env.store.save(job)
+}
+
+async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    let now = now_ms();
+    job.started_ms.get_or_insert(now);
+    if job.submissions == 0 {
+        job.submissions = 1;
+    }
+    if job.state != JobState::Preparing {
+        job.state = JobState::Preparing;
+        save(env, &mut job)?;
+    }
+    let refs = env.lane.adapter.prepare(&env.lane.api, &context(&job)).await;
+    match refs {
+        Ok(refs) => {
+            for (k, v) in refs {
+                match job.prepared.iter_mut().find(|(key, _)| *key == k) {
+                    Some(slot) => slot.1 = v,
+                    None => job.prepared.push((k, v)),
+                }
+            }
+        }
+        Err(e) => return on_error(env, job, e, Phase::Prepare).await,
+    }
+    // The intent to submit, with its idempotency key, is durable before the paid
+    // request goes out (SPEC §4.1). A crash from here on leads to `reconcile`.
+    job.state = JobState::Submitting;
+    job.due_ms = now_ms() + RECONCILE_AFTER.as_millis() as u64;
+    save(env, &mut job)?;
+    env.store.sync().await?;
+    submit(env, job).await
+}
+
+async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    let outcome = env.lane.adapter.submit(&env.lane.api, &context(&job)).await;
+    match outcome {
+        Ok(SubmitOutcome::Accepted {
+            remote_id,
+            first_poll_after,
+        }) => {
+            event(env, &job, EventKind::Submitted, format!("accepted as {remote_id}"))?;
+            job.remote_id = Some(remote_id);
+            job.state = JobState::Submitted;
+            let wait = first_poll_after.unwrap_or(env.lane.config.poll_interval);
+            job.due_ms = now_ms() + wait.as_millis() as u64;
+            save(env, &mut job)?;
+            // The remote id is recorded as soon as it is known.
+            env.store.sync().await
+        }
+        Ok(SubmitOutcome::Finished { remote_id, outputs }) => {
+            event(
+                env,
+                &job,
+                EventKind::Submitted,
+                match &remote_id {
+                    Some(r) => format!("answered at once ({r})"),
+                    None => "answered at once".to_string(),
+                },
+            )?;
+            job.remote_id = remote_id;
+            job.pending_outputs.clear();
+            job.outputs.clear();
+            let count = outputs.len();
+            let mut write_error = None;
+            for (index, output) in outputs.into_iter().enumerate() {
+                match output {
+                    OutputData::Pending(p) => job.pending_outputs.push(p),
+                    OutputData::Bytes { data, ext } => {
+                        job.pending_outputs.push(PendingOutput::Inline { ext: ext.clone() });
+                        let rel = download::output_relative_path(&job.spec, index, count, &ext);
+                        match download::write_bytes(&env.out_dir.join(&rel), &data) {
+                            Ok(w) => job.outputs.push(OutputFile {
+                                index: index as u32,
+                                path: rel.to_string_lossy().into_owned(),
+                                size: w.size,
+                                sha256: w.sha256,
+                            }),
+                            Err(e) => {
+                                write_error = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(e) = write_error {
+                // The answer was paid for and is gone: only a new submission brings it back.
+                return lose_remote(env, job, &format!("could not write the result: {e}"), true).await;
+            }
+            job.state = JobState::Downloading;
+            job.due_ms = now_ms();
+            save(env, &mut job)?;
+            download(env, job).await
+        }
+        Err(e) => on_error(env, job, e, Phase::Submit).await,
+    }
+}
+
+/// A submission's outcome is unknown (crash or lost answer): ask the provider.
+async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    let answer = env.lane.adapter.reconcile(&env.lane.api, &context(&job)).await;
+    match answer {
+        Ok(Reconciliation::Found { remote_id }) => {
+            event(
+                env,
+                &job,
+                EventKind::Reconciled,
+                format!("submission {} was accepted as {remote_id}; polling it", job.submit_key()),
+            )?;
+            job.remote_id = Some(remote_id);
+            job.state = JobState::Submitted;
+            job.due_ms = now_ms();
+            save(env, &mut job)?;
+            env.store.sync().await?;
+            poll(env, job).await
+        }
+        Ok(Reconciliation::NotSubmitted) => {
+            event(
+                env,
+                &job,
+                EventKind::Reconciled,
+                format!("submission {} never arrived; sending it again", job.submit_key()),
+            )?;
+            submit(env, job).await
+        }
+        Ok(Reconciliation::Unknowable) => {
+            let old_key = job.submit_key();
+            job.possible_duplicates += 1;
+            job.submissions += 1;
+            event(
+                env,
+                &job,
+                EventKind::PossibleDuplicate,
+                format!(
+                    "the outcome of submission {old_key} cannot be known from {}; submitting again as {} (the provider may charge twice)",
+                    job.spec.provider,
+                    job.submit_key()
+                ),
+            )?;
+            save(env, &mut job)?;
+            env.store.sync().await?;
+            submit(env, job).await
+        }
+        Err(e) => on_error(env, job, e, Phase::Reconcile).await,
+    }
+}
+
+async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    let Some(remote) = job.remote_id.clone() else {
+        return lose_remote(env, job, "no remote id recorded", false).await;
+    };
+    let outcome = env.lane.adapter.poll(&env.lane.api, &context(&job), &remote).await;
+    match outcome {
+        Ok(PollOutcome::Running { next_poll }) => {
+            job.state = JobState::Polling;
+            let wait = next_poll.unwrap_or(env.lane.config.poll_interval);
+            job.due_ms = now_ms() + wait.as_millis() as u64;
+            save(env, &mut job)
+        }
+        Ok(PollOutcome::Succeeded(outputs)) => {
+            if outputs.is_empty() {
+                return fail(env, job, "the provider reported success but returned no result".into()).await;
+            }
+            job.pending_outputs = outputs;
+            job.state = JobState::Downloading;
+            job.due_ms = now_ms();
+            save(env, &mut job)?;
+            download(env, job).await
+        }
+        Ok(PollOutcome::Failed { reason, permanent: true }) => {
+            let reason = format!("{} task {remote} failed: {reason}", job.spec.provider);
+            fail(env, job, reason).await
+        }
+        Ok(PollOutcome::Failed { reason, permanent: false }) => {
+            // The task failed on the provider's side; a new one may succeed.
+            job.submissions += 1;
+            job.remote_id = None;
+            let e = ProviderError::transient(format!("task {remote} failed: {reason}"));
+            on_error(env, job, e, Phase::Submit).await
+        }
+        Ok(PollOutcome::Lost(reason)) => lose_remote(env, job, &reason, true).await,
+        Ok(PollOutcome::Cancelled) => {
+            job.state = JobState::Cancelled;
+            job.finished_ms = Some(now_ms());
+            job.error = Some(format!("task {remote} was cancelled at the provider"));
+            event(env, &job, EventKind::Cancelled, "cancelled at the provider")?;
+            save(env, &mut job)
+        }
+        Err(e) => on_error(env, job, e, Phase::Poll).await,
+    }
+}
+
+async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    let count = job.pending_outputs.len();
+    if count == 0 {
+        return fail(env, job, "nothing to download".into()).await;
+    }
+    for index in 0..count {
+        let pending = job.pending_outputs[index].clone();
+        if let Some(pos) = job.outputs.iter().position(|o| o.index as usize == index) {
+            let o = &job.outputs[pos];
+            // A file already in place with the recorded hash is not fetched again.
+            if download::already_in_place(&env.out_dir.join(&o.path), o.size, &o.sha256) {
+                continue;
+            }
+            job.outputs.remove(pos);
+        }
+        let fetched = match &pending {
+            PendingOutput::Inline { .. } => {
+                return lose_remote(env, job, "an inline result is missing from the output folder", true).await;
+            }
+            PendingOutput::Url { url, ext } => {
+                let rel = download::output_relative_path(&job.spec, index, count, ext);
+                fetch_one(env, url, &rel).await.map(|w| (rel, w))
+            }
+            PendingOutput::Provider { key, ext } => {
+                let remote = job.remote_id.clone().unwrap_or_default();
+                let rel = download::output_relative_path(&job.spec, index, count, ext);
+                let mut result = None;
+                // A presigned link can expire between the poll and the fetch: one
+                // fresh link is worth asking for before counting an attempt.
+                for _ in 0..2 {
+                    let url = match env.lane.adapter.output_url(&env.lane.api, &remote, key).await {
+                        Ok(u) => u,
+                        Err(e) => return on_error(env, job, e, Phase::Download).await,
+                    };
+                    let r = fetch_one(env, &url, &rel).await;
+                    let expired = matches!(r, Err(DownloadError::Status { expired: true, .. }));
+                    result = Some(r);
+                    if !expired {
+                        break;
+                    }
+                }
+                let fetched = result.unwrap_or_else(|| Err(DownloadError::Interrupted("no attempt made".into())));
+                fetched.map(|w| (rel, w))
+            }
+        };
+        match fetched {
+            Ok((rel, w)) => {
+                job.outputs.push(OutputFile {
+                    index: index as u32,
+                    path: rel.to_string_lossy().into_owned(),
+                    size: w.size,
+                    sha256: w.sha256,
+                });
+                save(env, &mut job)?;
+            }
+            Err(e) => {
+                let err = match e {
+                    DownloadError::TooLarge(_) | DownloadError::BadUrl(_) => ProviderError::permanent(e.to_string()),
+                    DownloadError::Status { status: 429, .. } => ProviderError::Transient {
+                        reason: e.to_string(),
+                        retry_after: None,
+                        rate_limited: true,
+                    },
+                    other => ProviderError::transient(other.to_string()),
+                };
+                return on_error(env, job, err, Phase::Download).await;
+            }
+        }
+    }
+    finish(env, job).await
+}
+
+async fn fetch_one(env: &StepEnv<'_>, url: &str, rel: &Path) -> Result<download::Written, DownloadError> {
+    download::fetch(env.lane.api.client(), url, &env.out_dir.join(rel), env.max_download_bytes).await
+}
+
+async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    job.outputs.sort_by_key(|o| o.index);
+    job.state = JobState::Done;
+    job.error = None;
+    job.due_ms = 0;
+    job.finished_ms = Some(now_ms());
+    let files: Vec<&str> = job.outputs.iter().map(|o| o.path.as_str()).collect();
+    event(env, &job, EventKind::Done, format!("done: {}", files.join(", ")))?;
+    save(env, &mut job)?;
+    // Done is durable before the provider's copy is deleted.
+    env.store.sync().await?;
+    env.lane.stats.record_done();
+    if let Some(remote) = &job.remote_id {
+        if let Err(e) = env.lane.adapter.cleanup(&env.lane.api, remote).await {
+            tracing::debug!(job = %job.id(), "cleanup of {remote} failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), StoreError> {
+    tracing::warn!(job = %job.id(), provider = %job.spec.provider, "failed: {reason}");
+    for (index, p) in job.pending_outputs.iter().enumerate() {
+        let ext = match p {
+            PendingOutput::Url { ext, .. } | PendingOutput::Provider { ext, .. } | PendingOutput::Inline { ext } => ext,
+        };
+        let rel = download::output_relative_path(&job.spec, index, job.pending_outputs.len(), ext);
+        download::remove_part(&env.out_dir.join(rel));
+    }
+    event(env, &job, EventKind::Failed, reason.clone())?;
+    job.state = JobState::Failed;
+    job.error = Some(reason);
+    job.due_ms = 0;
+    job.finished_ms = Some(now_ms());
+    save(env, &mut job)?;
+    env.lane.stats.record_failed();
+    Ok(())
+}
+
+/// The provider no longer has the task (or its result): submit again, and record
+/// that the earlier submission may have been charged.
+async fn lose_remote(env: &StepEnv<'_>, mut job: Job, reason: &str, charged: bool) -> Result<(), StoreError> {
+    event(env, &job, EventKind::RemoteLost, reason.to_string())?;
+    if charged {
+        job.possible_duplicates += 1;
+        event(
+            env,
+            &job,
+            EventKind::PossibleDuplicate,
+            format!("submission {} is lost; the next one may be charged again", job.submit_key()),
+        )?;
+    }
+    job.attempts += 1;
+    if job.attempts >= env.lane.config.max_attempts {
+        return fail(env, job, format!("gave up after {} attempts: {reason}", env.lane.config.max_attempts)).await;
+    }
+    job.submissions += 1;
+    job.remote_id = None;
+    job.pending_outputs.clear();
+    job.outputs.clear();
+    job.state = JobState::RetryWait;
+    job.due_ms = now_ms();
+    save(env, &mut job)
+}
+
+async fn on_error(env: &StepEnv<'_>, mut job: Job, error: ProviderError, phase: Phase) -> Result<(), StoreError> {
+    match error {
+        ProviderError::Permanent(reason) => fail(env, job, reason).await,
+        ProviderError::Lost(reason) => lose_remote(env, job, &reason, true).await,
+        ProviderError::Unknown(reason) if phase == Phase::Submit => {
+            // Not a retry: the provider may have the task. Ask it first.
+            event(
+                env,
+                &job,
+                EventKind::Note,
+                format!("outcome of submission {} unknown ({reason}); asking the provider", job.submit_key()),
+            )?;
+            job.state = JobState::Submitting;
+            job.due_ms = now_ms() + RECONCILE_AFTER.as_millis() as u64;
+            save(env, &mut job)
+        }
+        ProviderError::Unknown(reason) => {
+            let e = ProviderError::transient(reason);
+            Box::pin(on_error(env, job, e, phase)).await
+        }
+        ProviderError::Transient {
+            reason,
+            retry_after,
+            rate_limited,
+        } => {
+            if rate_limited {
+                // The provider's wait is not the job's fault: no attempt used up.
+                event(env, &job, EventKind::RateLimited, reason.clone())?;
+            } else {
+                job.attempts += 1;
+                if job.attempts >= env.lane.config.max_attempts {
+                    let reason = format!("gave up after {} attempts: {reason}", job.attempts);
+                    return fail(env, job, reason).await;
+                }
+                event(
+                    env,
+                    &job,
+                    EventKind::Retry,
+                    format!("attempt {} failed: {reason}", job.attempts),
+                )?;
+            }
+            let wait = backoff_delay(job.attempts.max(1), retry_after);
+            job.due_ms = now_ms() + wait.as_millis() as u64;
+            job.error = Some(reason);
+            job.state = match phase {
+                // Nothing was accepted: back to the queue, same submit key.
+                Phase::Prepare | Phase::Submit => JobState::RetryWait,
+                Phase::Reconcile => JobState::Submitting,
+                Phase::Poll => {
+                    if job.state == JobState::Submitted {
+                        JobState::Submitted
+                    } else {
+                        JobState::Polling
+                    }
+                }
+                Phase::Download => JobState::Downloading,
+            };
+            save(env, &mut job)
+        }
+    }
+}

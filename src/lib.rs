@@ -1,0 +1,22 @@
+//! pixbatch: a durable batch job orchestrator for paid AI image APIs.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library. See
+//! `docs/ARCHITECTURE.md` for the map of the modules and the invariants.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod download;
+pub mod engine;
+pub mod intake;
+pub mod lock;
+pub mod manifest;
+pub mod model;
+pub mod progress;
+pub mod providers;
+pub mod query;
+pub mod rate;
+pub mod sim;
+pub mod store;

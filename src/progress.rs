@@ -1,0 +1,186 @@
+//! What a person sees on stderr: a progress bar on a terminal, periodic plain lines
+//! otherwise (cron mails, CI logs), and log lines with every known secret scrubbed.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::engine::{Progress, ProgressSink};
+use crate::model::JobState;
+use crate::query::human_secs;
+
+/// Replaces every secret in `text` with `<redacted>`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if !s.is_empty() && out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "<redacted>");
+        }
+    }
+    out
+}
+
+/// The bar, shared with the log writer so log lines print above it.
+#[derive(Clone, Default)]
+pub struct SharedBar(Arc<Mutex<Option<ProgressBar>>>);
+
+impl SharedBar {
+    fn with<R>(&self, f: impl FnOnce(Option<&ProgressBar>) -> R) -> R {
+        match self.0.lock() {
+            Ok(g) => f(g.as_ref()),
+            Err(_) => f(None),
+        }
+    }
+
+    pub fn finish(&self) {
+        self.with(|b| {
+            if let Some(b) = b {
+                b.finish();
+            }
+        });
+    }
+}
+
+/// A tracing writer: scrubs secrets, and prints above the bar when there is one.
+#[derive(Clone)]
+pub struct LogWriter {
+    secrets: Arc<Vec<String>>,
+    bar: SharedBar,
+}
+
+impl LogWriter {
+    pub fn new(secrets: Vec<String>, bar: SharedBar) -> Self {
+        LogWriter {
+            secrets: Arc::new(secrets),
+            bar,
+        }
+    }
+}
+
+pub struct LineWriter {
+    inner: LogWriter,
+    buf: Vec<u8>,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let text = scrub(&String::from_utf8_lossy(&self.buf), &self.inner.secrets);
+        self.inner.bar.with(|bar| match bar {
+            Some(b) if !b.is_hidden() => b.suspend(|| {
+                let _ = std::io::stderr().write_all(text.as_bytes());
+            }),
+            _ => {
+                let _ = std::io::stderr().write_all(text.as_bytes());
+            }
+        });
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter {
+            inner: self.clone(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// The `ProgressSink` of `run` and `demo`.
+pub struct Display {
+    bar: SharedBar,
+    quiet: bool,
+    last_line: Mutex<Option<Instant>>,
+    every: Duration,
+}
+
+impl Display {
+    /// A bar when stderr is a terminal (and not `quiet`), else plain lines every
+    /// `every`.
+    pub fn new(bar: SharedBar, quiet: bool, every: Duration) -> Display {
+        if !quiet && std::io::stderr().is_terminal() {
+            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            if let Ok(mut g) = bar.0.lock() {
+                *g = Some(b);
+            }
+        }
+        Display {
+            bar,
+            quiet,
+            last_line: Mutex::new(None),
+            every,
+        }
+    }
+}
+
+/// "done 10 · polling 3 · queued 40 · 2.5/s · ETA 16 s"
+pub fn describe(p: &Progress) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for state in JobState::ALL {
+        if let Some(n) = p.counts.get(&state).filter(|n| **n > 0) {
+            parts.push(format!("{} {n}", state.name()));
+        }
+    }
+    if p.rate_per_sec > 0.0 {
+        parts.push(format!("{:.1}/s", p.rate_per_sec));
+    }
+    if let Some(eta) = p.eta_secs {
+        parts.push(format!("ETA {}", human_secs(eta)));
+    }
+    parts.join(" · ")
+}
+
+impl ProgressSink for Display {
+    fn update(&self, p: &Progress) {
+        let finished: u64 = p.counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
+        let has_bar = self.bar.with(|b| {
+            if let Some(b) = b {
+                b.set_length(p.total);
+                b.set_position(finished);
+                b.set_message(describe(p));
+                true
+            } else {
+                false
+            }
+        });
+        if has_bar || self.quiet {
+            return;
+        }
+        let Ok(mut last) = self.last_line.lock() else { return };
+        let due = last.is_none_or(|t| t.elapsed() >= self.every);
+        if due {
+            *last = Some(Instant::now());
+            eprintln!("pixbatch: {finished}/{} finished · {}", p.total, describe(p));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_removes_every_secret() {
+        let s = scrub("key=abcd1234 and abcd1234 again, xyz", &["abcd1234".into(), "".into()]);
+        assert_eq!(s, "key=<redacted> and <redacted> again, xyz");
+    }
+}

@@ -1,0 +1,228 @@
+//! The reading commands' answers (`status`, `list`, `show`, `report`), computed the
+//! same way whether the database is opened directly or the answer comes from a
+//! running `run` over its control socket (see `control`). Answers are JSON values,
+//! one per line on the wire; `report` renders them for people.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{now_ms, Job, JobEvent, JobState, ProviderKind};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Query {
+    Status,
+    List {
+        state: Option<JobState>,
+        provider: Option<ProviderKind>,
+    },
+    Show {
+        id: String,
+    },
+    Report,
+}
+
+/// Live figures a running engine adds to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct LiveInfo {
+    pub pid: u32,
+    pub started_ms: u64,
+    pub rate_per_sec: f64,
+    pub finished_this_run: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusCount {
+    pub state: JobState,
+    pub provider: ProviderKind,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub total: u64,
+    /// Per state, all providers.
+    pub states: std::collections::BTreeMap<String, u64>,
+    /// Per state and provider (non-zero only).
+    pub counts: Vec<StatusCount>,
+    /// Present while a run is working this database.
+    pub running: Option<LiveInfo>,
+    pub eta_secs: Option<u64>,
+}
+
+/// One row of `list` and `report`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub provider: ProviderKind,
+    pub operation: String,
+    pub state: JobState,
+    pub inputs: String,
+    pub outputs: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub remote_id: Option<String>,
+    pub attempts: u32,
+    pub submissions: u32,
+    pub possible_duplicates: u32,
+    pub error: Option<String>,
+    pub origin: String,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub duration_s: Option<f64>,
+}
+
+impl JobRow {
+    pub fn from_job(job: &Job) -> JobRow {
+        JobRow {
+            id: job.id().to_string(),
+            provider: job.spec.provider,
+            operation: job.spec.operation.clone(),
+            state: job.state,
+            inputs: job.spec.inputs.join("|"),
+            outputs: job.outputs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>().join("|"),
+            sha256: job.outputs.iter().map(|o| o.sha256.as_str()).collect::<Vec<_>>().join("|"),
+            bytes: job.outputs.iter().map(|o| o.size).sum(),
+            remote_id: job.remote_id.clone(),
+            attempts: job.attempts,
+            submissions: job.submissions,
+            possible_duplicates: job.possible_duplicates,
+            error: job.error.clone(),
+            origin: job.origin.to_string(),
+            created_ms: job.created_ms,
+            started_ms: job.started_ms,
+            finished_ms: job.finished_ms,
+            duration_s: match (job.started_ms, job.finished_ms) {
+                (Some(s), Some(f)) => Some(f.saturating_sub(s) as f64 / 1000.0),
+                _ => None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobDetail {
+    pub row: JobRow,
+    pub prompt: Option<String>,
+    pub params: String,
+    pub output: Option<String>,
+    pub due_ms: u64,
+    pub outputs: Vec<crate::model::OutputFile>,
+    pub events: Vec<JobEvent>,
+}
+
+/// Answers `query` from `store`, handing each answer line to `emit`.
+pub fn answer(
+    store: &Store,
+    query: &Query,
+    live: Option<LiveInfo>,
+    emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>,
+) -> Result<(), QueryError> {
+    match query {
+        Query::Status => {
+            let counts = store.counts()?;
+            let mut states = std::collections::BTreeMap::new();
+            let mut rows = Vec::new();
+            let mut total = 0;
+            for ((s, p), n) in counts {
+                *states.entry(s.name().to_string()).or_insert(0) += n;
+                total += n;
+                rows.push(StatusCount {
+                    state: s,
+                    provider: p,
+                    count: n,
+                });
+            }
+            let remaining: u64 = rows.iter().filter(|c| !c.state.is_terminal()).map(|c| c.count).sum();
+            let eta_secs = live
+                .as_ref()
+                .filter(|l| l.rate_per_sec > 0.0)
+                .map(|l| (remaining as f64 / l.rate_per_sec).ceil() as u64);
+            let report = StatusReport {
+                total,
+                states,
+                counts: rows,
+                running: live,
+                eta_secs,
+            };
+            emit(serde_json::to_value(report)?)?;
+        }
+        Query::List { state, provider } => {
+            let mut send = |job: &Job| -> Result<(), QueryError> {
+                if provider.is_none_or(|p| p == job.spec.provider) {
+                    emit(serde_json::to_value(JobRow::from_job(job))?)?;
+                }
+                Ok(())
+            };
+            match state {
+                // The state index lists a state's jobs without scanning the queue.
+                Some(s) => {
+                    for id in store.ids_in_state(*s, *provider) {
+                        if let Some(job) = store.get(&id?)? {
+                            send(&job)?;
+                        }
+                    }
+                }
+                None => {
+                    for job in store.all_jobs() {
+                        send(&job?)?;
+                    }
+                }
+            }
+        }
+        Query::Show { id } => {
+            let job = store.get(id)?.ok_or_else(|| QueryError::NoSuchJob(id.clone()))?;
+            let detail = JobDetail {
+                row: JobRow::from_job(&job),
+                prompt: job.spec.prompt.clone(),
+                params: job.spec.params_json.clone(),
+                output: job.spec.output.clone(),
+                due_ms: job.due_ms,
+                outputs: job.outputs.clone(),
+                events: store.events(id)?,
+            };
+            emit(serde_json::to_value(detail)?)?;
+        }
+        Query::Report => {
+            for job in store.all_jobs() {
+                emit(serde_json::to_value(JobRow::from_job(&job?))?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no job with id {0:?}")]
+    NoSuchJob(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("encoding an answer: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// "3 s", "2 min 5 s", "1 h 20 min" for people.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time.
+pub fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Age of a timestamp, for people.
+pub fn ago(ms: u64) -> String {
+    human_secs(now_ms().saturating_sub(ms) / 1000)
+}

@@ -1,0 +1,200 @@
+//! Helpers shared by the integration tests: the real binary, a simulator in its own
+//! process, small input pictures, and a minimal HTTP client for the ledger.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pixbatch"))
+}
+
+/// A `pixbatch` command in `dir` with no provider variables from the outside.
+pub fn pixbatch(dir: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.current_dir(dir);
+    for var in [
+        "DZINE_API_KEY",
+        "PERFECT_CLIENT_ID",
+        "PERFECT_CLIENT_SECRET",
+        "TOPAZ_API_KEY",
+        "PHOTIO_API_KEY",
+        "AITHRIVING_API_KEY",
+        "PIXBATCH_DZINE_URL",
+        "PIXBATCH_PERFECT_URL",
+        "PIXBATCH_TOPAZ_URL",
+        "PIXBATCH_PHOTIO_URL",
+        "PIXBATCH_AITHRIVING_URL",
+        "RUST_LOG",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// `pixbatch sim` in its own process, killed on drop.
+pub struct Sim {
+    child: Child,
+    pub base: String,
+    pub port: u16,
+}
+
+impl Sim {
+    pub fn start(args: &[&str]) -> Sim {
+        let mut child = Command::new(bin())
+            .arg("sim")
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the simulator");
+        let stdout = child.stdout.take().expect("sim stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("sim address line");
+        let base = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .expect("address")
+            .to_string();
+        let port = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        Sim { child, base, port }
+    }
+
+    /// Environment pointing all three providers of this issue at the simulator.
+    pub fn env(&self, cmd: &mut Command) {
+        cmd.env("PIXBATCH_TOPAZ_URL", format!("{}/topaz/image/v1", self.base))
+            .env("PIXBATCH_PHOTIO_URL", format!("{}/photio/v1", self.base))
+            .env("PIXBATCH_AITHRIVING_URL", format!("{}/aithriving", self.base))
+            .env("TOPAZ_API_KEY", "test-topaz-key-123")
+            .env("PHOTIO_API_KEY", "test-photio-key-456")
+            .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let body = http_get(self.port, path);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    pub fn ledger(&self) -> Vec<serde_json::Value> {
+        self.get_json("/_sim/ledger")["entries"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.get_json("/_sim/stats")
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET over plain HTTP/1.0 (the ledger only; no client crate needed).
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to sim");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => text,
+    }
+}
+
+/// Writes a PNG of the given size (a gradient, different per `seed`).
+pub fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7) as u8 ^ seed, (y * 5) as u8, seed.wrapping_mul(3)])
+    });
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    img.save(path).unwrap();
+}
+
+pub fn run_to_end(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let start = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().expect("wait") {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command did not finish in {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `pixbatch report --format jsonl` as parsed rows.
+pub fn report(dir: &Path, db: &Path) -> Vec<serde_json::Value> {
+    let out = pixbatch(dir)
+        .args(["--db", db.to_str().unwrap(), "report", "--format", "jsonl"])
+        .output()
+        .expect("report");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("report line"))
+        .collect()
+}
+
+/// Every file under `dir` whose name ends with `suffix`.
+pub fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// The job id a simulator request key (`<job>~<n>`) belongs to.
+pub fn job_of_key(key: &str) -> &str {
+    key.rsplit_once('~').map(|(j, _)| j).unwrap_or(key)
+}
+
+pub fn sigint(child: &Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+}

@@ -1,0 +1,94 @@
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn slow_manifest(dir: &std::path::Path, n: usize) {
+    write_png(&dir.join("in/a.png"), 32, 32, 3);
+    let mut csv = String::from("id,provider,operation,input\n");
+    for i in 0..n {
+        csv.push_str(&format!("slow{i},topaz,enhance,in/a.png\n"));
+    }
+    std::fs::write(dir.join("jobs.csv"), csv).unwrap();
+}
+
+fn status_json(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let out = pixbatch(dir).args(["status", "--json"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// While a run works: a second run exits 3 at once naming the holder, `status`
+/// answers, SIGINT stops the run within 5 s, and the next run finishes the work.
+#[test]
+fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
+    let sim = Sim::start(&["--task-ms", "4000"]);
+    let dir = tempfile::tempdir().unwrap();
+    slow_manifest(dir.path(), 6);
+    std::fs::write(dir.path().join("pixbatch.toml"), "[providers.topaz]\npoll_interval = \"500ms\"\n").unwrap();
+
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let mut first = cmd
+        .args(["run", "jobs.csv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // status answers from another process while the run holds the database.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live = loop {
+        if let Some(s) = status_json(dir.path()) {
+            if !s["running"].is_null() && s["total"] == 6 {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "status never showed the running run");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(live["running"]["pid"].as_u64(), Some(first.id() as u64), "{live}");
+    let list = pixbatch(dir.path()).args(["list", "--json"]).output().unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 6);
+    let show = pixbatch(dir.path()).args(["show", "slow0"]).output().unwrap();
+    assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("slow0"), "{}", text(&show));
+
+    // A second run is refused at once with exit 3, naming the holder.
+    let t = Instant::now();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let second = cmd.arg("run").output().unwrap();
+    assert_eq!(second.status.code(), Some(3), "{}", text(&second));
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+
+    // SIGINT: the run stops within 5 s.
+    sigint(&first);
+    let t = Instant::now();
+    let code = loop {
+        if let Some(status) = first.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "run still going 5 s after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(130));
+    let after = status_json(dir.path()).expect("status after the interrupt");
+    assert!(after["running"].is_null());
+    assert_ne!(after["states"]["done"], 6, "the interrupt came too late to test anything: {after}");
+
+    // The next run finishes the work, without paying twice.
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "--quiet"]);
+    let out = run_to_end(cmd, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
+    assert!(rows.iter().all(|r| r["state"] == "done"), "{rows:#?}");
+    let charged = sim.ledger().iter().filter(|e| e["charged"] == true).count();
+    assert_eq!(charged, 6);
+}

@@ -1,0 +1,108 @@
+use std::time::Duration;
+
+use crate::common::*;
+
+fn manifest(dir: &std::path::Path, topaz: usize, photio: usize, aithriving: usize) {
+    write_png(&dir.join("in/a.png"), 48, 32, 1);
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    for i in 0..topaz {
+        csv.push_str(&format!("t{i},topaz,enhance,in/a.png,,\"{{\"\"output_width\"\":{}}}\"\n", 64 + i));
+    }
+    for i in 0..photio {
+        csv.push_str(&format!("p{i},photio,upscale,in/a.png,picture {i},\n"));
+    }
+    for i in 0..aithriving {
+        csv.push_str(&format!("a{i},aithriving,img2img,in/a.png,picture {i},\"{{\"\"width\"\":320,\"\"height\"\":384}}\"\n"));
+    }
+    std::fs::write(dir.join("jobs.csv"), csv).unwrap();
+}
+
+fn metered_times(ledger: &[serde_json::Value], provider: &str) -> Vec<u64> {
+    ledger
+        .iter()
+        .filter(|e| e["provider"] == provider && e["metered"] == true)
+        .map(|e| e["t_ms"].as_u64().unwrap())
+        .collect()
+}
+
+fn busiest_window(times: &[u64], window_ms: u64) -> usize {
+    times
+        .iter()
+        .map(|&s| times.iter().filter(|&&t| t >= s && t < s + window_ms).count())
+        .max()
+        .unwrap_or(0)
+}
+
+/// With the client's limits equal to the simulator's, the simulator refuses nothing,
+/// and the limits are really reached (the limiter, not luck, kept us under).
+#[test]
+fn limits_equal_to_the_simulators_cause_no_violation() {
+    let sim = Sim::start(&["--task-ms", "200", "--limit", "topaz=8/1s", "--limit", "photio=3/1s", "--limit", "aithriving=3/1s"]);
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 24, 8, 8);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\nrate_limits = [\"8/1s\"]\nconcurrency = 8\npoll_interval = \"200ms\"\n\
+         [providers.photio]\nrate_limits = [\"3/1s\"]\n[providers.aithriving]\nrate_limits = [\"3/1s\"]\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(180));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let stats = sim.stats();
+    for p in ["topaz", "photio", "aithriving"] {
+        assert_eq!(stats["violations"][p].as_u64().unwrap_or(0), 0, "{p}: {stats}");
+    }
+    let ledger = sim.ledger();
+    let topaz = busiest_window(&metered_times(&ledger, "topaz"), 1000);
+    assert!((7..=8).contains(&topaz), "busiest topaz second had {topaz} requests");
+    let photio = busiest_window(&metered_times(&ledger, "photio"), 1000);
+    assert!(photio <= 3, "busiest photio second had {photio} requests");
+}
+
+/// After a 429 with Retry-After, no request to that provider comes before it elapses
+/// (one request at a time, so every later request was sent after the answer).
+#[test]
+fn retry_after_is_honoured() {
+    let sim = Sim::start(&["--task-ms", "100", "--no-limits", "--seed", "5", "--chaos-429", "0.12", "--chaos-retry-after", "2"]);
+    let dir = tempfile::tempdir().unwrap();
+    manifest(dir.path(), 8, 0, 0);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\nconcurrency = 1\nmax_in_flight = 1\npoll_interval = \"100ms\"\nrate_limits = []\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(180));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let ledger = sim.ledger();
+    let metered: Vec<&serde_json::Value> = ledger
+        .iter()
+        .filter(|e| e["provider"] == "topaz" && e["metered"] == true)
+        .collect();
+    let mut checked = 0;
+    for (i, e) in metered.iter().enumerate() {
+        if e["fault"] != "429" {
+            continue;
+        }
+        assert_eq!(e["retry_after_s"].as_u64(), Some(2), "{e}");
+        let t = e["t_ms"].as_u64().unwrap();
+        if let Some(next) = metered.get(i + 1) {
+            let gap = next["t_ms"].as_u64().unwrap() - t;
+            assert!(gap >= 2000, "request {} came {gap} ms after a 429 with Retry-After: 2", next["seq"]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} injected 429s to check; raise the rate");
+    // A provider-imposed wait does not use up a job's attempts.
+    for r in report(dir.path(), &dir.path().join("pixbatch.db")) {
+        assert_eq!(r["state"], "done");
+        assert_eq!(r["attempts"], 0, "{r}");
+    }
+}

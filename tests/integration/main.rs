@@ -1,0 +1,10 @@
+//! Integration tests: the real `pixbatch` binary against `pixbatch sim` on loopback.
+//! One test binary (ripgrep's layout), one module per subject.
+
+mod common;
+
+mod crash;
+mod demo;
+mod lifecycle;
+mod limits;
+mod manifest;
