@@ -36,7 +36,10 @@ pub enum RequestKind {
 impl RequestKind {
     /// Requests that keep already-paid work moving go before new submissions.
     pub fn is_urgent(self) -> bool {
-        matches!(self, RequestKind::Poll | RequestKind::Link | RequestKind::Cleanup)
+        matches!(
+            self,
+            RequestKind::Poll | RequestKind::Link | RequestKind::Cleanup
+        )
     }
 }
 
@@ -148,7 +151,11 @@ impl Api {
     /// 429 (the adapter reads the provider's own error body). 429 and 5xx become
     /// `Transient`; transport failures become `Transient`, or `Unknown` for a
     /// submission that may have reached the provider.
-    pub async fn send(&self, kind: RequestKind, request: RequestBuilder) -> Result<Response, ProviderError> {
+    pub async fn send(
+        &self,
+        kind: RequestKind,
+        request: RequestBuilder,
+    ) -> Result<Response, ProviderError> {
         self.gate.admit(kind).await;
         let response = match request.send().await {
             Ok(r) => r,
@@ -159,7 +166,8 @@ impl Api {
             let retry_after = retry_after(&response);
             // Every request to this host waits, not only this job's: the limit is the
             // host's. Without a Retry-After a short pause still spreads the herd.
-            self.gate.back_off(retry_after.unwrap_or(Duration::from_secs(1)));
+            self.gate
+                .back_off(retry_after.unwrap_or(Duration::from_secs(1)));
             return Err(ProviderError::Transient {
                 reason: format!("HTTP 429 Too Many Requests{}", body_excerpt(response).await),
                 retry_after,
@@ -185,7 +193,11 @@ impl Api {
 
     /// Reads a whole (small) answer body, mapping a broken body to the error its
     /// request kind implies.
-    pub async fn read_bytes(kind: RequestKind, response: Response, limit: u64) -> Result<bytes::Bytes, ProviderError> {
+    pub async fn read_bytes(
+        kind: RequestKind,
+        response: Response,
+        limit: u64,
+    ) -> Result<bytes::Bytes, ProviderError> {
         if let Some(len) = response.content_length() {
             if len > limit {
                 return Err(ProviderError::bad_answer(
@@ -198,7 +210,9 @@ impl Api {
         let mut stream = response.bytes_stream();
         use futures_util::StreamExt;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ProviderError::bad_answer(kind, format!("answer cut off: {}", error_chain(&e))))?;
+            let chunk = chunk.map_err(|e| {
+                ProviderError::bad_answer(kind, format!("answer cut off: {}", error_chain(&e)))
+            })?;
             if out.len() as u64 + chunk.len() as u64 > limit {
                 return Err(ProviderError::bad_answer(
                     kind,
@@ -257,7 +271,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// `Retry-After` in either of its forms: delta-seconds or an HTTP date.
 pub fn retry_after(response: &Response) -> Option<Duration> {
-    let value = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let value = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
     parse_retry_after(value, std::time::SystemTime::now())
 }
 
@@ -285,7 +303,11 @@ async fn body_excerpt(response: Response) -> String {
 /// The first 300 characters of a body, printable, for error messages.
 pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let mut s: String = text.chars().filter(|c| !c.is_control() || *c == ' ').take(300).collect();
+    let mut s: String = text
+        .chars()
+        .filter(|c| !c.is_control() || *c == ' ')
+        .take(300)
+        .collect();
     if text.chars().count() > 300 {
         s.push('…');
     }
@@ -303,7 +325,10 @@ mod tests {
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);

@@ -127,7 +127,10 @@ pub enum ReportFormat {
 /// Parses the arguments and runs; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pixbatch: cannot start the async runtime: {e}");
@@ -161,14 +164,21 @@ async fn dispatch(cli: Cli) -> i32 {
     let bar = SharedBar::default();
     let secrets = config.secrets();
     init_logging(cli.verbose, secrets.clone(), bar.clone());
-    let db = cli.db.clone().unwrap_or_else(|| PathBuf::from("pixbatch.db"));
+    let db = cli
+        .db
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("pixbatch.db"));
     let out = cli.out.clone().unwrap_or_else(|| PathBuf::from("out"));
     let result = match cli.command {
         Command::Run(args) => cmd_run(&db, &out, config, &args.manifests, args.quiet, bar).await,
         Command::Enqueue { manifests } => cmd_enqueue(&db, &config, &manifests),
         Command::Validate { manifests } => cmd_validate(&db, &config, &manifests),
         Command::Status { json } => cmd_status(&db, json),
-        Command::List { state, provider, json } => cmd_list(&db, state, provider, json),
+        Command::List {
+            state,
+            provider,
+            json,
+        } => cmd_list(&db, state, provider, json),
         Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
         Command::Retry { failed, job_ids } => cmd_retry(&db, failed, &job_ids),
         Command::Cancel { job_ids } => cmd_cancel(&db, &config, &job_ids).await,
@@ -214,7 +224,9 @@ fn lock_for_writing(db: &Path, command: &str) -> Result<DbLock, Fail> {
     // A reading command holds the lock only for a moment: wait for it briefly.
     match DbLock::try_acquire(db, command) {
         Ok(l) => Ok(l),
-        Err(LockError::Held { holder, .. }) if holder.command != "run" && holder.command != "demo" => {
+        Err(LockError::Held { holder, .. })
+            if holder.command != "run" && holder.command != "demo" =>
+        {
             DbLock::acquire_within(db, command, Duration::from_secs(5)).map_err(lock_fail)
         }
         Err(e) => Err(lock_fail(e)),
@@ -230,7 +242,14 @@ fn lock_fail(e: LockError) -> Fail {
 
 // ----- run ----------------------------------------------------------------------
 
-async fn cmd_run(db: &Path, out: &Path, config: Config, manifests: &[PathBuf], quiet: bool, bar: SharedBar) -> Result<i32, Fail> {
+async fn cmd_run(
+    db: &Path,
+    out: &Path,
+    config: Config,
+    manifests: &[PathBuf],
+    quiet: bool,
+    bar: SharedBar,
+) -> Result<i32, Fail> {
     let _lock = lock_for_writing(db, "run")?;
     let store = open_store(db)?;
     if !manifests.is_empty() {
@@ -240,9 +259,18 @@ async fn cmd_run(db: &Path, out: &Path, config: Config, manifests: &[PathBuf], q
 }
 
 /// Runs the engine over `store` until done or interrupted; prints the summary.
-async fn work(store: Store, db: &Path, out: &Path, config: Config, quiet: bool, bar: SharedBar) -> Result<i32, Fail> {
-    std::fs::create_dir_all(out).map_err(|e| Fail(EXIT_ERROR, format!("output folder {}: {e}", out.display())))?;
-    let engine = Engine::new(store.clone(), config, out.to_path_buf()).map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
+async fn work(
+    store: Store,
+    db: &Path,
+    out: &Path,
+    config: Config,
+    quiet: bool,
+    bar: SharedBar,
+) -> Result<i32, Fail> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| Fail(EXIT_ERROR, format!("output folder {}: {e}", out.display())))?;
+    let engine = Engine::new(store.clone(), config, out.to_path_buf())
+        .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
     let stats = engine.stats();
     let started = now_ms();
     let live = {
@@ -258,7 +286,9 @@ async fn work(store: Store, db: &Path, out: &Path, config: Config, quiet: bool, 
     let _control = match crate::control::serve(&lock::socket_path(db), store.clone(), live) {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("status queries from other processes will not work: control socket: {e}");
+            tracing::warn!(
+                "status queries from other processes will not work: control socket: {e}"
+            );
             None
         }
     };
@@ -279,13 +309,18 @@ async fn work(store: Store, db: &Path, out: &Path, config: Config, quiet: bool, 
             }
         }
     });
-    let display: Arc<dyn engine::ProgressSink> = Arc::new(Display::new(bar.clone(), quiet, Duration::from_secs(10)));
+    let display: Arc<dyn engine::ProgressSink> =
+        Arc::new(Display::new(bar.clone(), quiet, Duration::from_secs(10)));
     let summary = engine.run(stop_rx, Some(display)).await;
     bar.finish();
     let summary = summary.map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
     let line = format!(
         "{} done, {} failed, {} cancelled, {} unfinished ({} finished by this run)",
-        summary.done, summary.failed, summary.cancelled, summary.unfinished, summary.finished_this_run
+        summary.done,
+        summary.failed,
+        summary.cancelled,
+        summary.unfinished,
+        summary.finished_this_run
     );
     println!("{line}");
     if summary.interrupted {
@@ -322,7 +357,12 @@ fn print_row_errors(errors: &[crate::manifest::RowError]) {
     }
 }
 
-fn enqueue_into(store: &Store, config: &Config, manifests: &[PathBuf], quiet: bool) -> Result<(), Fail> {
+fn enqueue_into(
+    store: &Store,
+    config: &Config,
+    manifests: &[PathBuf],
+    quiet: bool,
+) -> Result<(), Fail> {
     match intake::enqueue(manifests, store, config)? {
         Ok(done) => {
             if !quiet {
@@ -352,7 +392,10 @@ fn cmd_enqueue(db: &Path, config: &Config, manifests: &[PathBuf]) -> Result<i32,
 
 fn cmd_validate(db: &Path, config: &Config, manifests: &[PathBuf]) -> Result<i32, Fail> {
     // Compare with the database too when it exists and no one is using it.
-    let lock = db.exists().then(|| DbLock::try_acquire(db, "validate").ok()).flatten();
+    let lock = db
+        .exists()
+        .then(|| DbLock::try_acquire(db, "validate").ok())
+        .flatten();
     let store = match &lock {
         Some(_) => Some(open_store(db)?),
         None => None,
@@ -363,7 +406,10 @@ fn cmd_validate(db: &Path, config: &Config, manifests: &[PathBuf]) -> Result<i32
     if checked.errors.is_empty() {
         Ok(EXIT_OK)
     } else {
-        Err(Fail(EXIT_ERROR, format!("{} bad row(s)", checked.errors.len())))
+        Err(Fail(
+            EXIT_ERROR,
+            format!("{} bad row(s)", checked.errors.len()),
+        ))
     }
 }
 
@@ -376,14 +422,23 @@ fn print_plan(plan: &Plan, config: &Config) {
         plan.already_queued
     );
     for (kind, p) in &plan.providers {
-        let limits: Vec<String> = config.provider(*kind).rate_limits.iter().map(|l| l.to_string()).collect();
+        let limits: Vec<String> = config
+            .provider(*kind)
+            .rate_limits
+            .iter()
+            .map(|l| l.to_string())
+            .collect();
         println!(
             "  {kind:<11} {:>8} jobs ({} new)  ~{} requests  least time {} under {}",
             p.jobs,
             p.new_jobs,
             p.requests,
             query::human_secs(p.least_time.as_secs()),
-            if limits.is_empty() { "no limits".to_string() } else { limits.join(" + ") }
+            if limits.is_empty() {
+                "no limits".to_string()
+            } else {
+                limits.join(" + ")
+            }
         );
     }
 }
@@ -391,11 +446,21 @@ fn print_plan(plan: &Plan, config: &Config) {
 // ----- reading commands ---------------------------------------------------------
 
 /// Answers a query from the database, or from the run that holds it.
-fn ask(db: &Path, query: &Query, emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>) -> Result<(), Fail> {
+fn ask(
+    db: &Path,
+    query: &Query,
+    emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>,
+) -> Result<(), Fail> {
     match DbLock::try_acquire(db, "read") {
         Ok(_lock) => {
             if !db.exists() {
-                return Err(Fail(EXIT_ERROR, format!("no database at {} (run `pixbatch enqueue` first)", db.display())));
+                return Err(Fail(
+                    EXIT_ERROR,
+                    format!(
+                        "no database at {} (run `pixbatch enqueue` first)",
+                        db.display()
+                    ),
+                ));
             }
             let store = open_store(db)?;
             query::answer(&store, query, None, emit).map_err(|e| Fail(EXIT_ERROR, e.to_string()))
@@ -408,7 +473,10 @@ fn ask(db: &Path, query: &Query, emit: &mut dyn FnMut(serde_json::Value) -> std:
                 match crate::control::ask(&socket, query, emit) {
                     Ok(()) => return Ok(()),
                     Err(query::QueryError::Io(e))
-                        if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
                     {
                         last = e.to_string();
                         std::thread::sleep(Duration::from_millis(100));
@@ -416,8 +484,13 @@ fn ask(db: &Path, query: &Query, emit: &mut dyn FnMut(serde_json::Value) -> std:
                     Err(e) => return Err(Fail(EXIT_ERROR, e.to_string())),
                 }
             }
-            let who = lock::current_holder(db).map(|h| h.to_string()).unwrap_or_else(|| "another process".into());
-            Err(Fail(EXIT_LOCKED, format!("{who} holds the database and does not answer queries ({last})")))
+            let who = lock::current_holder(db)
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "another process".into());
+            Err(Fail(
+                EXIT_LOCKED,
+                format!("{who} holds the database and does not answer queries ({last})"),
+            ))
         }
         Err(e) => Err(Fail(EXIT_ERROR, e.to_string())),
     }
@@ -467,11 +540,20 @@ fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
     Ok(EXIT_OK)
 }
 
-fn cmd_list(db: &Path, state: Option<JobState>, provider: Option<ProviderKind>, json: bool) -> Result<i32, Fail> {
+fn cmd_list(
+    db: &Path,
+    state: Option<JobState>,
+    provider: Option<ProviderKind>,
+    json: bool,
+) -> Result<i32, Fail> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if !json {
-        writeln!(out, "{:<24} {:<11} {:<14} {:<12} {:>3}  ERROR", "ID", "PROVIDER", "OPERATION", "STATE", "TRY")?;
+        writeln!(
+            out,
+            "{:<24} {:<11} {:<14} {:<12} {:>3}  ERROR",
+            "ID", "PROVIDER", "OPERATION", "STATE", "TRY"
+        )?;
     }
     ask(db, &Query::List { state, provider }, &mut |v| {
         if json {
@@ -522,26 +604,43 @@ fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     if let Some(remote) = &r.remote_id {
         println!("remote id  {remote}");
     }
-    println!("attempts   {} failed, {} submission(s)", r.attempts, r.submissions);
+    println!(
+        "attempts   {} failed, {} submission(s)",
+        r.attempts, r.submissions
+    );
     if r.possible_duplicates > 0 {
-        println!("WARNING    {} possible duplicate charge(s): see the events below", r.possible_duplicates);
+        println!(
+            "WARNING    {} possible duplicate charge(s): see the events below",
+            r.possible_duplicates
+        );
     }
     if let Some(e) = &r.error {
         println!("error      {e}");
     }
     for o in &d.outputs {
-        println!("output {}   {} ({} bytes, sha256 {})", o.index, o.path, o.size, o.sha256);
+        println!(
+            "output {}   {} ({} bytes, sha256 {})",
+            o.index, o.path, o.size, o.sha256
+        );
     }
     println!("events:");
     for e in &d.events {
-        println!("  {}  {:<26} {}", query::rfc3339(e.at_ms), e.kind.name(), e.message);
+        println!(
+            "  {}  {:<26} {}",
+            query::rfc3339(e.at_ms),
+            e.kind.name(),
+            e.message
+        );
     }
     Ok(EXIT_OK)
 }
 
 fn cmd_report(db: &Path, format: ReportFormat, output: Option<&Path>) -> Result<i32, Fail> {
     let sink: Box<dyn Write> = match output {
-        Some(p) => Box::new(std::fs::File::create(p).map_err(|e| Fail(EXIT_ERROR, format!("{}: {e}", p.display())))?),
+        Some(p) => Box::new(
+            std::fs::File::create(p)
+                .map_err(|e| Fail(EXIT_ERROR, format!("{}: {e}", p.display())))?,
+        ),
         None => Box::new(std::io::stdout().lock()),
     };
     let out = std::io::BufWriter::new(sink);
@@ -556,7 +655,8 @@ fn cmd_report(db: &Path, format: ReportFormat, output: Option<&Path>) -> Result<
             w.write_record(REPORT_COLUMNS)?;
             ask(db, &Query::Report, &mut |v| {
                 if let Ok(r) = serde_json::from_value::<JobRow>(v) {
-                    w.write_record(report_record(&r)).map_err(std::io::Error::other)?;
+                    w.write_record(report_record(&r))
+                        .map_err(std::io::Error::other)?;
                 }
                 Ok(())
             })?;
@@ -612,7 +712,10 @@ fn report_record(r: &JobRow) -> Vec<String> {
 
 fn cmd_retry(db: &Path, failed: bool, ids: &[String]) -> Result<i32, Fail> {
     if !failed && ids.is_empty() {
-        return Err(Fail(EXIT_ERROR, "say which jobs: --failed or JOB_ID...".into()));
+        return Err(Fail(
+            EXIT_ERROR,
+            "say which jobs: --failed or JOB_ID...".into(),
+        ));
     }
     let _lock = lock_for_writing(db, "retry")?;
     let store = open_store(db)?;
@@ -631,7 +734,10 @@ fn cmd_retry(db: &Path, failed: bool, ids: &[String]) -> Result<i32, Fail> {
             continue;
         };
         if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
-            eprintln!("pixbatch: {id} is {}, not failed or cancelled; left as it is", job.state);
+            eprintln!(
+                "pixbatch: {id} is {}, not failed or cancelled; left as it is",
+                job.state
+            );
             continue;
         }
         let remote_finished = job.remote_id.is_some() && !job.pending_outputs.is_empty();
@@ -693,8 +799,12 @@ async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, F
                     let api = crate::api::Api::new(&pc.base_url, reqwest::Client::new(), gate);
                     match adapter.cancel(&api, &remote).await {
                         Ok(true) => note.push_str(&format!("; remote task {remote} cancelled")),
-                        Ok(false) => note.push_str(&format!("; remote task {remote} could not be cancelled at the provider")),
-                        Err(e) => note.push_str(&format!("; cancelling remote task {remote} failed: {e}")),
+                        Ok(false) => note.push_str(&format!(
+                            "; remote task {remote} could not be cancelled at the provider"
+                        )),
+                        Err(e) => {
+                            note.push_str(&format!("; cancelling remote task {remote} failed: {e}"))
+                        }
                     }
                 }
                 Err(e) => note.push_str(&format!("; remote task {remote} left running: {e}")),
@@ -730,7 +840,10 @@ async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32, Fail> {
         .map_err(|e| Fail(EXIT_ERROR, format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr()?;
     if !local.ip().is_loopback() {
-        return Err(Fail(EXIT_ERROR, format!("the simulator serves loopback only, not {local}")));
+        return Err(Fail(
+            EXIT_ERROR,
+            format!("the simulator serves loopback only, not {local}"),
+        ));
     }
     // Tests read this line to learn the port.
     println!("pixbatch sim listening on http://{local}");
@@ -742,23 +855,46 @@ async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32, Fail> {
     Ok(EXIT_OK)
 }
 
-async fn cmd_demo(db: Option<PathBuf>, out: &Path, mut config: Config, bar: SharedBar) -> Result<i32, Fail> {
+async fn cmd_demo(
+    db: Option<PathBuf>,
+    out: &Path,
+    mut config: Config,
+    bar: SharedBar,
+) -> Result<i32, Fail> {
     let folder = PathBuf::from("pixbatch-demo");
-    let manifest = crate::demo::materialize(&folder).map_err(|e| Fail(EXIT_ERROR, format!("writing the demo files into {}: {e}", folder.display())))?;
+    let manifest = crate::demo::materialize(&folder).map_err(|e| {
+        Fail(
+            EXIT_ERROR,
+            format!("writing the demo files into {}: {e}", folder.display()),
+        )
+    })?;
     let db = db.unwrap_or_else(|| folder.join("pixbatch.db"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (sim_stop, sim_stopped) = tokio::sync::oneshot::channel::<()>();
-    let sim = tokio::spawn(crate::sim::serve(listener, crate::sim::SimConfig::default(), async {
-        let _ = sim_stopped.await;
-    }));
-    for kind in [ProviderKind::Topaz, ProviderKind::Photio, ProviderKind::Aithriving] {
+    let sim = tokio::spawn(crate::sim::serve(
+        listener,
+        crate::sim::SimConfig::default(),
+        async {
+            let _ = sim_stopped.await;
+        },
+    ));
+    for kind in [
+        ProviderKind::Topaz,
+        ProviderKind::Photio,
+        ProviderKind::Aithriving,
+    ] {
         if let Some(pc) = config.providers.get_mut(&kind) {
             pc.base_url = format!("http://{addr}{}", crate::providers::sim_base_path(kind));
             pc.credentials.api_key = Some(format!("demo-{kind}-key"));
         }
     }
-    eprintln!("pixbatch demo: simulator on http://{addr}, manifest {}, database {}, results in {}", manifest.display(), db.display(), out.display());
+    eprintln!(
+        "pixbatch demo: simulator on http://{addr}, manifest {}, database {}, results in {}",
+        manifest.display(),
+        db.display(),
+        out.display()
+    );
     let _lock = lock_for_writing(&db, "demo")?;
     let store = open_store(&db)?;
     enqueue_into(&store, &config, &[manifest], false)?;

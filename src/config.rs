@@ -51,6 +51,10 @@ pub struct ProviderConfig {
     /// before new submissions, so this bounds how much of the rate budget polling
     /// can take.
     pub max_in_flight: usize,
+    /// How long after a submission was sent a provider's "never heard of it" is
+    /// believed: a request from a process that died may still be in transit or in
+    /// the provider's queue.
+    pub reconcile_grace: Duration,
     pub credentials: Credentials,
 }
 
@@ -106,6 +110,7 @@ struct FileProvider {
     poll_interval: Option<String>,
     timeout: Option<String>,
     max_in_flight: Option<usize>,
+    reconcile_grace: Option<String>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -131,6 +136,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         poll_interval: Duration::from_millis(poll_ms),
         timeout: Duration::from_secs(timeout_s),
         max_in_flight: in_flight,
+        reconcile_grace: Duration::from_secs(30),
         credentials: Credentials::default(),
     }
 }
@@ -140,7 +146,11 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
 pub fn env_names(kind: ProviderKind) -> (&'static str, &'static str, Option<&'static str>) {
     match kind {
         ProviderKind::Dzine => ("PIXBATCH_DZINE_URL", "DZINE_API_KEY", None),
-        ProviderKind::Perfect => ("PIXBATCH_PERFECT_URL", "PERFECT_CLIENT_ID", Some("PERFECT_CLIENT_SECRET")),
+        ProviderKind::Perfect => (
+            "PIXBATCH_PERFECT_URL",
+            "PERFECT_CLIENT_ID",
+            Some("PERFECT_CLIENT_SECRET"),
+        ),
         ProviderKind::Topaz => ("PIXBATCH_TOPAZ_URL", "TOPAZ_API_KEY", None),
         ProviderKind::Photio => ("PIXBATCH_PHOTIO_URL", "PHOTIO_API_KEY", None),
         ProviderKind::Aithriving => ("PIXBATCH_AITHRIVING_URL", "AITHRIVING_API_KEY", None),
@@ -150,7 +160,10 @@ pub fn env_names(kind: ProviderKind) -> (&'static str, &'static str, Option<&'st
 impl Config {
     /// Loads `explicit` if given (it must exist), else `./pixbatch.toml` if present,
     /// then applies `env` (a lookup, so tests need not touch the process environment).
-    pub fn load(explicit: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn load(
+        explicit: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let (file, source) = match explicit {
             Some(p) => (Some(read_file(p)?), Some(p.to_path_buf())),
             None => {
@@ -178,7 +191,8 @@ impl Config {
                 engine.max_download_bytes = b;
             }
             if let Some(m) = &e.rate_margin {
-                engine.rate_margin = parse_duration(m).map_err(|m| bad(format!("engine.rate_margin: {m}")))?;
+                engine.rate_margin =
+                    parse_duration(m).map_err(|m| bad(format!("engine.rate_margin: {m}")))?;
             }
         }
 
@@ -225,6 +239,9 @@ impl Config {
                     }
                     c.max_in_flight = v;
                 }
+                if let Some(v) = &f.reconcile_grace {
+                    c.reconcile_grace = parse_duration(v).map_err(|m| ctx("reconcile_grace", m))?;
+                }
                 c.credentials.api_key = f.api_key.clone();
                 c.credentials.client_id = f.client_id.clone();
                 c.credentials.client_secret = f.client_secret.clone();
@@ -245,7 +262,8 @@ impl Config {
                     c.credentials.client_secret = Some(v);
                 }
             }
-            check_base_url(&c.base_url).map_err(|m| ConfigError::Invalid(format!("{kind}: {m}")))?;
+            check_base_url(&c.base_url)
+                .map_err(|m| ConfigError::Invalid(format!("{kind}: {m}")))?;
             providers.insert(kind, c);
         }
         Ok(Config {
@@ -258,7 +276,8 @@ impl Config {
     pub fn provider(&self, kind: ProviderKind) -> &ProviderConfig {
         // Every kind is inserted by `load`; fall back to defaults for safety.
         self.providers.get(&kind).unwrap_or_else(|| {
-            static FALLBACK: std::sync::OnceLock<BTreeMap<ProviderKind, ProviderConfig>> = std::sync::OnceLock::new();
+            static FALLBACK: std::sync::OnceLock<BTreeMap<ProviderKind, ProviderConfig>> =
+                std::sync::OnceLock::new();
             &FALLBACK.get_or_init(|| {
                 ProviderKind::ALL
                     .into_iter()
@@ -270,7 +289,10 @@ impl Config {
 
     /// Every secret held, for scrubbing logs and messages.
     pub fn secrets(&self) -> Vec<String> {
-        self.providers.values().flat_map(|p| p.credentials.secrets()).collect()
+        self.providers
+            .values()
+            .flat_map(|p| p.credentials.secrets())
+            .collect()
     }
 }
 
@@ -363,6 +385,15 @@ concurrency = 2
         let p = c.provider(ProviderKind::Perfect);
         let limits: Vec<String> = p.rate_limits.iter().map(|r| r.to_string()).collect();
         assert_eq!(limits, vec!["100/1m", "100/5m"]);
+    }
+
+    /// `pixbatch sim` must refuse exactly what the client's defaults would send.
+    #[test]
+    fn client_defaults_equal_the_simulators_limits() {
+        for (name, limits) in crate::sim::default_limits() {
+            let kind: ProviderKind = name.parse().unwrap();
+            assert_eq!(default_provider_config(kind).rate_limits, limits, "{name}");
+        }
     }
 
     #[test]

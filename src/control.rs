@@ -61,7 +61,11 @@ pub fn serve(
     })
 }
 
-async fn handle(stream: UnixStream, store: Store, live: Arc<dyn Fn() -> LiveInfo + Send + Sync>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    store: Store,
+    live: Arc<dyn Fn() -> LiveInfo + Send + Sync>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take_line_limit();
@@ -79,11 +83,15 @@ async fn handle(stream: UnixStream, store: Store, live: Arc<dyn Fn() -> LiveInfo
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     let worker = tokio::task::spawn_blocking(move || {
         let mut emit = |v: serde_json::Value| -> std::io::Result<()> {
-            tx.blocking_send(format!("{v}\n"))
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader went away"))
+            tx.blocking_send(format!("{v}\n")).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader went away")
+            })
         };
         if let Err(e) = query::answer(&store, &query, info, &mut emit) {
-            let _ = tx.blocking_send(format!("{}\n", serde_json::json!({ "error": e.to_string() })));
+            let _ = tx.blocking_send(format!(
+                "{}\n",
+                serde_json::json!({ "error": e.to_string() })
+            ));
         }
     });
     while let Some(chunk) = rx.recv().await {

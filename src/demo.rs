@@ -19,7 +19,9 @@ pub const EXAMPLE_IMAGES: [(&str, u32, u32); 4] = [
 
 /// Draws example picture `name`: a gradient with a few shapes, different per name.
 pub fn example_image(name: &str, width: u32, height: u32) -> RgbImage {
-    let seed = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    let seed = name
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
     let (cx, cy) = (width as i64 / 2, height as i64 / 2);
     let r2 = (width.min(height) as i64 / 3).pow(2);
     RgbImage::from_fn(width, height, |x, y| {
@@ -75,7 +77,11 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images");
         for (name, w, h) in EXAMPLE_IMAGES {
             let committed = std::fs::read(dir.join(name)).unwrap();
-            assert_eq!(committed, example_png(name, w, h).unwrap(), "{name} differs: regenerate it with `pixbatch demo`");
+            assert_eq!(
+                committed,
+                example_png(name, w, h).unwrap(),
+                "{name} differs: regenerate it with `pixbatch demo`"
+            );
         }
     }
 }

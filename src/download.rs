@@ -49,16 +49,27 @@ fn io_err(path: &Path, e: std::io::Error) -> DownloadError {
 }
 
 pub fn part_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".part");
     dest.with_file_name(name)
 }
 
 /// Streams `url` into `dest` through its `.part` file.
-pub async fn fetch(client: &reqwest::Client, url: &str, dest: &Path, max_bytes: u64) -> Result<Written, DownloadError> {
-    let parsed = url::Url::parse(url).map_err(|e| DownloadError::BadUrl(format!("{url:?}: {e}")))?;
+pub async fn fetch(
+    client: &reqwest::Client,
+    url: &str,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<Written, DownloadError> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| DownloadError::BadUrl(format!("{url:?}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(DownloadError::BadUrl(format!("{url:?}: only http(s) URLs are fetched")));
+        return Err(DownloadError::BadUrl(format!(
+            "{url:?}: only http(s) URLs are fetched"
+        )));
     }
     let response = client
         .get(parsed)
@@ -94,7 +105,9 @@ pub async fn fetch(client: &reqwest::Client, url: &str, dest: &Path, max_bytes: 
             let chunk = chunk.map_err(|e| DownloadError::Interrupted(error_chain(&e)))?;
             size += chunk.len() as u64;
             if size > max_bytes {
-                return Err(DownloadError::TooLarge(format!("more than the {max_bytes}-byte limit")));
+                return Err(DownloadError::TooLarge(format!(
+                    "more than the {max_bytes}-byte limit"
+                )));
             }
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(|e| io_err(&part, e))?;
@@ -192,7 +205,12 @@ pub fn remove_part(dest: &Path) {
 /// manifest reader refuses them already, this is the second lock.
 pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &str) -> PathBuf {
     let id = sanitize_component(&spec.id);
-    let (dir, stem) = match spec.output.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    let (dir, stem) = match spec
+        .output
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         None => (PathBuf::new(), id),
         Some(o) if o.ends_with('/') => (safe_relative(o), id),
         Some(o) => {
@@ -258,14 +276,35 @@ mod tests {
 
     #[test]
     fn output_paths_never_leave_the_folder() {
-        assert_eq!(output_relative_path(&spec("a", None), 0, 1, "jpg"), PathBuf::from("a.jpg"));
-        assert_eq!(output_relative_path(&spec("a", None), 1, 3, "png"), PathBuf::from("a_1.png"));
-        assert_eq!(output_relative_path(&spec("a", Some("x/y/")), 0, 1, "jpg"), PathBuf::from("x/y/a.jpg"));
-        assert_eq!(output_relative_path(&spec("a", Some("x/pic")), 0, 1, "jpg"), PathBuf::from("x/pic.jpg"));
-        for hostile in ["../../etc/passwd", "/etc/passwd", "a/../../b", "..", "x/\0y"] {
+        assert_eq!(
+            output_relative_path(&spec("a", None), 0, 1, "jpg"),
+            PathBuf::from("a.jpg")
+        );
+        assert_eq!(
+            output_relative_path(&spec("a", None), 1, 3, "png"),
+            PathBuf::from("a_1.png")
+        );
+        assert_eq!(
+            output_relative_path(&spec("a", Some("x/y/")), 0, 1, "jpg"),
+            PathBuf::from("x/y/a.jpg")
+        );
+        assert_eq!(
+            output_relative_path(&spec("a", Some("x/pic")), 0, 1, "jpg"),
+            PathBuf::from("x/pic.jpg")
+        );
+        for hostile in [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "..",
+            "x/\0y",
+        ] {
             let p = output_relative_path(&spec("a", Some(hostile)), 0, 1, "jpg");
             assert!(p.is_relative(), "{hostile}: {p:?}");
-            assert!(!p.components().any(|c| matches!(c, Component::ParentDir)), "{hostile}: {p:?}");
+            assert!(
+                !p.components().any(|c| matches!(c, Component::ParentDir)),
+                "{hostile}: {p:?}"
+            );
             assert!(!p.to_string_lossy().contains('\0'));
         }
         let p = output_relative_path(&spec("..", None), 0, 1, "../x");

@@ -51,7 +51,11 @@ pub struct Checked {
 }
 
 /// Checks every row of `paths` (and against `store`, if given) and plans the work.
-pub fn check(paths: &[PathBuf], store: Option<&Store>, config: &Config) -> Result<Checked, IntakeError> {
+pub fn check(
+    paths: &[PathBuf],
+    store: Option<&Store>,
+    config: &Config,
+) -> Result<Checked, IntakeError> {
     let mut plan = Plan::default();
     let mut errors = Vec::new();
     let mut tracker = DuplicateTracker::new();
@@ -142,7 +146,11 @@ pub struct Enqueued {
 }
 
 /// Checks, then (only if every row is good) adds the new jobs.
-pub fn enqueue(paths: &[PathBuf], store: &Store, config: &Config) -> Result<Result<Enqueued, Vec<RowError>>, IntakeError> {
+pub fn enqueue(
+    paths: &[PathBuf],
+    store: &Store,
+    config: &Config,
+) -> Result<Result<Enqueued, Vec<RowError>>, IntakeError> {
     let checked = check(paths, Some(store), config)?;
     if !checked.errors.is_empty() {
         return Ok(Err(checked.errors));
@@ -218,7 +226,10 @@ mod tests {
         assert_eq!(least_time(0, &[l("10/1s")]), Duration::ZERO);
         assert_eq!(least_time(10, &[l("10/1s")]), Duration::ZERO);
         assert_eq!(least_time(11, &[l("10/1s")]), Duration::from_secs(1));
-        assert_eq!(least_time(1000, &[l("100/1m"), l("100/5m")]), Duration::from_secs(9 * 300));
+        assert_eq!(
+            least_time(1000, &[l("100/1m"), l("100/5m")]),
+            Duration::from_secs(9 * 300)
+        );
         assert_eq!(least_time(5, &[]), Duration::ZERO);
     }
 }

@@ -53,7 +53,10 @@ pub fn socket_path(db: &Path) -> PathBuf {
 }
 
 fn sibling(db: &Path, ext: &str) -> PathBuf {
-    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "pixbatch.db".into());
+    let mut name = db
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "pixbatch.db".into());
     name.push(".");
     name.push(ext);
     db.with_file_name(name)
@@ -76,7 +79,9 @@ impl DbLock {
         match FileExt::try_lock_exclusive(&file) {
             Ok(true) => {}
             Ok(false) => return Err(held(db, &path, &mut file)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(held(db, &path, &mut file)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(held(db, &path, &mut file))
+            }
             Err(e) => return Err(io(&path, e)),
         }
         let stamp = format!("{} {}\n", std::process::id(), command);
@@ -94,7 +99,9 @@ impl DbLock {
         let start = Instant::now();
         loop {
             match DbLock::try_acquire(db, command) {
-                Err(LockError::Held { .. } | LockError::HeldUnknown { .. }) if start.elapsed() < wait => {
+                Err(LockError::Held { .. } | LockError::HeldUnknown { .. })
+                    if start.elapsed() < wait =>
+                {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 other => return other,

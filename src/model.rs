@@ -133,12 +133,18 @@ impl JobState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// A remote task exists at the provider (it may be charged and must be polled).
     pub fn has_remote_task(self) -> bool {
-        matches!(self, JobState::Submitted | JobState::Polling | JobState::Downloading)
+        matches!(
+            self,
+            JobState::Submitted | JobState::Polling | JobState::Downloading
+        )
     }
 }
 
@@ -327,6 +333,10 @@ pub struct Job {
     pub submissions: u32,
     /// Refs made while preparing (uploaded file ids, detected faces …), key/value.
     pub prepared: Vec<(String, String)>,
+    /// When the current submission's intent was recorded (ms; 0 = none). A
+    /// submission sent by a process that died may still be on its way to the
+    /// provider: "not found" is only believed once this is old enough.
+    pub submit_intent_ms: u64,
     /// The provider's id for the accepted remote task.
     pub remote_id: Option<String>,
     pub pending_outputs: Vec<PendingOutput>,
@@ -352,6 +362,7 @@ impl Job {
             attempts: 0,
             submissions: 0,
             prepared: Vec::new(),
+            submit_intent_ms: 0,
             remote_id: None,
             pending_outputs: Vec::new(),
             outputs: Vec::new(),
@@ -377,7 +388,10 @@ impl Job {
     }
 
     pub fn prepared_get(&self, key: &str) -> Option<&str> {
-        self.prepared.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.prepared
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 

@@ -151,7 +151,12 @@ pub fn describe(p: &Progress) -> String {
 
 impl ProgressSink for Display {
     fn update(&self, p: &Progress) {
-        let finished: u64 = p.counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
+        let finished: u64 = p
+            .counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum();
         let has_bar = self.bar.with(|b| {
             if let Some(b) = b {
                 b.set_length(p.total);
@@ -165,11 +170,17 @@ impl ProgressSink for Display {
         if has_bar || self.quiet {
             return;
         }
-        let Ok(mut last) = self.last_line.lock() else { return };
+        let Ok(mut last) = self.last_line.lock() else {
+            return;
+        };
         let due = last.is_none_or(|t| t.elapsed() >= self.every);
         if due {
             *last = Some(Instant::now());
-            eprintln!("pixbatch: {finished}/{} finished · {}", p.total, describe(p));
+            eprintln!(
+                "pixbatch: {finished}/{} finished · {}",
+                p.total,
+                describe(p)
+            );
         }
     }
 }
@@ -180,7 +191,10 @@ mod tests {
 
     #[test]
     fn scrub_removes_every_secret() {
-        let s = scrub("key=abcd1234 and abcd1234 again, xyz", &["abcd1234".into(), "".into()]);
+        let s = scrub(
+            "key=abcd1234 and abcd1234 again, xyz",
+            &["abcd1234".into(), "".into()],
+        );
         assert_eq!(s, "key=<redacted> and <redacted> again, xyz");
     }
 }

@@ -81,8 +81,18 @@ impl JobRow {
             operation: job.spec.operation.clone(),
             state: job.state,
             inputs: job.spec.inputs.join("|"),
-            outputs: job.outputs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>().join("|"),
-            sha256: job.outputs.iter().map(|o| o.sha256.as_str()).collect::<Vec<_>>().join("|"),
+            outputs: job
+                .outputs
+                .iter()
+                .map(|o| o.path.as_str())
+                .collect::<Vec<_>>()
+                .join("|"),
+            sha256: job
+                .outputs
+                .iter()
+                .map(|o| o.sha256.as_str())
+                .collect::<Vec<_>>()
+                .join("|"),
             bytes: job.outputs.iter().map(|o| o.size).sum(),
             remote_id: job.remote_id.clone(),
             attempts: job.attempts,
@@ -134,7 +144,11 @@ pub fn answer(
                     count: n,
                 });
             }
-            let remaining: u64 = rows.iter().filter(|c| !c.state.is_terminal()).map(|c| c.count).sum();
+            let remaining: u64 = rows
+                .iter()
+                .filter(|c| !c.state.is_terminal())
+                .map(|c| c.count)
+                .sum();
             let eta_secs = live
                 .as_ref()
                 .filter(|l| l.rate_per_sec > 0.0)
@@ -172,7 +186,9 @@ pub fn answer(
             }
         }
         Query::Show { id } => {
-            let job = store.get(id)?.ok_or_else(|| QueryError::NoSuchJob(id.clone()))?;
+            let job = store
+                .get(id)?
+                .ok_or_else(|| QueryError::NoSuchJob(id.clone()))?;
             let detail = JobDetail {
                 row: JobRow::from_job(&job),
                 prompt: job.spec.prompt.clone(),

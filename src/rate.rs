@@ -18,7 +18,9 @@ pub struct RateSpec {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid rate limit {input:?}: {reason} (expected COUNT/DURATION, e.g. 100/1m, 20/1s, 500/1h)")]
+#[error(
+    "invalid rate limit {input:?}: {reason} (expected COUNT/DURATION, e.g. 100/1m, 20/1s, 500/1h)"
+)]
 pub struct RateSpecError {
     input: String,
     reason: &'static str,
@@ -44,7 +46,10 @@ impl FromStr for RateSpec {
             reason,
         };
         let (count, window) = s.trim().split_once('/').ok_or_else(|| err("no '/'"))?;
-        let count: u32 = count.trim().parse().map_err(|_| err("COUNT is not a whole number"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| err("COUNT is not a whole number"))?;
         if count == 0 {
             return Err(err("COUNT must be at least 1"));
         }
@@ -53,14 +58,18 @@ impl FromStr for RateSpec {
             return Err(err("DURATION must be a number followed by s, m or h"));
         }
         let (n, unit) = window.split_at(window.len() - 1);
-        let n: u64 = n.parse().map_err(|_| err("DURATION is not a whole number"))?;
+        let n: u64 = n
+            .parse()
+            .map_err(|_| err("DURATION is not a whole number"))?;
         if n == 0 {
             return Err(err("DURATION must be positive"));
         }
         let secs = match unit {
             "s" => n,
             "m" => n.checked_mul(60).ok_or_else(|| err("DURATION too long"))?,
-            "h" => n.checked_mul(3600).ok_or_else(|| err("DURATION too long"))?,
+            "h" => n
+                .checked_mul(3600)
+                .ok_or_else(|| err("DURATION too long"))?,
             _ => return Err(err("DURATION unit must be s, m or h")),
         };
         Ok(RateSpec {
@@ -102,7 +111,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints_the_documented_forms() {
-        for (s, count, secs) in [("100/1m", 100, 60), ("100/5m", 100, 300), ("20/1s", 20, 1), ("3/2h", 3, 7200)] {
+        for (s, count, secs) in [
+            ("100/1m", 100, 60),
+            ("100/5m", 100, 300),
+            ("20/1s", 20, 1),
+            ("3/2h", 3, 7200),
+        ] {
             let r: RateSpec = s.parse().unwrap();
             assert_eq!((r.count, r.window.as_secs()), (count, secs));
             assert_eq!(r.to_string(), s);

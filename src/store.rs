@@ -178,7 +178,9 @@ impl Store {
                         }
                         Err(e) => {
                             let durable = group.done.borrow().0;
-                            group.done.send_replace((durable, target, Some(e.to_string())))
+                            group
+                                .done
+                                .send_replace((durable, target, Some(e.to_string())))
                         }
                     };
                 }
@@ -188,7 +190,9 @@ impl Store {
 
     /// Blocking flush, for code outside the async engine (enqueue, retry, cancel).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush().map_err(|e| StoreError::Flush(e.to_string()))?;
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
         Ok(())
     }
 
@@ -209,19 +213,22 @@ impl Store {
             .collect::<Result<_>>()?;
         let mut added: BTreeMap<[u8; 2], u64> = BTreeMap::new();
         for j in jobs {
-            *added.entry(count_key(j.state, j.spec.provider)).or_default() += 1;
+            *added
+                .entry(count_key(j.state, j.spec.provider))
+                .or_default() += 1;
         }
-        let result = (&self.jobs, &self.index, &self.counts).transaction(|(jobs, index, counts)| {
-            for (id, record, ikey) in &encoded {
-                jobs.insert(id.as_slice(), record.as_slice())?;
-                index.insert(ikey.as_slice(), &[] as &[u8])?;
-            }
-            for (ckey, n) in &added {
-                let old = counts.get(ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                counts.insert(ckey, &(old + n).to_be_bytes())?;
-            }
-            Ok(())
-        });
+        let result =
+            (&self.jobs, &self.index, &self.counts).transaction(|(jobs, index, counts)| {
+                for (id, record, ikey) in &encoded {
+                    jobs.insert(id.as_slice(), record.as_slice())?;
+                    index.insert(ikey.as_slice(), &[] as &[u8])?;
+                }
+                for (ckey, n) in &added {
+                    let old = counts.get(ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
+                    counts.insert(ckey, &(old + n).to_be_bytes())?;
+                }
+                Ok(())
+            });
         tx_result(result)
     }
 
@@ -232,33 +239,41 @@ impl Store {
         let record = encode(job)?;
         let new_ikey = index_key(job);
         let new_ckey = count_key(job.state, job.spec.provider);
-        let result = (&self.jobs, &self.index, &self.counts).transaction(|(jobs, index, counts)| {
-            if let Some(old) = jobs.insert(id.as_slice(), record.as_slice())? {
-                let old_job: Job = decode(job.id(), &old).map_err(ConflictableTransactionError::Abort)?;
-                let old_ikey = index_key(&old_job);
-                if old_ikey != new_ikey {
-                    index.remove(old_ikey)?;
-                }
-                let old_ckey = count_key(old_job.state, old_job.spec.provider);
-                if old_ckey != new_ckey {
-                    let n = counts.get(old_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                    counts.insert(&old_ckey, &n.saturating_sub(1).to_be_bytes())?;
+        let result =
+            (&self.jobs, &self.index, &self.counts).transaction(|(jobs, index, counts)| {
+                if let Some(old) = jobs.insert(id.as_slice(), record.as_slice())? {
+                    let old_job: Job =
+                        decode(job.id(), &old).map_err(ConflictableTransactionError::Abort)?;
+                    let old_ikey = index_key(&old_job);
+                    if old_ikey != new_ikey {
+                        index.remove(old_ikey)?;
+                    }
+                    let old_ckey = count_key(old_job.state, old_job.spec.provider);
+                    if old_ckey != new_ckey {
+                        let n = counts.get(old_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
+                        counts.insert(&old_ckey, &n.saturating_sub(1).to_be_bytes())?;
+                        let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
+                        counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
+                    }
+                } else {
                     let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
                     counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
                 }
-            } else {
-                let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
-            }
-            index.insert(new_ikey.as_slice(), &[] as &[u8])?;
-            Ok(())
-        });
+                index.insert(new_ikey.as_slice(), &[] as &[u8])?;
+                Ok(())
+            });
         tx_result(result)
     }
 
     /// Up to `limit` ids of `provider`'s jobs in `state` that are due at `now_ms`,
     /// earliest first.
-    pub fn due(&self, state: JobState, provider: ProviderKind, now_ms: u64, limit: usize) -> Result<Vec<String>> {
+    pub fn due(
+        &self,
+        state: JobState,
+        provider: ProviderKind,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<String>> {
         let prefix = [state.index(), provider.index()];
         let mut out = Vec::new();
         for item in self.index.scan_prefix(prefix) {
@@ -324,7 +339,10 @@ impl Store {
             if key.len() != 2 {
                 continue;
             }
-            if let (Some(s), Some(p)) = (JobState::from_index(key[0]), ProviderKind::from_index(key[1])) {
+            if let (Some(s), Some(p)) = (
+                JobState::from_index(key[0]),
+                ProviderKind::from_index(key[1]),
+            ) {
                 let n = read_u64(&value);
                 if n > 0 {
                     out.insert((s, p), n);
@@ -432,7 +450,10 @@ fn split_index_key(key: &[u8]) -> Result<(u64, String)> {
     }
     let mut due = [0u8; 8];
     due.copy_from_slice(&key[2..10]);
-    Ok((u64::from_be_bytes(due), String::from_utf8_lossy(&key[10..]).into_owned()))
+    Ok((
+        u64::from_be_bytes(due),
+        String::from_utf8_lossy(&key[10..]).into_owned(),
+    ))
 }
 
 fn count_key(state: JobState, provider: ProviderKind) -> [u8; 2] {
@@ -474,7 +495,10 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> 
                 key: key.into(),
                 reason: e.to_string(),
             }),
-        v if v > FORMAT_VERSION => Err(StoreError::NewerFormat { key: key.into(), found: v }),
+        v if v > FORMAT_VERSION => Err(StoreError::NewerFormat {
+            key: key.into(),
+            found: v,
+        }),
         v => Err(StoreError::Corrupt {
             key: key.into(),
             reason: format!("unknown format version {v}"),
@@ -525,25 +549,63 @@ mod tests {
     fn index_and_counts_follow_state_changes() {
         let (_d, store) = open();
         store
-            .insert_new(&[job("a", ProviderKind::Topaz), job("b", ProviderKind::Topaz), job("c", ProviderKind::Photio)])
+            .insert_new(&[
+                job("a", ProviderKind::Topaz),
+                job("b", ProviderKind::Topaz),
+                job("c", ProviderKind::Photio),
+            ])
             .unwrap();
-        assert_eq!(store.count(JobState::Queued, ProviderKind::Topaz).unwrap(), 2);
-        assert_eq!(store.due(JobState::Queued, ProviderKind::Topaz, 10, 10).unwrap(), vec!["a", "b"]);
+        assert_eq!(
+            store.count(JobState::Queued, ProviderKind::Topaz).unwrap(),
+            2
+        );
+        assert_eq!(
+            store
+                .due(JobState::Queued, ProviderKind::Topaz, 10, 10)
+                .unwrap(),
+            vec!["a", "b"]
+        );
 
         let mut a = store.get("a").unwrap().unwrap();
         a.state = JobState::RetryWait;
         a.due_ms = 500;
         store.save(&a).unwrap();
-        assert_eq!(store.count(JobState::Queued, ProviderKind::Topaz).unwrap(), 1);
-        assert_eq!(store.count(JobState::RetryWait, ProviderKind::Topaz).unwrap(), 1);
-        assert!(store.due(JobState::RetryWait, ProviderKind::Topaz, 499, 10).unwrap().is_empty());
-        assert_eq!(store.due(JobState::RetryWait, ProviderKind::Topaz, 500, 10).unwrap(), vec!["a"]);
-        assert_eq!(store.next_due(JobState::RetryWait, ProviderKind::Topaz).unwrap(), Some(500));
+        assert_eq!(
+            store.count(JobState::Queued, ProviderKind::Topaz).unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .count(JobState::RetryWait, ProviderKind::Topaz)
+                .unwrap(),
+            1
+        );
+        assert!(store
+            .due(JobState::RetryWait, ProviderKind::Topaz, 499, 10)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .due(JobState::RetryWait, ProviderKind::Topaz, 500, 10)
+                .unwrap(),
+            vec!["a"]
+        );
+        assert_eq!(
+            store
+                .next_due(JobState::RetryWait, ProviderKind::Topaz)
+                .unwrap(),
+            Some(500)
+        );
         // A due-time change in the same state moves the index entry, not the count.
         a.due_ms = 900;
         store.save(&a).unwrap();
         assert_eq!(store.ids_in_state(JobState::RetryWait, None).count(), 1);
-        assert_eq!(store.count(JobState::RetryWait, ProviderKind::Topaz).unwrap(), 1);
+        assert_eq!(
+            store
+                .count(JobState::RetryWait, ProviderKind::Topaz)
+                .unwrap(),
+            1
+        );
         assert_eq!(store.total_jobs().unwrap(), 3);
     }
 
@@ -554,8 +616,13 @@ mod tests {
         let mut raw = store.jobs.get("a").unwrap().unwrap().to_vec();
         raw[0] = FORMAT_VERSION + 1;
         store.jobs.insert("a", raw).unwrap();
-        assert!(matches!(store.get("a"), Err(StoreError::NewerFormat { found, .. }) if found == FORMAT_VERSION + 1));
-        store.jobs.insert("a", vec![FORMAT_VERSION, 0xff, 0xff]).unwrap();
+        assert!(
+            matches!(store.get("a"), Err(StoreError::NewerFormat { found, .. }) if found == FORMAT_VERSION + 1)
+        );
+        store
+            .jobs
+            .insert("a", vec![FORMAT_VERSION, 0xff, 0xff])
+            .unwrap();
         assert!(matches!(store.get("a"), Err(StoreError::Corrupt { .. })));
     }
 
@@ -574,7 +641,10 @@ mod tests {
             store.record_sent(ProviderKind::Topaz, t).unwrap();
         }
         store.record_sent(ProviderKind::Photio, 2).unwrap();
-        assert_eq!(store.sent_since(ProviderKind::Topaz, 2).unwrap(), vec![2, 2, 3]);
+        assert_eq!(
+            store.sent_since(ProviderKind::Topaz, 2).unwrap(),
+            vec![2, 2, 3]
+        );
         store.prune_sent(ProviderKind::Topaz, 3).unwrap();
         assert_eq!(store.sent_since(ProviderKind::Topaz, 0).unwrap(), vec![3]);
         assert_eq!(store.sent_since(ProviderKind::Photio, 0).unwrap(), vec![2]);
@@ -587,13 +657,17 @@ mod tests {
         for i in 0..50 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.insert_new(&[job(&format!("j{i}"), ProviderKind::Topaz)]).unwrap();
+                s.insert_new(&[job(&format!("j{i}"), ProviderKind::Topaz)])
+                    .unwrap();
                 s.sync().await.unwrap();
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(store.count(JobState::Queued, ProviderKind::Topaz).unwrap(), 50);
+        assert_eq!(
+            store.count(JobState::Queued, ProviderKind::Topaz).unwrap(),
+            50
+        );
     }
 }

@@ -74,7 +74,12 @@ impl SlidingLimiter {
 
     /// Records a send at `t` (times must not go backwards much; they are kept sorted).
     pub fn record(&mut self, t: u64) {
-        let pos = self.sent.iter().rposition(|&x| x <= t).map(|p| p + 1).unwrap_or(0);
+        let pos = self
+            .sent
+            .iter()
+            .rposition(|&x| x <= t)
+            .map(|p| p + 1)
+            .unwrap_or(0);
         self.sent.insert(pos, t);
         let horizon = t.saturating_sub(self.longest_ms);
         while self.sent.front().is_some_and(|&x| x < horizon) {
@@ -142,7 +147,12 @@ pub struct ProviderGate {
 
 impl ProviderGate {
     /// Builds the gate, replaying the send times the store kept from earlier runs.
-    pub fn new(provider: ProviderKind, limits: &[RateSpec], margin: Duration, store: Option<Store>) -> Self {
+    pub fn new(
+        provider: ProviderKind,
+        limits: &[RateSpec],
+        margin: Duration,
+        store: Option<Store>,
+    ) -> Self {
         let clock = MonotonicClock::new();
         let mut limiter = SlidingLimiter::new(limits, margin);
         if let Some(store) = &store {
@@ -153,7 +163,9 @@ impl ProviderGate {
                         limiter.record(t);
                     }
                 }
-                Err(e) => tracing::warn!(provider = %provider, "could not read the request log: {e}"),
+                Err(e) => {
+                    tracing::warn!(provider = %provider, "could not read the request log: {e}")
+                }
             }
             if let Err(e) = store.prune_sent(provider, since) {
                 tracing::warn!(provider = %provider, "could not prune the request log: {e}");
@@ -184,7 +196,9 @@ impl ProviderGate {
 
     /// Milliseconds until the next request could go, for status lines.
     pub fn paused_for_ms(&self) -> u64 {
-        self.paused_until.load(Ordering::SeqCst).saturating_sub(self.clock.now_ms())
+        self.paused_until
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.clock.now_ms())
     }
 }
 
@@ -198,13 +212,17 @@ impl RequestGate for ProviderGate {
         } else {
             while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
                 // The timeout only guards against a missed wake-up.
-                let _ = tokio::time::timeout(Duration::from_millis(50), self.urgent_done.notified()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(50), self.urgent_done.notified())
+                        .await;
             }
         }
         let mut limiter = self.limiter.lock().await;
         let sent_at = loop {
             let now = self.clock.now_ms();
-            let free = limiter.next_free(now).max(self.paused_until.load(Ordering::SeqCst));
+            let free = limiter
+                .next_free(now)
+                .max(self.paused_until.load(Ordering::SeqCst));
             if free <= now {
                 break now;
             }
@@ -261,7 +279,12 @@ mod tests {
     fn max_in_any_window(times: &[u64], w: u64) -> usize {
         times
             .iter()
-            .map(|&start| times.iter().filter(|&&t| t >= start && t < start + w).count())
+            .map(|&start| {
+                times
+                    .iter()
+                    .filter(|&&t| t >= start && t < start + w)
+                    .count()
+            })
             .max()
             .unwrap_or(0)
     }
@@ -316,7 +339,10 @@ mod tests {
 
         let clock = FakeRelativeClock::default();
         // Burst 10 at 10 per second: the documented trap, 19 in one second.
-        let loose = RateLimiter::direct_with_clock(Quota::per_second(NonZeroU32::new(10).unwrap()), clock.clone());
+        let loose = RateLimiter::direct_with_clock(
+            Quota::per_second(NonZeroU32::new(10).unwrap()),
+            clock.clone(),
+        );
         let mut admitted = 0;
         for _ in 0..1000 {
             if loose.check().is_ok() {
@@ -328,7 +354,10 @@ mod tests {
                 break;
             }
         }
-        assert!(admitted > 10, "burst 10 admitted {admitted} within one second");
+        assert!(
+            admitted > 10,
+            "burst 10 admitted {admitted} within one second"
+        );
 
         // Burst 1: safe, but the 10th request waits 900 ms.
         let clock = FakeRelativeClock::default();
@@ -360,6 +389,10 @@ mod tests {
         gate.back_off(Duration::from_millis(300));
         let t = Instant::now();
         gate.admit(RequestKind::Poll).await;
-        assert!(t.elapsed() >= Duration::from_millis(290), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -78,7 +78,9 @@ impl RunStats {
     /// Jobs finished per second over the last minute (or since the start).
     pub fn rate_per_sec(&self, run_started_ms: u64) -> f64 {
         let now = now_ms();
-        let Ok(r) = self.recent.lock() else { return 0.0 };
+        let Ok(r) = self.recent.lock() else {
+            return 0.0;
+        };
         let n = r.iter().filter(|&&t| t + 60_000 >= now).count();
         let span = (now.saturating_sub(run_started_ms)).clamp(1, 60_000) as f64 / 1000.0;
         n as f64 / span.max(1.0)
@@ -136,7 +138,10 @@ const DISPATCH_ORDER: [JobState; 7] = [
 ];
 
 fn is_new_work(s: JobState) -> bool {
-    matches!(s, JobState::Preparing | JobState::RetryWait | JobState::Queued)
+    matches!(
+        s,
+        JobState::Preparing | JobState::RetryWait | JobState::Queued
+    )
 }
 
 pub struct Engine {
@@ -285,7 +290,10 @@ impl Engine {
                         if is_new_work(state) && remote_in_flight >= lane.config.max_in_flight {
                             break;
                         }
-                        let fresh = claimed.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
+                        let fresh = claimed
+                            .lock()
+                            .map(|mut c| c.insert(id.clone()))
+                            .unwrap_or(false);
                         if !fresh {
                             continue;
                         }
@@ -389,7 +397,11 @@ impl Engine {
             *counts.entry(s).or_insert(0) += n;
         }
         let total = counts.values().sum();
-        let remaining: u64 = counts.iter().filter(|(s, _)| !s.is_terminal()).map(|(_, n)| n).sum();
+        let remaining: u64 = counts
+            .iter()
+            .filter(|(s, _)| !s.is_terminal())
+            .map(|(_, n)| n)
+            .sum();
         let rate = self.stats.rate_per_sec(started);
         let eta_secs = (rate > 0.0).then(|| (remaining as f64 / rate).ceil() as u64);
         Ok(Progress {

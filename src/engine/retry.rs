@@ -40,11 +40,18 @@ mod tests {
         let first = backoff_delay(1, None);
         assert!(first >= MIN_DELAY && first <= 2 * MIN_DELAY, "{first:?}");
         let fifth = backoff_delay(5, None);
-        assert!(fifth >= MIN_DELAY * 16 && fifth <= MIN_DELAY * 32, "{fifth:?}");
+        assert!(
+            fifth >= MIN_DELAY * 16 && fifth <= MIN_DELAY * 32,
+            "{fifth:?}"
+        );
         assert!(backoff_delay(100, None) <= 2 * MAX_DELAY);
-        assert_eq!(backoff_delay(1, Some(Duration::from_secs(30))), Duration::from_secs(30));
+        assert_eq!(
+            backoff_delay(1, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
         // Jitter: not every delay the same.
-        let samples: std::collections::BTreeSet<_> = (0..20).map(|_| backoff_delay(3, None)).collect();
+        let samples: std::collections::BTreeSet<_> =
+            (0..20).map(|_| backoff_delay(3, None)).collect();
         assert!(samples.len() > 1);
     }
 }

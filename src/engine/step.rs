@@ -48,6 +48,10 @@ enum Phase {
 /// After an unknown outcome, ask the provider this soon.
 const RECONCILE_AFTER: Duration = Duration::from_secs(1);
 
+fn grace_ms(env: &StepEnv<'_>) -> u64 {
+    env.lane.config.reconcile_grace.as_millis() as u64
+}
+
 /// Runs the next step of job `id`. Only store errors come back: everything the
 /// provider or the network does is recorded on the job.
 pub(crate) async fn run(env: &StepEnv<'_>, id: &str) -> Result<(), StoreError> {
@@ -55,7 +59,9 @@ pub(crate) async fn run(env: &StepEnv<'_>, id: &str) -> Result<(), StoreError> {
         return Ok(());
     };
     match job.state {
-        JobState::Queued | JobState::RetryWait | JobState::Preparing => prepare_and_submit(env, job).await,
+        JobState::Queued | JobState::RetryWait | JobState::Preparing => {
+            prepare_and_submit(env, job).await
+        }
         JobState::Submitting => reconcile(env, job).await,
         JobState::Submitted | JobState::Polling => poll(env, job).await,
         JobState::Downloading => download(env, job).await,
@@ -71,7 +77,12 @@ fn context(job: &Job) -> JobContext<'_> {
     }
 }
 
-fn event(env: &StepEnv<'_>, job: &Job, kind: EventKind, message: impl Into<String>) -> Result<(), StoreError> {
+fn event(
+    env: &StepEnv<'_>,
+    job: &Job,
+    kind: EventKind,
+    message: impl Into<String>,
+) -> Result<(), StoreError> {
     let message = message.into();
     tracing::debug!(job = %job.id(), event = kind.name(), "{message}");
     env.store.add_event(
@@ -99,7 +110,11 @@ async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), Store
         job.state = JobState::Preparing;
         save(env, &mut job)?;
     }
-    let refs = env.lane.adapter.prepare(&env.lane.api, &context(&job)).await;
+    let refs = env
+        .lane
+        .adapter
+        .prepare(&env.lane.api, &context(&job))
+        .await;
     match refs {
         Ok(refs) => {
             for (k, v) in refs {
@@ -114,6 +129,7 @@ async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), Store
     // The intent to submit, with its idempotency key, is durable before the paid
     // request goes out (SPEC §4.1). A crash from here on leads to `reconcile`.
     job.state = JobState::Submitting;
+    job.submit_intent_ms = now_ms();
     job.due_ms = now_ms() + RECONCILE_AFTER.as_millis() as u64;
     save(env, &mut job)?;
     env.store.sync().await?;
@@ -127,7 +143,12 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             remote_id,
             first_poll_after,
         }) => {
-            event(env, &job, EventKind::Submitted, format!("accepted as {remote_id}"))?;
+            event(
+                env,
+                &job,
+                EventKind::Submitted,
+                format!("accepted as {remote_id}"),
+            )?;
             job.remote_id = Some(remote_id);
             job.state = JobState::Submitted;
             let wait = first_poll_after.unwrap_or(env.lane.config.poll_interval);
@@ -155,7 +176,8 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                 match output {
                     OutputData::Pending(p) => job.pending_outputs.push(p),
                     OutputData::Bytes { data, ext } => {
-                        job.pending_outputs.push(PendingOutput::Inline { ext: ext.clone() });
+                        job.pending_outputs
+                            .push(PendingOutput::Inline { ext: ext.clone() });
                         let rel = download::output_relative_path(&job.spec, index, count, &ext);
                         match download::write_bytes(&env.out_dir.join(&rel), &data) {
                             Ok(w) => job.outputs.push(OutputFile {
@@ -174,7 +196,8 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             }
             if let Some(e) = write_error {
                 // The answer was paid for and is gone: only a new submission brings it back.
-                return lose_remote(env, job, &format!("could not write the result: {e}"), true).await;
+                return lose_remote(env, job, &format!("could not write the result: {e}"), true)
+                    .await;
             }
             job.state = JobState::Downloading;
             job.due_ms = now_ms();
@@ -187,14 +210,21 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
 
 /// A submission's outcome is unknown (crash or lost answer): ask the provider.
 async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
-    let answer = env.lane.adapter.reconcile(&env.lane.api, &context(&job)).await;
+    let answer = env
+        .lane
+        .adapter
+        .reconcile(&env.lane.api, &context(&job))
+        .await;
     match answer {
         Ok(Reconciliation::Found { remote_id }) => {
             event(
                 env,
                 &job,
                 EventKind::Reconciled,
-                format!("submission {} was accepted as {remote_id}; polling it", job.submit_key()),
+                format!(
+                    "submission {} was accepted as {remote_id}; polling it",
+                    job.submit_key()
+                ),
             )?;
             job.remote_id = Some(remote_id);
             job.state = JobState::Submitted;
@@ -203,12 +233,22 @@ async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             env.store.sync().await?;
             poll(env, job).await
         }
+        Ok(Reconciliation::NotSubmitted) if now_ms() < job.submit_intent_ms + grace_ms(env) => {
+            // Too soon to believe: a request sent just before a crash may still be
+            // on its way. Ask again once the grace period is over.
+            job.due_ms = job.submit_intent_ms + grace_ms(env);
+            save(env, &mut job)
+        }
         Ok(Reconciliation::NotSubmitted) => {
+            job.submit_intent_ms = now_ms();
             event(
                 env,
                 &job,
                 EventKind::Reconciled,
-                format!("submission {} never arrived; sending it again", job.submit_key()),
+                format!(
+                    "submission {} never arrived; sending it again",
+                    job.submit_key()
+                ),
             )?;
             submit(env, job).await
         }
@@ -216,6 +256,7 @@ async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             let old_key = job.submit_key();
             job.possible_duplicates += 1;
             job.submissions += 1;
+            job.submit_intent_ms = now_ms();
             event(
                 env,
                 &job,
@@ -238,7 +279,11 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     let Some(remote) = job.remote_id.clone() else {
         return lose_remote(env, job, "no remote id recorded", false).await;
     };
-    let outcome = env.lane.adapter.poll(&env.lane.api, &context(&job), &remote).await;
+    let outcome = env
+        .lane
+        .adapter
+        .poll(&env.lane.api, &context(&job), &remote)
+        .await;
     match outcome {
         Ok(PollOutcome::Running { next_poll }) => {
             job.state = JobState::Polling;
@@ -248,7 +293,12 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         }
         Ok(PollOutcome::Succeeded(outputs)) => {
             if outputs.is_empty() {
-                return fail(env, job, "the provider reported success but returned no result".into()).await;
+                return fail(
+                    env,
+                    job,
+                    "the provider reported success but returned no result".into(),
+                )
+                .await;
             }
             job.pending_outputs = outputs;
             job.state = JobState::Downloading;
@@ -256,11 +306,17 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             save(env, &mut job)?;
             download(env, job).await
         }
-        Ok(PollOutcome::Failed { reason, permanent: true }) => {
+        Ok(PollOutcome::Failed {
+            reason,
+            permanent: true,
+        }) => {
             let reason = format!("{} task {remote} failed: {reason}", job.spec.provider);
             fail(env, job, reason).await
         }
-        Ok(PollOutcome::Failed { reason, permanent: false }) => {
+        Ok(PollOutcome::Failed {
+            reason,
+            permanent: false,
+        }) => {
             // The task failed on the provider's side; a new one may succeed.
             job.submissions += 1;
             job.remote_id = None;
@@ -296,7 +352,13 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         }
         let fetched = match &pending {
             PendingOutput::Inline { .. } => {
-                return lose_remote(env, job, "an inline result is missing from the output folder", true).await;
+                return lose_remote(
+                    env,
+                    job,
+                    "an inline result is missing from the output folder",
+                    true,
+                )
+                .await;
             }
             PendingOutput::Url { url, ext } => {
                 let rel = download::output_relative_path(&job.spec, index, count, ext);
@@ -309,7 +371,12 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                 // A presigned link can expire between the poll and the fetch: one
                 // fresh link is worth asking for before counting an attempt.
                 for _ in 0..2 {
-                    let url = match env.lane.adapter.output_url(&env.lane.api, &remote, key).await {
+                    let url = match env
+                        .lane
+                        .adapter
+                        .output_url(&env.lane.api, &remote, key)
+                        .await
+                    {
                         Ok(u) => u,
                         Err(e) => return on_error(env, job, e, Phase::Download).await,
                     };
@@ -320,7 +387,8 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                         break;
                     }
                 }
-                let fetched = result.unwrap_or_else(|| Err(DownloadError::Interrupted("no attempt made".into())));
+                let fetched = result
+                    .unwrap_or_else(|| Err(DownloadError::Interrupted("no attempt made".into())));
                 fetched.map(|w| (rel, w))
             }
         };
@@ -336,7 +404,9 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             }
             Err(e) => {
                 let err = match e {
-                    DownloadError::TooLarge(_) | DownloadError::BadUrl(_) => ProviderError::permanent(e.to_string()),
+                    DownloadError::TooLarge(_) | DownloadError::BadUrl(_) => {
+                        ProviderError::permanent(e.to_string())
+                    }
                     DownloadError::Status { status: 429, .. } => ProviderError::Transient {
                         reason: e.to_string(),
                         retry_after: None,
@@ -351,8 +421,18 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     finish(env, job).await
 }
 
-async fn fetch_one(env: &StepEnv<'_>, url: &str, rel: &Path) -> Result<download::Written, DownloadError> {
-    download::fetch(env.lane.api.client(), url, &env.out_dir.join(rel), env.max_download_bytes).await
+async fn fetch_one(
+    env: &StepEnv<'_>,
+    url: &str,
+    rel: &Path,
+) -> Result<download::Written, DownloadError> {
+    download::fetch(
+        env.lane.api.client(),
+        url,
+        &env.out_dir.join(rel),
+        env.max_download_bytes,
+    )
+    .await
 }
 
 async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
@@ -362,7 +442,12 @@ async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     job.due_ms = 0;
     job.finished_ms = Some(now_ms());
     let files: Vec<&str> = job.outputs.iter().map(|o| o.path.as_str()).collect();
-    event(env, &job, EventKind::Done, format!("done: {}", files.join(", ")))?;
+    event(
+        env,
+        &job,
+        EventKind::Done,
+        format!("done: {}", files.join(", ")),
+    )?;
     save(env, &mut job)?;
     // Done is durable before the provider's copy is deleted.
     env.store.sync().await?;
@@ -379,7 +464,9 @@ async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), Sto
     tracing::warn!(job = %job.id(), provider = %job.spec.provider, "failed: {reason}");
     for (index, p) in job.pending_outputs.iter().enumerate() {
         let ext = match p {
-            PendingOutput::Url { ext, .. } | PendingOutput::Provider { ext, .. } | PendingOutput::Inline { ext } => ext,
+            PendingOutput::Url { ext, .. }
+            | PendingOutput::Provider { ext, .. }
+            | PendingOutput::Inline { ext } => ext,
         };
         let rel = download::output_relative_path(&job.spec, index, job.pending_outputs.len(), ext);
         download::remove_part(&env.out_dir.join(rel));
@@ -396,7 +483,12 @@ async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), Sto
 
 /// The provider no longer has the task (or its result): submit again, and record
 /// that the earlier submission may have been charged.
-async fn lose_remote(env: &StepEnv<'_>, mut job: Job, reason: &str, charged: bool) -> Result<(), StoreError> {
+async fn lose_remote(
+    env: &StepEnv<'_>,
+    mut job: Job,
+    reason: &str,
+    charged: bool,
+) -> Result<(), StoreError> {
     event(env, &job, EventKind::RemoteLost, reason.to_string())?;
     if charged {
         job.possible_duplicates += 1;
@@ -404,12 +496,23 @@ async fn lose_remote(env: &StepEnv<'_>, mut job: Job, reason: &str, charged: boo
             env,
             &job,
             EventKind::PossibleDuplicate,
-            format!("submission {} is lost; the next one may be charged again", job.submit_key()),
+            format!(
+                "submission {} is lost; the next one may be charged again",
+                job.submit_key()
+            ),
         )?;
     }
     job.attempts += 1;
     if job.attempts >= env.lane.config.max_attempts {
-        return fail(env, job, format!("gave up after {} attempts: {reason}", env.lane.config.max_attempts)).await;
+        return fail(
+            env,
+            job,
+            format!(
+                "gave up after {} attempts: {reason}",
+                env.lane.config.max_attempts
+            ),
+        )
+        .await;
     }
     job.submissions += 1;
     job.remote_id = None;
@@ -420,7 +523,12 @@ async fn lose_remote(env: &StepEnv<'_>, mut job: Job, reason: &str, charged: boo
     save(env, &mut job)
 }
 
-async fn on_error(env: &StepEnv<'_>, mut job: Job, error: ProviderError, phase: Phase) -> Result<(), StoreError> {
+async fn on_error(
+    env: &StepEnv<'_>,
+    mut job: Job,
+    error: ProviderError,
+    phase: Phase,
+) -> Result<(), StoreError> {
     match error {
         ProviderError::Permanent(reason) => fail(env, job, reason).await,
         ProviderError::Lost(reason) => lose_remote(env, job, &reason, true).await,
@@ -430,7 +538,10 @@ async fn on_error(env: &StepEnv<'_>, mut job: Job, error: ProviderError, phase: 
                 env,
                 &job,
                 EventKind::Note,
-                format!("outcome of submission {} unknown ({reason}); asking the provider", job.submit_key()),
+                format!(
+                    "outcome of submission {} unknown ({reason}); asking the provider",
+                    job.submit_key()
+                ),
             )?;
             job.state = JobState::Submitting;
             job.due_ms = now_ms() + RECONCILE_AFTER.as_millis() as u64;

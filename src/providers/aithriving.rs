@@ -728,3 +728,74 @@ mod http_tests {
         );
     }
 }
+
+/// The adapter against the built-in simulator (`crate::sim`).
+#[cfg(test)]
+mod sim_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::sim::SimConfig;
+
+    #[tokio::test]
+    async fn img2img_against_the_simulator() {
+        let sim = crate::sim::spawn(SimConfig {
+            task_duration: Duration::from_millis(50),
+            limits: Default::default(),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim");
+        let api = Api::new(
+            &format!("{}/aithriving", sim.base_url()),
+            reqwest::Client::new(),
+            Arc::new(OpenGate),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("in.png");
+        let img = image::RgbImage::from_pixel(50, 30, image::Rgb([90, 10, 10]));
+        img.save(&path).expect("write png");
+        let spec = JobSpec {
+            id: "a1".into(),
+            provider: ProviderKind::Aithriving,
+            operation: "img2img".into(),
+            inputs: vec![path.to_string_lossy().into_owned()],
+            prompt: Some("black hair".into()),
+            params_json: json!({"width": 512, "height": 384, "cfg_scale": 7, "steps": 20})
+                .to_string(),
+            output: None,
+        };
+        assert!(validate(&spec).is_empty());
+        let job = JobContext {
+            spec: &spec,
+            submit_key: "a1~1".into(),
+            prepared: &[],
+        };
+        match Aithriving::new("sim-key".into())
+            .submit(&api, &job)
+            .await
+            .expect("submit")
+        {
+            SubmitOutcome::Finished { outputs, .. } => match outputs.as_slice() {
+                [OutputData::Bytes { data, .. }] => {
+                    assert_eq!(util::dimensions_from_bytes(data), Some((512, 384)));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        let e = Aithriving::new("invalid-key".into())
+            .submit(&api, &job)
+            .await
+            .expect_err("bad key");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("401")),
+            "{e:?}"
+        );
+        let _ = sim.shutdown().await;
+    }
+}

@@ -36,7 +36,10 @@ pub struct JobContext<'a> {
 
 impl JobContext<'_> {
     pub fn prepared_get(&self, key: &str) -> Option<&str> {
-        self.prepared.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.prepared
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -67,10 +70,15 @@ pub enum SubmitOutcome {
 
 #[derive(Debug, Clone)]
 pub enum PollOutcome {
-    Running { next_poll: Option<Duration> },
+    Running {
+        next_poll: Option<Duration>,
+    },
     Succeeded(Vec<PendingOutput>),
     /// The provider says the task failed; `permanent` when trying again cannot help.
-    Failed { reason: String, permanent: bool },
+    Failed {
+        reason: String,
+        permanent: bool,
+    },
     /// The provider no longer knows the task (expired, dropped for lack of polls).
     Lost(String),
     /// Someone cancelled the task at the provider.
@@ -105,25 +113,50 @@ pub trait Provider: Send + Sync {
     /// Uploads inputs or does other unpaid preparation; returns refs to record.
     /// Called with the refs recorded so far (empty on the first call), so a resumed
     /// job does not redo finished stages.
-    async fn prepare(&self, _api: &Api, _job: &JobContext<'_>) -> Result<Vec<(String, String)>, ProviderError> {
+    async fn prepare(
+        &self,
+        _api: &Api,
+        _job: &JobContext<'_>,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
         Ok(Vec::new())
     }
 
     /// The paid request.
-    async fn submit(&self, api: &Api, job: &JobContext<'_>) -> Result<SubmitOutcome, ProviderError>;
+    async fn submit(&self, api: &Api, job: &JobContext<'_>)
+        -> Result<SubmitOutcome, ProviderError>;
 
     /// The state of an accepted task.
-    async fn poll(&self, _api: &Api, _job: &JobContext<'_>, _remote_id: &str) -> Result<PollOutcome, ProviderError> {
-        Err(ProviderError::permanent(format!("{} has no asynchronous tasks", self.kind())))
+    async fn poll(
+        &self,
+        _api: &Api,
+        _job: &JobContext<'_>,
+        _remote_id: &str,
+    ) -> Result<PollOutcome, ProviderError> {
+        Err(ProviderError::permanent(format!(
+            "{} has no asynchronous tasks",
+            self.kind()
+        )))
     }
 
     /// Turns `PendingOutput::Provider { key }` into a URL to download now.
-    async fn output_url(&self, _api: &Api, _remote_id: &str, key: &str) -> Result<String, ProviderError> {
-        Err(ProviderError::permanent(format!("{} cannot resolve output {key}", self.kind())))
+    async fn output_url(
+        &self,
+        _api: &Api,
+        _remote_id: &str,
+        key: &str,
+    ) -> Result<String, ProviderError> {
+        Err(ProviderError::permanent(format!(
+            "{} cannot resolve output {key}",
+            self.kind()
+        )))
     }
 
     /// Settles a submission whose answer was lost (`job.submit_key` is the one sent).
-    async fn reconcile(&self, _api: &Api, _job: &JobContext<'_>) -> Result<Reconciliation, ProviderError> {
+    async fn reconcile(
+        &self,
+        _api: &Api,
+        _job: &JobContext<'_>,
+    ) -> Result<Reconciliation, ProviderError> {
         Ok(Reconciliation::Unknowable)
     }
 
@@ -184,7 +217,9 @@ pub fn build(kind: ProviderKind, credentials: &Credentials) -> Result<Arc<dyn Pr
     match kind {
         ProviderKind::Topaz => Ok(Arc::new(topaz::Topaz::new(need_key("TOPAZ_API_KEY")?))),
         ProviderKind::Photio => Ok(Arc::new(photio::Photio::new(need_key("PHOTIO_API_KEY")?))),
-        ProviderKind::Aithriving => Ok(Arc::new(aithriving::Aithriving::new(need_key("AITHRIVING_API_KEY")?))),
+        ProviderKind::Aithriving => Ok(Arc::new(aithriving::Aithriving::new(need_key(
+            "AITHRIVING_API_KEY",
+        )?))),
         ProviderKind::Dzine | ProviderKind::Perfect => Err(not_yet(kind)),
     }
 }

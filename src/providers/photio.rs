@@ -256,7 +256,15 @@ impl Provider for Photio {
         let response = api.send(RequestKind::Submit, request).await?;
         if !response.status().is_success() {
             let status = response.status();
-            let mut e = util::http_error(RequestKind::Submit, response).await;
+            let body = util::read_prefix(response, 64 * 1024).await;
+            // Error answers may carry the usual `{"status_code", "body": "<message>"}`.
+            let mut e = match serde_json::from_slice::<Value>(&body) {
+                Ok(v @ Value::Object(_)) if matches!(v.get("body"), Some(Value::String(_))) => {
+                    let msg = v.get("body").and_then(Value::as_str).unwrap_or_default();
+                    util::classify_http_error(RequestKind::Submit, status, msg.as_bytes())
+                }
+                _ => util::classify_http_error(RequestKind::Submit, status, &body),
+            };
             if matches!(status.as_u16(), 401 | 403) {
                 if let ProviderError::Permanent(reason) = &mut e {
                     reason.push_str(" (check PHOTIO_API_KEY)");
@@ -579,5 +587,82 @@ mod http_tests {
             .await
             .expect_err("garbage");
         assert!(matches!(e, ProviderError::Unknown(_)), "{e:?}");
+    }
+}
+
+/// The adapter against the built-in simulator (`crate::sim`).
+#[cfg(test)]
+mod sim_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::sim::SimConfig;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode png");
+        out.into_inner()
+    }
+
+    #[tokio::test]
+    async fn upscale_against_the_simulator() {
+        let sim = crate::sim::spawn(SimConfig {
+            task_duration: Duration::from_millis(50),
+            limits: Default::default(),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim");
+        let api = Api::new(
+            &format!("{}/photio/v1", sim.base_url()),
+            reqwest::Client::new(),
+            Arc::new(OpenGate),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("in.png");
+        std::fs::write(&path, png(60, 40)).expect("write");
+        let spec = JobSpec {
+            id: "p1".into(),
+            provider: ProviderKind::Photio,
+            operation: "upscale".into(),
+            inputs: vec![path.to_string_lossy().into_owned()],
+            prompt: None,
+            params_json: json!({"upscale_by": 2, "quality": "HIGH"}).to_string(),
+            output: None,
+        };
+        assert!(validate(&spec).is_empty());
+        let job = JobContext {
+            spec: &spec,
+            submit_key: "p1~1".into(),
+            prepared: &[],
+        };
+        match Photio::new("sim-key".into())
+            .submit(&api, &job)
+            .await
+            .expect("submit")
+        {
+            SubmitOutcome::Finished { outputs, .. } => match outputs.as_slice() {
+                [OutputData::Bytes { data, .. }] => {
+                    assert_eq!(util::dimensions_from_bytes(data), Some((120, 80)));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        let e = Photio::new("invalid-key".into())
+            .submit(&api, &job)
+            .await
+            .expect_err("bad key");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("401")),
+            "{e:?}"
+        );
+        let _ = sim.shutdown().await;
     }
 }

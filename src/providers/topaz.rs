@@ -1712,3 +1712,198 @@ mod http_tests {
         assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
     }
 }
+
+/// The adapter against the built-in simulator (`crate::sim`).
+#[cfg(test)]
+mod sim_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::sim::{SimConfig, SimHandle};
+
+    async fn start() -> (SimHandle, Api) {
+        let sim = crate::sim::spawn(SimConfig {
+            task_duration: Duration::from_millis(300),
+            limits: Default::default(),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim");
+        let api = Api::new(
+            &format!("{}/topaz/image/v1", sim.base_url()),
+            reqwest::Client::new(),
+            Arc::new(OpenGate),
+        );
+        (sim, api)
+    }
+
+    fn spec(
+        dir: &std::path::Path,
+        operation: &str,
+        prompt: Option<&str>,
+        params: Value,
+    ) -> JobSpec {
+        let path = dir.join("in.png");
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 40]));
+        img.save(&path).expect("write png");
+        JobSpec {
+            id: "job1".into(),
+            provider: ProviderKind::Topaz,
+            operation: operation.into(),
+            inputs: vec![path.to_string_lossy().into_owned()],
+            prompt: prompt.map(str::to_string),
+            params_json: params.to_string(),
+            output: None,
+        }
+    }
+
+    async fn wait_done(topaz: &Topaz, api: &Api, job: &JobContext<'_>, id: &str) -> PollOutcome {
+        for _ in 0..100 {
+            match topaz.poll(api, job, id).await.expect("poll") {
+                PollOutcome::Running { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+        panic!("task {id} never finished")
+    }
+
+    #[tokio::test]
+    async fn enhance_end_to_end() {
+        let (sim, api) = start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = spec(
+            dir.path(),
+            "enhance",
+            None,
+            json!({"output_width": 128, "output_format": "png"}),
+        );
+        assert!(validate(&spec).is_empty(), "{:?}", validate(&spec));
+        let job = JobContext {
+            spec: &spec,
+            submit_key: "job1~1".into(),
+            prepared: &[],
+        };
+        let topaz = Topaz::new("sim-key".into());
+
+        let est = topaz.estimate(&api, &spec).await.expect("estimate");
+        assert!(est.credits.unwrap_or(1) >= 1, "{est:?}");
+
+        let SubmitOutcome::Accepted { remote_id, .. } =
+            topaz.submit(&api, &job).await.expect("submit")
+        else {
+            panic!("not accepted")
+        };
+        // A lost answer is found again by its file name.
+        assert_eq!(
+            topaz.reconcile(&api, &job).await,
+            Ok(Reconciliation::Found {
+                remote_id: remote_id.clone()
+            })
+        );
+        let other = JobContext {
+            submit_key: "job1~2".into(),
+            ..job.clone()
+        };
+        assert_eq!(
+            topaz.reconcile(&api, &other).await,
+            Ok(Reconciliation::NotSubmitted)
+        );
+
+        let PollOutcome::Succeeded(outputs) = wait_done(&topaz, &api, &job, &remote_id).await
+        else {
+            panic!("not succeeded")
+        };
+        let [PendingOutput::Provider { key, ext }] = outputs.as_slice() else {
+            panic!("{outputs:?}")
+        };
+        assert_eq!(ext, "png");
+        let url = topaz.output_url(&api, &remote_id, key).await.expect("link");
+        let bytes = reqwest::get(&url)
+            .await
+            .expect("download")
+            .bytes()
+            .await
+            .expect("body");
+        assert_eq!(util::dimensions_from_bytes(&bytes), Some((128, 96)));
+
+        topaz.cleanup(&api, &remote_id).await.expect("cleanup");
+        assert!(matches!(
+            topaz.poll(&api, &job, &remote_id).await,
+            Ok(PollOutcome::Lost(_))
+        ));
+        topaz
+            .cleanup(&api, &remote_id)
+            .await
+            .expect("cleanup twice");
+        let _ = sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn sync_gen_and_cancel_end_to_end() {
+        let (sim, api) = start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topaz = Topaz::new("sim-key".into());
+
+        let sync = spec(
+            dir.path(),
+            "enhance-sync",
+            None,
+            json!({"output_height": 96}),
+        );
+        let job = JobContext {
+            spec: &sync,
+            submit_key: "job1~1".into(),
+            prepared: &[],
+        };
+        match topaz.submit(&api, &job).await.expect("sync submit") {
+            SubmitOutcome::Finished { remote_id, outputs } => {
+                assert!(remote_id.is_some());
+                let [OutputData::Bytes { data, ext }] = outputs.as_slice() else {
+                    panic!("{outputs:?}")
+                };
+                assert_eq!(ext, "jpg");
+                assert_eq!(util::dimensions_from_bytes(data), Some((128, 96)));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let gen = spec(
+            dir.path(),
+            "enhance-gen",
+            Some("a red fox"),
+            json!({"creativity": 3, "texture": 2}),
+        );
+        assert!(validate(&gen).is_empty(), "{:?}", validate(&gen));
+        let job = JobContext {
+            spec: &gen,
+            submit_key: "job1~2".into(),
+            prepared: &[],
+        };
+        let SubmitOutcome::Accepted { remote_id, .. } =
+            topaz.submit(&api, &job).await.expect("gen")
+        else {
+            panic!("not accepted")
+        };
+        assert_eq!(topaz.cancel(&api, &remote_id).await, Ok(true));
+        assert!(matches!(
+            wait_done(&topaz, &api, &job, &remote_id).await,
+            PollOutcome::Cancelled
+        ));
+        assert_eq!(topaz.cancel(&api, &remote_id).await, Ok(false));
+
+        let e = Topaz::new("invalid-key".into())
+            .submit(&api, &job)
+            .await
+            .expect_err("bad key");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("TOPAZ_API_KEY")),
+            "{e:?}"
+        );
+        let _ = sim.shutdown().await;
+    }
+}

@@ -919,6 +919,8 @@ async fn deliver(
         f => f,
     };
     entry.fault = fault.map(|f| f.name().to_string());
+    // A HEAD answer has no body to break: reset those silently.
+    let is_head = entry.method == "HEAD";
     s.ledger.record(entry);
 
     match fault {
@@ -931,7 +933,7 @@ async fn deliver(
             reply.into_broken_response(keep)
         }
         Some(Fault::Reset { drop_silently }) => match conn {
-            Some(conn) if drop_silently => {
+            Some(conn) if drop_silently || is_head => {
                 conn.kill.kill();
                 Reply::empty(StatusCode::INTERNAL_SERVER_ERROR).into_response()
             }

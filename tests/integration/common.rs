@@ -55,25 +55,32 @@ impl Sim {
             .expect("start the simulator");
         let stdout = child.stdout.take().expect("sim stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("sim address line");
-        let base = line
-            .trim()
-            .rsplit(' ')
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("sim address line");
+        let base = line.trim().rsplit(' ').next().expect("address").to_string();
+        let port = base
+            .rsplit(':')
             .next()
-            .expect("address")
-            .to_string();
-        let port = base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+            .and_then(|p| p.parse().ok())
+            .expect("port");
         Sim { child, base, port }
     }
 
     /// Environment pointing all three providers of this issue at the simulator.
     pub fn env(&self, cmd: &mut Command) {
-        cmd.env("PIXBATCH_TOPAZ_URL", format!("{}/topaz/image/v1", self.base))
-            .env("PIXBATCH_PHOTIO_URL", format!("{}/photio/v1", self.base))
-            .env("PIXBATCH_AITHRIVING_URL", format!("{}/aithriving", self.base))
-            .env("TOPAZ_API_KEY", "test-topaz-key-123")
-            .env("PHOTIO_API_KEY", "test-photio-key-456")
-            .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
+        cmd.env(
+            "PIXBATCH_TOPAZ_URL",
+            format!("{}/topaz/image/v1", self.base),
+        )
+        .env("PIXBATCH_PHOTIO_URL", format!("{}/photio/v1", self.base))
+        .env(
+            "PIXBATCH_AITHRIVING_URL",
+            format!("{}/aithriving", self.base),
+        )
+        .env("TOPAZ_API_KEY", "test-topaz-key-123")
+        .env("PHOTIO_API_KEY", "test-photio-key-456")
+        .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
     }
 
     pub fn get_json(&self, path: &str) -> serde_json::Value {
@@ -82,7 +89,10 @@ impl Sim {
     }
 
     pub fn ledger(&self) -> Vec<serde_json::Value> {
-        self.get_json("/_sim/ledger")["entries"].as_array().cloned().unwrap_or_default()
+        self.get_json("/_sim/ledger")["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn stats(&self) -> serde_json::Value {
@@ -123,7 +133,11 @@ pub fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
 }
 
 pub fn run_to_end(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let start = Instant::now();
     loop {
         if let Some(_status) = child.try_wait().expect("wait") {
@@ -170,7 +184,9 @@ pub fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {

@@ -10,7 +10,12 @@ const JOBS: usize = 200;
 
 fn write_manifest(dir: &std::path::Path) {
     for i in 0..8u32 {
-        write_png(&dir.join(format!("in/img{i}.png")), 40 + 8 * i, 32 + 4 * i, i as u8 * 29);
+        write_png(
+            &dir.join(format!("in/img{i}.png")),
+            40 + 8 * i,
+            32 + 4 * i,
+            i as u8 * 29,
+        );
     }
     let mut csv = String::from("id,provider,operation,input,prompt,params,output\n");
     for i in 0..JOBS {
@@ -34,6 +39,7 @@ concurrency = 8
 max_in_flight = 24
 poll_interval = "300ms"
 max_attempts = 25
+reconcile_grace = "3s"
 [providers.photio]
 rate_limits = ["20/1s"]
 concurrency = 4
@@ -52,13 +58,35 @@ max_attempts = 25
 #[test]
 fn killed_at_random_moments_it_resumes_without_paying_twice() {
     let sim = Sim::start(&[
-        "--seed", "11", "--task-ms", "400", "--chaos-429", "0.04", "--chaos-5xx", "0.04", "--chaos-reset", "0.03",
-        "--chaos-truncate", "0.05", "--chaos-slow", "0.03", "--slow-ms", "300", "--limit", "topaz=40/1s", "--limit",
-        "photio=20/1s", "--limit", "aithriving=20/1s",
+        "--seed",
+        "11",
+        "--task-ms",
+        "400",
+        "--chaos-429",
+        "0.04",
+        "--chaos-5xx",
+        "0.04",
+        "--chaos-reset",
+        "0.03",
+        "--chaos-truncate",
+        "0.05",
+        "--chaos-slow",
+        "0.03",
+        "--slow-ms",
+        "300",
+        "--limit",
+        "topaz=40/1s",
+        "--limit",
+        "photio=20/1s",
+        "--limit",
+        "aithriving=20/1s",
     ]);
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path());
-    let enqueue = pixbatch(dir.path()).args(["enqueue", "jobs.csv"]).output().unwrap();
+    let enqueue = pixbatch(dir.path())
+        .args(["enqueue", "jobs.csv"])
+        .output()
+        .unwrap();
     assert!(enqueue.status.success(), "{}", text(&enqueue));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
@@ -81,7 +109,10 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
         child.wait().unwrap();
         kills += 1;
     }
-    assert!(kills >= 5, "only {kills} kills happened before the work was done");
+    assert!(
+        kills >= 5,
+        "only {kills} kills happened before the work was done"
+    );
 
     let mut cmd = pixbatch(dir.path());
     sim.env(&mut cmd);
@@ -98,7 +129,9 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
     let mut charges: BTreeMap<String, u64> = BTreeMap::new();
     let mut served: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for e in &ledger {
-        let Some(key) = e["request_key"].as_str() else { continue };
+        let Some(key) = e["request_key"].as_str() else {
+            continue;
+        };
         let job = job_of_key(key).to_string();
         if e["charged"] == true {
             *charges.entry(job.clone()).or_default() += 1;
@@ -116,15 +149,41 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
         let dups = r["possible_duplicates"].as_u64().unwrap();
         if r["provider"] == "topaz" {
             // Topaz lists every task by the file name we sent: nothing is paid twice.
-            assert_eq!(n, 1, "{id} charged {n} times: {r}");
+            if n != 1 {
+                let entries: Vec<_> = ledger
+                    .iter()
+                    .filter(|e| {
+                        e["request_key"]
+                            .as_str()
+                            .is_some_and(|k| job_of_key(k) == id)
+                    })
+                    .collect();
+                let show = pixbatch(dir.path()).args(["show", id]).output().unwrap();
+                panic!(
+                    "{id} charged {n} times: {r}\n{}\nledger: {entries:#?}",
+                    text(&show)
+                );
+            }
         } else {
             // Photio and AIThriving give no way to know; every extra charge must be
             // recorded on the job.
-            assert!(n >= 1 && n <= 1 + dups, "{id} charged {n} times with {dups} recorded: {r}");
+            assert!(
+                n >= 1 && n <= 1 + dups,
+                "{id} charged {n} times with {dups} recorded: {r}"
+            );
         }
-        for (path, sha) in r["outputs"].as_str().unwrap().split('|').zip(r["sha256"].as_str().unwrap().split('|')) {
+        for (path, sha) in r["outputs"]
+            .as_str()
+            .unwrap()
+            .split('|')
+            .zip(r["sha256"].as_str().unwrap().split('|'))
+        {
             let file = dir.path().join("out").join(path);
-            assert_eq!(sha256_file(&file), sha, "{id}: file differs from its record");
+            assert_eq!(
+                sha256_file(&file),
+                sha,
+                "{id}: file differs from its record"
+            );
             assert!(
                 served.get(id).is_some_and(|s| s.contains(sha)),
                 "{id}: {sha} is not what the simulator served"

@@ -38,14 +38,23 @@ fn demo_finishes_and_every_output_is_an_image_of_the_expected_size() {
     let rows = report(dir.path(), &dir.path().join("pixbatch-demo/pixbatch.db"));
     assert_eq!(rows.len(), expected.len(), "{rows:?}");
     for (id, w, h) in expected {
-        let row = rows.iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no row {id}"));
+        let row = rows
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no row {id}"));
         assert_eq!(row["state"], "done", "{id}: {row}");
-        let path = dir.path().join("out").join(row["outputs"].as_str().unwrap());
+        let path = dir
+            .path()
+            .join("out")
+            .join(row["outputs"].as_str().unwrap());
         let img = image::open(&path).unwrap_or_else(|e| panic!("{id}: {}: {e}", path.display()));
         assert_eq!((img.width(), img.height()), (w, h), "{id}");
         assert_eq!(sha256_file(&path), row["sha256"].as_str().unwrap(), "{id}");
     }
-    assert!(dir.path().join("out/gallery/topaz-square-gallery.jpg").is_file());
+    assert!(dir
+        .path()
+        .join("out/gallery/topaz-square-gallery.jpg")
+        .is_file());
     assert!(dir.path().join("out/sync/portrait-large.jpg").is_file());
     assert!(files_ending(&dir.path().join("out"), ".part").is_empty());
 
@@ -59,5 +68,9 @@ fn demo_finishes_and_every_output_is_an_image_of_the_expected_size() {
         Duration::from_secs(60),
     );
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
-    assert!(String::from_utf8_lossy(&again.stdout).contains("(0 finished by this run)"), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("(0 finished by this run)"),
+        "{}",
+        text(&again)
+    );
 }

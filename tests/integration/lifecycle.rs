@@ -27,7 +27,11 @@ fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
     let sim = Sim::start(&["--task-ms", "4000"]);
     let dir = tempfile::tempdir().unwrap();
     slow_manifest(dir.path(), 6);
-    std::fs::write(dir.path().join("pixbatch.toml"), "[providers.topaz]\npoll_interval = \"500ms\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"500ms\"\n",
+    )
+    .unwrap();
 
     let mut cmd = pixbatch(dir.path());
     sim.env(&mut cmd);
@@ -46,15 +50,32 @@ fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
                 break s;
             }
         }
-        assert!(Instant::now() < deadline, "status never showed the running run");
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the running run"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(live["running"]["pid"].as_u64(), Some(first.id() as u64), "{live}");
-    let list = pixbatch(dir.path()).args(["list", "--json"]).output().unwrap();
+    assert_eq!(
+        live["running"]["pid"].as_u64(),
+        Some(first.id() as u64),
+        "{live}"
+    );
+    let list = pixbatch(dir.path())
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
     assert!(list.status.success(), "{}", text(&list));
     assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 6);
-    let show = pixbatch(dir.path()).args(["show", "slow0"]).output().unwrap();
-    assert!(show.status.success() && String::from_utf8_lossy(&show.stdout).contains("slow0"), "{}", text(&show));
+    let show = pixbatch(dir.path())
+        .args(["show", "slow0"])
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success() && String::from_utf8_lossy(&show.stdout).contains("slow0"),
+        "{}",
+        text(&show)
+    );
 
     // A second run is refused at once with exit 3, naming the holder.
     let t = Instant::now();
@@ -62,7 +83,11 @@ fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
     sim.env(&mut cmd);
     let second = cmd.arg("run").output().unwrap();
     assert_eq!(second.status.code(), Some(3), "{}", text(&second));
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains(&format!("pid {}", first.id())), "{err}");
 
@@ -73,13 +98,19 @@ fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
         if let Some(status) = first.try_wait().unwrap() {
             break status.code();
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "run still going 5 s after SIGINT");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "run still going 5 s after SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(130));
     let after = status_json(dir.path()).expect("status after the interrupt");
     assert!(after["running"].is_null());
-    assert_ne!(after["states"]["done"], 6, "the interrupt came too late to test anything: {after}");
+    assert_ne!(
+        after["states"]["done"], 6,
+        "the interrupt came too late to test anything: {after}"
+    );
 
     // The next run finishes the work, without paying twice.
     let mut cmd = pixbatch(dir.path());

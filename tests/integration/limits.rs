@@ -6,7 +6,10 @@ fn manifest(dir: &std::path::Path, topaz: usize, photio: usize, aithriving: usiz
     write_png(&dir.join("in/a.png"), 48, 32, 1);
     let mut csv = String::from("id,provider,operation,input,prompt,params\n");
     for i in 0..topaz {
-        csv.push_str(&format!("t{i},topaz,enhance,in/a.png,,\"{{\"\"output_width\"\":{}}}\"\n", 64 + i));
+        csv.push_str(&format!(
+            "t{i},topaz,enhance,in/a.png,,\"{{\"\"output_width\"\":{}}}\"\n",
+            64 + i
+        ));
     }
     for i in 0..photio {
         csv.push_str(&format!("p{i},photio,upscale,in/a.png,picture {i},\n"));
@@ -28,7 +31,12 @@ fn metered_times(ledger: &[serde_json::Value], provider: &str) -> Vec<u64> {
 fn busiest_window(times: &[u64], window_ms: u64) -> usize {
     times
         .iter()
-        .map(|&s| times.iter().filter(|&&t| t >= s && t < s + window_ms).count())
+        .map(|&s| {
+            times
+                .iter()
+                .filter(|&&t| t >= s && t < s + window_ms)
+                .count()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -37,7 +45,16 @@ fn busiest_window(times: &[u64], window_ms: u64) -> usize {
 /// and the limits are really reached (the limiter, not luck, kept us under).
 #[test]
 fn limits_equal_to_the_simulators_cause_no_violation() {
-    let sim = Sim::start(&["--task-ms", "200", "--limit", "topaz=8/1s", "--limit", "photio=3/1s", "--limit", "aithriving=3/1s"]);
+    let sim = Sim::start(&[
+        "--task-ms",
+        "200",
+        "--limit",
+        "topaz=8/1s",
+        "--limit",
+        "photio=3/1s",
+        "--limit",
+        "aithriving=3/1s",
+    ]);
     let dir = tempfile::tempdir().unwrap();
     manifest(dir.path(), 24, 8, 8);
     std::fs::write(
@@ -54,11 +71,18 @@ fn limits_equal_to_the_simulators_cause_no_violation() {
 
     let stats = sim.stats();
     for p in ["topaz", "photio", "aithriving"] {
-        assert_eq!(stats["violations"][p].as_u64().unwrap_or(0), 0, "{p}: {stats}");
+        assert_eq!(
+            stats["violations"][p].as_u64().unwrap_or(0),
+            0,
+            "{p}: {stats}"
+        );
     }
     let ledger = sim.ledger();
     let topaz = busiest_window(&metered_times(&ledger, "topaz"), 1000);
-    assert!((7..=8).contains(&topaz), "busiest topaz second had {topaz} requests");
+    assert!(
+        (7..=8).contains(&topaz),
+        "busiest topaz second had {topaz} requests"
+    );
     let photio = busiest_window(&metered_times(&ledger, "photio"), 1000);
     assert!(photio <= 3, "busiest photio second had {photio} requests");
 }
@@ -67,7 +91,17 @@ fn limits_equal_to_the_simulators_cause_no_violation() {
 /// (one request at a time, so every later request was sent after the answer).
 #[test]
 fn retry_after_is_honoured() {
-    let sim = Sim::start(&["--task-ms", "100", "--no-limits", "--seed", "5", "--chaos-429", "0.12", "--chaos-retry-after", "2"]);
+    let sim = Sim::start(&[
+        "--task-ms",
+        "100",
+        "--no-limits",
+        "--seed",
+        "5",
+        "--chaos-429",
+        "0.12",
+        "--chaos-retry-after",
+        "2",
+    ]);
     let dir = tempfile::tempdir().unwrap();
     manifest(dir.path(), 8, 0, 0);
     std::fs::write(
@@ -95,11 +129,18 @@ fn retry_after_is_honoured() {
         let t = e["t_ms"].as_u64().unwrap();
         if let Some(next) = metered.get(i + 1) {
             let gap = next["t_ms"].as_u64().unwrap() - t;
-            assert!(gap >= 2000, "request {} came {gap} ms after a 429 with Retry-After: 2", next["seq"]);
+            assert!(
+                gap >= 2000,
+                "request {} came {gap} ms after a 429 with Retry-After: 2",
+                next["seq"]
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 2, "only {checked} injected 429s to check; raise the rate");
+    assert!(
+        checked >= 2,
+        "only {checked} injected 429s to check; raise the rate"
+    );
     // A provider-imposed wait does not use up a job's attempts.
     for r in report(dir.path(), &dir.path().join("pixbatch.db")) {
         assert_eq!(r["state"], "done");

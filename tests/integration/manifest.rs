@@ -20,19 +20,34 @@ fn bad_rows_enqueue_nothing_and_every_bad_line_is_named() {
     std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
 
     for command in ["validate", "enqueue", "run"] {
-        let out = pixbatch(dir.path()).args([command, "jobs.csv"]).output().unwrap();
+        let out = pixbatch(dir.path())
+            .args([command, "jobs.csv"])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(1), "{command}: {}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         for line in [3, 5, 6, 7, 8, 9, 10] {
-            assert!(err.contains(&format!("jobs.csv:{line}:")), "{command}: line {line} not named:\n{err}");
+            assert!(
+                err.contains(&format!("jobs.csv:{line}:")),
+                "{command}: line {line} not named:\n{err}"
+            );
         }
         for line in [2, 4] {
-            assert!(!err.contains(&format!("jobs.csv:{line}:")), "{command}: good line {line} named:\n{err}");
+            assert!(
+                !err.contains(&format!("jobs.csv:{line}:")),
+                "{command}: good line {line} named:\n{err}"
+            );
         }
-        assert!(err.contains("jobs.csv:2"), "the duplicate id must name its first line:\n{err}");
+        assert!(
+            err.contains("jobs.csv:2"),
+            "the duplicate id must name its first line:\n{err}"
+        );
     }
     // Nothing was enqueued.
-    let status = pixbatch(dir.path()).args(["status", "--json"]).output().unwrap();
+    let status = pixbatch(dir.path())
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
     assert!(status.status.success(), "{}", text(&status));
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["total"], 0, "{s}");
@@ -52,16 +67,32 @@ fn enqueue_is_idempotent_and_a_rerun_does_only_what_is_missing() {
                photio,upscale,a.png,,\n";
     std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
 
-    let plan = pixbatch(dir.path()).args(["validate", "jobs.csv"]).output().unwrap();
+    let plan = pixbatch(dir.path())
+        .args(["validate", "jobs.csv"])
+        .output()
+        .unwrap();
     assert!(plan.status.success(), "{}", text(&plan));
     let stdout = String::from_utf8_lossy(&plan.stdout);
-    assert!(stdout.contains("3 jobs") && stdout.contains("1 repeated"), "{stdout}");
-    assert!(stdout.contains("topaz") && stdout.contains("least time"), "{stdout}");
+    assert!(
+        stdout.contains("3 jobs") && stdout.contains("1 repeated"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("topaz") && stdout.contains("least time"),
+        "{stdout}"
+    );
 
     for expected in ["3 new jobs", "0 new jobs"] {
-        let out = pixbatch(dir.path()).args(["enqueue", "jobs.csv"]).output().unwrap();
+        let out = pixbatch(dir.path())
+            .args(["enqueue", "jobs.csv"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", text(&out));
-        assert!(String::from_utf8_lossy(&out.stderr).contains(expected), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expected),
+            "{}",
+            text(&out)
+        );
     }
     let mut cmd = pixbatch(dir.path());
     sim.env(&mut cmd);
@@ -75,11 +106,18 @@ fn enqueue_is_idempotent_and_a_rerun_does_only_what_is_missing() {
     cmd.args(["run", "jobs.csv"]);
     let out = run_to_end(cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(sim.ledger().len(), requests, "a re-run of a finished manifest sent requests");
+    assert_eq!(
+        sim.ledger().len(),
+        requests,
+        "a re-run of a finished manifest sent requests"
+    );
 
     // report: CSV with a header and one line per job.
     let csv = pixbatch(dir.path()).args(["report"]).output().unwrap();
     let text_csv = String::from_utf8_lossy(&csv.stdout);
-    assert!(text_csv.starts_with("id,provider,operation,state"), "{text_csv}");
+    assert!(
+        text_csv.starts_with("id,provider,operation,state"),
+        "{text_csv}"
+    );
     assert_eq!(text_csv.lines().count(), 4);
 }
