@@ -377,7 +377,7 @@ fn enqueue_into(
             print_row_errors(&errors);
             Err(Fail(
                 EXIT_ERROR,
-                format!("{} bad row(s); nothing was enqueued", errors.len()),
+                format!("{} problem(s) found; nothing was enqueued", errors.len()),
             ))
         }
     }
@@ -451,25 +451,28 @@ fn ask(
     query: &Query,
     emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>,
 ) -> Result<(), Fail> {
-    match DbLock::try_acquire(db, "read") {
-        Ok(_lock) => {
-            if !db.exists() {
-                return Err(Fail(
-                    EXIT_ERROR,
-                    format!(
-                        "no database at {} (run `pixbatch enqueue` first)",
-                        db.display()
-                    ),
-                ));
+    let socket = lock::socket_path(db);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last;
+    loop {
+        match DbLock::try_acquire(db, "read") {
+            Ok(_lock) => {
+                if !db.exists() {
+                    return Err(Fail(
+                        EXIT_ERROR,
+                        format!(
+                            "no database at {} (run `pixbatch enqueue` first)",
+                            db.display()
+                        ),
+                    ));
+                }
+                let store = open_store(db)?;
+                return query::answer(&store, query, None, emit)
+                    .map_err(|e| Fail(EXIT_ERROR, e.to_string()));
             }
-            let store = open_store(db)?;
-            query::answer(&store, query, None, emit).map_err(|e| Fail(EXIT_ERROR, e.to_string()))
-        }
-        Err(LockError::Held { .. } | LockError::HeldUnknown { .. }) => {
-            let socket = lock::socket_path(db);
-            let mut last = String::new();
-            // The run may be starting up; give it a moment to open its socket.
-            for _ in 0..50 {
+            Err(LockError::Held { .. } | LockError::HeldUnknown { .. }) => {
+                // A run answers over its socket; another short command (a reader,
+                // enqueue, retry) lets go soon: try both until the deadline.
                 match crate::control::ask(&socket, query, emit) {
                     Ok(()) => return Ok(()),
                     Err(query::QueryError::Io(e))
@@ -479,20 +482,22 @@ fn ask(
                         ) =>
                     {
                         last = e.to_string();
-                        std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(e) => return Err(Fail(EXIT_ERROR, e.to_string())),
                 }
             }
+            Err(e) => return Err(Fail(EXIT_ERROR, e.to_string())),
+        }
+        if std::time::Instant::now() >= deadline {
             let who = lock::current_holder(db)
                 .map(|h| h.to_string())
                 .unwrap_or_else(|| "another process".into());
-            Err(Fail(
+            return Err(Fail(
                 EXIT_LOCKED,
                 format!("{who} holds the database and does not answer queries ({last})"),
-            ))
+            ));
         }
-        Err(e) => Err(Fail(EXIT_ERROR, e.to_string())),
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

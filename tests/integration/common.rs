@@ -132,28 +132,45 @@ pub fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
     img.save(path).unwrap();
 }
 
+/// Runs `cmd` to its end (killing it after `limit`), draining its output as it goes
+/// so a chatty process never blocks on a full pipe.
 pub fn run_to_end(mut cmd: Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out_thread = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err_thread = drain(Box::new(child.stderr.take().expect("stderr")));
     let start = Instant::now();
-    loop {
-        if let Some(_status) = child.try_wait().expect("wait") {
-            return child.wait_with_output().expect("output");
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
         }
         if start.elapsed() > limit {
+            timed_out = true;
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "command did not finish in {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            break child.wait().expect("wait");
         }
         std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = Output {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    };
+    if timed_out {
+        panic!("command did not finish in {limit:?}\n{}", text(&out));
     }
+    out
 }
 
 pub fn text(out: &Output) -> String {

@@ -8,3 +8,4 @@ mod demo;
 mod lifecycle;
 mod limits;
 mod manifest;
+mod secrets;
