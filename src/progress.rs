@@ -37,7 +37,7 @@ impl SharedBar {
     pub fn finish(&self) {
         self.with(|b| {
             if let Some(b) = b {
-                b.finish();
+                b.finish_and_clear();
             }
         });
     }

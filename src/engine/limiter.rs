@@ -72,6 +72,19 @@ impl SlidingLimiter {
         t
     }
 
+    /// Moves a recorded send from `from` to the later `to` (the request left later
+    /// than it was admitted).
+    pub fn postpone(&mut self, from: u64, to: u64) {
+        if let Some(pos) = self.sent.iter().rposition(|&x| x == from) {
+            self.sent.remove(pos);
+        }
+        self.record(to);
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.limits.is_empty()
+    }
+
     /// Records a send at `t` (times must not go backwards much; they are kept sorted).
     pub fn record(&mut self, t: u64) {
         let pos = self
@@ -134,7 +147,9 @@ pub struct ProviderGate {
     clock: MonotonicClock,
     /// Held by the request being admitted, including while it waits: waiters queue in
     /// FIFO order behind it (tokio's mutex is fair).
-    limiter: Mutex<SlidingLimiter>,
+    turn: Mutex<()>,
+    /// The send log; locked only for moments, never across an await.
+    limiter: std::sync::Mutex<SlidingLimiter>,
     /// No request before this time (ms): set by a 429's Retry-After.
     paused_until: AtomicU64,
     /// Urgent requests (polls, links) waiting or being admitted; submissions stand
@@ -174,7 +189,8 @@ impl ProviderGate {
         ProviderGate {
             provider,
             clock,
-            limiter: Mutex::new(limiter),
+            turn: Mutex::new(()),
+            limiter: std::sync::Mutex::new(limiter),
             paused_until: AtomicU64::new(0),
             urgent_waiting: AtomicUsize::new(0),
             urgent_done: Notify::new(),
@@ -186,12 +202,19 @@ impl ProviderGate {
     /// Drops request-log entries older than the longest window.
     pub async fn prune(&self) {
         if let Some(store) = &self.store {
-            let longest = self.limiter.lock().await.longest_window_ms();
+            let longest = self.with_limiter(|l| l.longest_window_ms());
             let before = self.clock.now_ms().saturating_sub(longest);
             if let Err(e) = store.prune_sent(self.provider, before) {
                 tracing::warn!(provider = %self.provider, "could not prune the request log: {e}");
             }
         }
+    }
+
+    fn with_limiter<R>(&self, f: impl FnOnce(&mut SlidingLimiter) -> R) -> R {
+        // A panic while holding this lock cannot leave the log half-written (every
+        // method completes its change), so a poisoned lock is still usable.
+        let mut guard = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
     }
 
     /// Milliseconds until the next request could go, for status lines.
@@ -217,22 +240,39 @@ impl RequestGate for ProviderGate {
                         .await;
             }
         }
-        let mut limiter = self.limiter.lock().await;
-        let sent_at = loop {
+        let turn = self.turn.lock().await;
+        let admitted_at = loop {
             let now = self.clock.now_ms();
-            let free = limiter
-                .next_free(now)
+            let free = self
+                .with_limiter(|l| l.next_free(now))
                 .max(self.paused_until.load(Ordering::SeqCst));
             if free <= now {
                 break now;
             }
             tokio::time::sleep(Duration::from_millis(free - now)).await;
         };
-        limiter.record(sent_at);
-        drop(limiter);
-        if let Some(store) = &self.store {
-            if let Err(e) = store.record_sent(self.provider, sent_at) {
+        let unlimited = self.with_limiter(|l| {
+            l.record(admitted_at);
+            l.is_unlimited()
+        });
+        drop(turn);
+        let mut sent_at = admitted_at;
+        if let (Some(store), false) = (&self.store, unlimited) {
+            // The send time is durable before the request goes: a run killed right
+            // after a burst must not let the next run burst again (SPEC §4.4).
+            // Concurrent requests share the flush (group commit).
+            let persisted = store.record_sent(self.provider, admitted_at);
+            let synced = match persisted {
+                Ok(()) => store.sync().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = synced {
                 tracing::warn!(provider = %self.provider, "could not record a request time: {e}");
+            }
+            // The flush took a moment; the window counts from when the request leaves.
+            sent_at = self.clock.now_ms();
+            if sent_at != admitted_at {
+                self.with_limiter(|l| l.postpone(admitted_at, sent_at));
             }
         }
         if urgent {

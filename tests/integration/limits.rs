@@ -147,3 +147,58 @@ fn retry_after_is_honoured() {
         assert_eq!(r["attempts"], 0, "{r}");
     }
 }
+
+/// A run killed right after using up a window must not let the next run burst:
+/// the send times of the last window survive the kill.
+#[test]
+fn a_restart_right_after_a_burst_keeps_the_limit() {
+    let sim = Sim::start(&["--task-ms", "100", "--limit", "topaz=6/5s"]);
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 40, 30, 2);
+    let mut csv = String::from("id,provider,operation,input\n");
+    for i in 0..12 {
+        csv.push_str(&format!("b{i},topaz,enhance-sync,in/a.png\n"));
+    }
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\nrate_limits = [\"6/5s\"]\n",
+    )
+    .unwrap();
+    let enqueue = pixbatch(dir.path())
+        .args(["enqueue", "jobs.csv"])
+        .output()
+        .unwrap();
+    assert!(enqueue.status.success(), "{}", text(&enqueue));
+
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let mut child = cmd
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as the first window's six requests have arrived.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metered_times(&sim.ledger(), "topaz").len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first burst never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.arg("run");
+    let out = run_to_end(cmd, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stats = sim.stats();
+    assert_eq!(stats["violations"]["topaz"].as_u64(), Some(0), "{stats}");
+    let times = metered_times(&sim.ledger(), "topaz");
+    assert!(times.len() > 12, "{} requests", times.len());
+    assert!(busiest_window(&times, 5000) <= 6);
+}
