@@ -298,15 +298,7 @@ impl Provider for Aithriving {
         job: &JobContext<'_>,
     ) -> Result<SubmitOutcome, ProviderError> {
         let plan = Plan::from_spec(job.spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
-        let source = match job.spec.inputs.as_slice() {
-            [one] if !one.trim().is_empty() => one.trim(),
-            other => {
-                return Err(ProviderError::permanent(format!(
-                    "aithriving takes exactly one input image, got {}",
-                    other.len()
-                )))
-            }
-        };
+        let source = util::single_input(job.spec)?;
         // A URL is fetched first: the field is a file.
         let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
         if input.format.is_none() {

@@ -220,15 +220,7 @@ impl Provider for Photio {
         job: &JobContext<'_>,
     ) -> Result<SubmitOutcome, ProviderError> {
         let plan = Plan::from_spec(job.spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
-        let source = match job.spec.inputs.as_slice() {
-            [one] if !one.trim().is_empty() => one.trim(),
-            other => {
-                return Err(ProviderError::permanent(format!(
-                    "photio takes exactly one input image, got {}",
-                    other.len()
-                )))
-            }
-        };
+        let source = util::single_input(job.spec)?;
         let image = if util::is_url(source) {
             // Photio fetches URLs itself.
             source.to_string()

@@ -466,7 +466,7 @@ impl Topaz {
     /// input's size from its header (a URL input is fetched).
     pub async fn estimate(&self, api: &Api, spec: &JobSpec) -> Result<Estimate, ProviderError> {
         let plan = Plan::from_spec(spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
-        let source = single_input(spec)?;
+        let source = util::single_input(spec)?;
         let dims = if util::is_url(source) {
             util::load_input(api, source, MAX_INPUT_BYTES)
                 .await?
@@ -515,16 +515,6 @@ impl Topaz {
             }
         }
         e
-    }
-}
-
-fn single_input(spec: &JobSpec) -> Result<&str, ProviderError> {
-    match spec.inputs.as_slice() {
-        [one] if !one.trim().is_empty() => Ok(one.trim()),
-        other => Err(ProviderError::permanent(format!(
-            "topaz takes exactly one input image, got {}",
-            other.len()
-        ))),
     }
 }
 
@@ -674,7 +664,7 @@ impl Provider for Topaz {
         job: &JobContext<'_>,
     ) -> Result<SubmitOutcome, ProviderError> {
         let plan = Plan::from_spec(job.spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
-        let source = single_input(job.spec)?;
+        let source = util::single_input(job.spec)?;
         let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
         // A URL input is only seen now: check it before paying.
         let problems = plan.check_input(input.format, input.dimensions());

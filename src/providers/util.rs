@@ -946,6 +946,18 @@ pub fn header_str(response: &Response, name: &str) -> Option<String> {
 }
 
 /// A secret as a header value that `Debug` output and logs never show.
+/// The one input of a single-input operation.
+pub fn single_input(spec: &JobSpec) -> Result<&str, ProviderError> {
+    match spec.inputs.as_slice() {
+        [one] if !one.trim().is_empty() => Ok(one.trim()),
+        other => Err(ProviderError::permanent(format!(
+            "{} takes exactly one input image, got {}",
+            spec.provider,
+            other.len()
+        ))),
+    }
+}
+
 pub fn secret_header(
     what: &str,
     value: &str,
