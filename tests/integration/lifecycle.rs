@@ -123,3 +123,116 @@ fn one_run_at_a_time_status_while_running_and_graceful_interrupt() {
     let charged = sim.ledger().iter().filter(|e| e["charged"] == true).count();
     assert_eq!(charged, 6);
 }
+
+/// A job that fails keeps its reason; `retry --failed` puts it back; `cancel` of a job
+/// whose Topaz task is running cancels the task at the provider too.
+#[test]
+fn failed_jobs_can_be_retried_and_running_tasks_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 32, 32, 4);
+    std::fs::write(
+        dir.path().join("fail.csv"),
+        "id,provider,operation,input,prompt,params\n\
+         nsfw,aithriving,img2img,in/a.png,sim-nsfw,\"{\"\"width\"\":320,\"\"height\"\":320}\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("long.csv"),
+        "id,provider,operation,input\nlong,topaz,enhance,in/a.png\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"300ms\"\n",
+    )
+    .unwrap();
+
+    // 1. A job the provider refuses ends failed with the provider's reason.
+    let fast = Sim::start(&["--task-ms", "100"]);
+    let mut cmd = pixbatch(dir.path());
+    fast.env(&mut cmd);
+    cmd.args(["run", "fail.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let show = pixbatch(dir.path())
+        .args(["show", "nsfw", "--json"])
+        .output()
+        .unwrap();
+    let detail: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(detail["row"]["state"], "failed");
+    let reason = detail["row"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        reason.contains("nsfw"),
+        "the provider's reason is kept: {detail}"
+    );
+
+    // 2. A long Topaz task, interrupted while it runs, then cancelled.
+    let slow = Sim::start(&["--task-ms", "60000"]);
+    let mut cmd = pixbatch(dir.path());
+    slow.env(&mut cmd);
+    let mut run = cmd
+        .args(["run", "long.csv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status_json(dir.path()).unwrap_or_default();
+        let remote = s["states"]["polling"].as_u64().unwrap_or(0)
+            + s["states"]["submitted"].as_u64().unwrap_or(0);
+        if remote == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Topaz task never started: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sigint(&run);
+    assert_eq!(run.wait().unwrap().code(), Some(130));
+    let mut cmd = pixbatch(dir.path());
+    slow.env(&mut cmd);
+    let cancel = cmd.args(["cancel", "long"]).output().unwrap();
+    assert!(cancel.status.success(), "{}", text(&cancel));
+    assert!(
+        String::from_utf8_lossy(&cancel.stdout).contains("remote task"),
+        "{}",
+        text(&cancel)
+    );
+    let cancels: Vec<_> = slow
+        .ledger()
+        .into_iter()
+        .filter(|e| {
+            e["endpoint"] == "cancel"
+                && e["request_key"]
+                    .as_str()
+                    .is_some_and(|k| job_of_key(k) == "long")
+        })
+        .collect();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0]["status"], 204);
+
+    // 3. retry --failed brings the failure back, with its history.
+    let retry = pixbatch(dir.path())
+        .args(["retry", "--failed"])
+        .output()
+        .unwrap();
+    assert!(retry.status.success(), "{}", text(&retry));
+    let s = status_json(dir.path()).unwrap();
+    assert_eq!(s["states"]["queued"], 1, "{s}");
+    assert_eq!(s["states"]["cancelled"], 1, "{s}");
+    let show = pixbatch(dir.path())
+        .args(["show", "nsfw"])
+        .output()
+        .unwrap();
+    let text_show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text_show.contains("requeued") && text_show.contains("failed"),
+        "history kept: {text_show}"
+    );
+}
