@@ -51,6 +51,10 @@ pub trait RequestGate: Send + Sync {
     async fn admit(&self, kind: RequestKind);
     /// The provider said "too many requests": hold every request for `wait`.
     fn back_off(&self, wait: Duration);
+    /// How a request ended: `healthy` when the provider answered (any status but
+    /// 5xx), not when it failed with 5xx or no answer. Lets the engine tell a
+    /// provider outage from a job's own trouble.
+    fn answered(&self, _healthy: bool) {}
 }
 
 /// A gate that admits everything at once (for tools like `styles` and for tests).
@@ -159,9 +163,13 @@ impl Api {
         self.gate.admit(kind).await;
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Err(classify_transport_error(kind, &e)),
+            Err(e) => {
+                self.gate.answered(false);
+                return Err(classify_transport_error(kind, &e));
+            }
         };
         let status = response.status();
+        self.gate.answered(!status.is_server_error());
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = retry_after(&response);
             // Every request to this host waits, not only this job's: the limit is the

@@ -65,6 +65,8 @@ pub struct EngineSettings {
     pub max_download_bytes: u64,
     /// Widening of every rate window (see `engine::limiter`).
     pub rate_margin: Duration,
+    /// How long a provider outage may last before jobs' attempts count again.
+    pub outage_patience: Duration,
 }
 
 impl Default for EngineSettings {
@@ -72,6 +74,7 @@ impl Default for EngineSettings {
         EngineSettings {
             max_download_bytes: 2 * 1024 * 1024 * 1024,
             rate_margin: Duration::from_millis(30),
+            outage_patience: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -98,6 +101,7 @@ struct FileConfig {
 struct FileEngine {
     max_download_bytes: Option<u64>,
     rate_margin: Option<String>,
+    outage_patience: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +193,10 @@ impl Config {
         if let Some(e) = &file.engine {
             if let Some(b) = e.max_download_bytes {
                 engine.max_download_bytes = b;
+            }
+            if let Some(m) = &e.outage_patience {
+                engine.outage_patience =
+                    parse_duration(m).map_err(|m| bad(format!("engine.outage_patience: {m}")))?;
             }
             if let Some(m) = &e.rate_margin {
                 engine.rate_margin =

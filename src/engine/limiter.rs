@@ -158,7 +158,19 @@ pub struct ProviderGate {
     urgent_done: Notify,
     store: Option<Store>,
     pub stats: GateStats,
+    /// Requests in a row that got no answer or a 5xx.
+    failures_in_a_row: AtomicU64,
+    /// When the current outage began (ms; 0 = none).
+    outage_since: AtomicU64,
+    /// How many times the breaker tripped in this outage (sets the pause).
+    outage_trips: AtomicU64,
+    outage_patience_ms: u64,
 }
+
+/// Requests in a row failing with 5xx or no answer before the provider is taken to
+/// be down: every request then pauses, and jobs' attempts stop counting (up to
+/// the outage patience), so an outage does not fail the queue.
+pub const OUTAGE_THRESHOLD: u64 = 5;
 
 impl ProviderGate {
     /// Builds the gate, replaying the send times the store kept from earlier runs.
@@ -196,7 +208,24 @@ impl ProviderGate {
             urgent_done: Notify::new(),
             store,
             stats: GateStats::default(),
+            failures_in_a_row: AtomicU64::new(0),
+            outage_since: AtomicU64::new(0),
+            outage_trips: AtomicU64::new(0),
+            outage_patience_ms: 30 * 60 * 1000,
         }
+    }
+
+    /// How long an outage may last before jobs' attempts count again.
+    pub fn with_outage_patience(mut self, patience: Duration) -> Self {
+        self.outage_patience_ms = patience.as_millis() as u64;
+        self
+    }
+
+    /// The provider looks down (and has not for longer than the patience): a failed
+    /// request is the provider's fault, not the job's.
+    pub fn excuses_failures(&self) -> bool {
+        let since = self.outage_since.load(Ordering::SeqCst);
+        since > 0 && self.clock.now_ms() < since + self.outage_patience_ms
     }
 
     /// Drops request-log entries older than the longest window.
@@ -283,6 +312,35 @@ impl RequestGate for ProviderGate {
         self.stats
             .waited_ms
             .fetch_add(sent_at.saturating_sub(started), Ordering::Relaxed);
+    }
+
+    fn answered(&self, healthy: bool) {
+        if healthy {
+            self.failures_in_a_row.store(0, Ordering::SeqCst);
+            if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
+                self.outage_trips.store(0, Ordering::SeqCst);
+                tracing::info!(provider = %self.provider, "answering again");
+            }
+            return;
+        }
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+        if n % OUTAGE_THRESHOLD != 0 {
+            return;
+        }
+        let _ = self.outage_since.compare_exchange(
+            0,
+            self.clock.now_ms(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
+        let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
+        tracing::warn!(
+            provider = %self.provider,
+            "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
+            pause.as_secs()
+        );
+        self.back_off(pause);
     }
 
     fn back_off(&self, wait: Duration) {
@@ -421,6 +479,29 @@ mod tests {
         let mut l = SlidingLimiter::new(&[spec("10/1s")], Duration::ZERO);
         let times = drive(&mut l, 10);
         assert_eq!(times[9], 0);
+    }
+
+    #[test]
+    fn an_outage_trips_the_breaker_and_an_answer_resets_it() {
+        let gate = ProviderGate::new(ProviderKind::Topaz, &[], Duration::ZERO, None);
+        for _ in 0..OUTAGE_THRESHOLD - 1 {
+            gate.answered(false);
+        }
+        assert!(!gate.excuses_failures());
+        gate.answered(false);
+        assert!(gate.excuses_failures());
+        assert!(gate.paused_for_ms() > 4_000);
+        gate.answered(true);
+        assert!(!gate.excuses_failures());
+        let impatient = ProviderGate::new(ProviderKind::Topaz, &[], Duration::ZERO, None)
+            .with_outage_patience(Duration::ZERO);
+        for _ in 0..OUTAGE_THRESHOLD {
+            impatient.answered(false);
+        }
+        assert!(
+            !impatient.excuses_failures(),
+            "past its patience an outage counts again"
+        );
     }
 
     #[tokio::test]

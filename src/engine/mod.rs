@@ -185,12 +185,15 @@ impl Engine {
                 .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|e| EngineError::Setup(format!("{kind}: HTTP client: {e}")))?;
-            let gate = Arc::new(ProviderGate::new(
-                kind,
-                &pc.rate_limits,
-                config.engine.rate_margin,
-                Some(store.clone()),
-            ));
+            let gate = Arc::new(
+                ProviderGate::new(
+                    kind,
+                    &pc.rate_limits,
+                    config.engine.rate_margin,
+                    Some(store.clone()),
+                )
+                .with_outage_patience(config.engine.outage_patience),
+            );
             let api = Api::new(&pc.base_url, client, gate.clone());
             lanes.insert(
                 kind,

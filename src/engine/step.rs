@@ -559,6 +559,14 @@ async fn on_error(
             if rate_limited {
                 // The provider's wait is not the job's fault: no attempt used up.
                 event(env, &job, EventKind::RateLimited, reason.clone())?;
+            } else if env.lane.gate.excuses_failures() {
+                // Neither is an outage of the whole provider (up to its patience).
+                event(
+                    env,
+                    &job,
+                    EventKind::Retry,
+                    format!("{reason} (the provider looks down; attempt not counted)"),
+                )?;
             } else {
                 job.attempts += 1;
                 if job.attempts >= env.lane.config.max_attempts {

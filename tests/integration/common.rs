@@ -45,9 +45,13 @@ pub struct Sim {
 
 impl Sim {
     pub fn start(args: &[&str]) -> Sim {
+        Sim::start_at("127.0.0.1:0", args)
+    }
+
+    pub fn start_at(addr: &str, args: &[&str]) -> Sim {
         let mut child = Command::new(bin())
             .arg("sim")
-            .args(["--addr", "127.0.0.1:0"])
+            .args(["--addr", addr])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -105,6 +109,23 @@ impl Drop for Sim {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Environment pointing the three providers at a simulator at `base`
+/// (`http://127.0.0.1:PORT`), with made-up keys.
+pub fn sim_env(cmd: &mut Command, base: &str) {
+    cmd.env("PIXBATCH_TOPAZ_URL", format!("{base}/topaz/image/v1"))
+        .env("PIXBATCH_PHOTIO_URL", format!("{base}/photio/v1"))
+        .env("PIXBATCH_AITHRIVING_URL", format!("{base}/aithriving"))
+        .env("TOPAZ_API_KEY", "test-topaz-key-123")
+        .env("PHOTIO_API_KEY", "test-photio-key-456")
+        .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
+}
+
+/// A loopback port nothing listens on (for now).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }
 
 /// GET over plain HTTP/1.0 (the ledger only; no client crate needed).

@@ -236,3 +236,57 @@ fn failed_jobs_can_be_retried_and_running_tasks_cancelled() {
         "history kept: {text_show}"
     );
 }
+
+/// A provider that is down for a while does not fail the queue: once requests fail
+/// in a row the provider is paused and attempts stop counting; when it comes back,
+/// every job finishes.
+#[test]
+fn an_outage_of_the_provider_does_not_use_up_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    slow_manifest(dir.path(), 3);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\nmax_attempts = 3\nconcurrency = 1\npoll_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cmd = pixbatch(dir.path());
+    sim_env(&mut cmd, &base);
+    let run = cmd
+        .args(["run", "jobs.csv"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing answers for 12 s: two bursts of failures (the breaker pauses 5 s, then
+    // 10 s); without its excuse, 3 attempts per job would not last that long.
+    std::thread::sleep(Duration::from_secs(12));
+    let sim = Sim::start_at(&format!("127.0.0.1:{port}"), &["--task-ms", "100"]);
+    let out = {
+        let mut run = run;
+        let start = Instant::now();
+        loop {
+            if run.try_wait().unwrap().is_some() {
+                break run.wait_with_output().unwrap();
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = run.kill();
+                panic!("the run did not finish after the provider came back");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("looks down"),
+        "{}",
+        text(&out)
+    );
+    let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
+    assert!(rows.iter().all(|r| r["state"] == "done"), "{rows:#?}");
+    assert_eq!(
+        sim.ledger().iter().filter(|e| e["charged"] == true).count(),
+        3
+    );
+}
