@@ -52,7 +52,8 @@ impl ProviderKind {
 
 impl fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        // `pad` so width and alignment work in tables.
+        f.pad(self.name())
     }
 }
 
@@ -150,7 +151,8 @@ impl JobState {
 
 impl fmt::Display for JobState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        // `pad` so width and alignment work in tables.
+        f.pad(self.name())
     }
 }
 
