@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::query::{self, LiveInfo, Query, QueryError};
@@ -68,7 +68,8 @@ async fn handle(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read).take_line_limit();
+    // One query line, capped so a stray client cannot make the run buffer forever.
+    let mut reader = BufReader::new(read.take(64 * 1024));
     reader.read_line(&mut line).await?;
     let query: Query = match serde_json::from_str(&line) {
         Ok(q) => q,
@@ -99,17 +100,6 @@ async fn handle(
     }
     let _ = worker.await;
     write.shutdown().await
-}
-
-/// Limits the query line so a stray client cannot make the run buffer forever.
-trait TakeLineLimit: Sized {
-    fn take_line_limit(self) -> tokio::io::Take<Self>;
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> TakeLineLimit for BufReader<R> {
-    fn take_line_limit(self) -> tokio::io::Take<Self> {
-        tokio::io::AsyncReadExt::take(self, 64 * 1024)
-    }
 }
 
 /// Asks the run serving `path`; calls `emit` for each answer line.
