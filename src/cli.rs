@@ -99,8 +99,9 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
     },
-    /// Serve the five simulated providers on loopback.
+    /// Serve the simulated providers on loopback (Topaz, Photio, AIThriving so far).
     Sim {
+        /// Address to listen on (loopback only; port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: String,
         #[command(flatten)]
