@@ -281,18 +281,12 @@ impl Config {
         })
     }
 
-    pub fn provider(&self, kind: ProviderKind) -> &ProviderConfig {
-        // Every kind is inserted by `load`; fall back to defaults for safety.
-        self.providers.get(&kind).unwrap_or_else(|| {
-            static FALLBACK: std::sync::OnceLock<BTreeMap<ProviderKind, ProviderConfig>> =
-                std::sync::OnceLock::new();
-            &FALLBACK.get_or_init(|| {
-                ProviderKind::ALL
-                    .into_iter()
-                    .map(|k| (k, default_provider_config(k)))
-                    .collect()
-            })[&kind]
-        })
+    /// The settings of `kind` (`load` fills every kind; defaults otherwise).
+    pub fn provider(&self, kind: ProviderKind) -> ProviderConfig {
+        self.providers
+            .get(&kind)
+            .cloned()
+            .unwrap_or_else(|| default_provider_config(kind))
     }
 
     /// Every secret held, for scrubbing logs and messages.

@@ -171,7 +171,7 @@ impl Engine {
             if lanes.contains_key(&kind) {
                 continue;
             }
-            let pc = config.provider(kind).clone();
+            let pc = config.provider(kind);
             let adapter = match crate::providers::build(kind, &pc.credentials) {
                 Ok(a) => a,
                 Err(e) => {
