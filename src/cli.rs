@@ -851,13 +851,26 @@ async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32, Fail> {
             format!("the simulator serves loopback only, not {local}"),
         ));
     }
+    let server = crate::sim::SimServer::bind(listener, config)?;
+    // Credentials a client cannot make up (Perfect's generated key pair), as the
+    // environment variables pixbatch reads, so `eval`-ing these lines configures it.
+    if let Some(providers) = server.credentials().as_object() {
+        for vars in providers.values().filter_map(|v| v.as_object()) {
+            for (name, value) in vars {
+                if let Some(value) = value.as_str() {
+                    println!("export {name}='{value}'");
+                }
+            }
+        }
+    }
     // Tests read this line to learn the port.
     println!("pixbatch sim listening on http://{local}");
     std::io::stdout().flush()?;
-    crate::sim::serve(listener, config, async {
-        let _ = wait_for_stop_signal().await;
-    })
-    .await?;
+    server
+        .run(async {
+            let _ = wait_for_stop_signal().await;
+        })
+        .await?;
     Ok(EXIT_OK)
 }
 

@@ -55,6 +55,13 @@ pub struct ProviderConfig {
     /// believed: a request from a process that died may still be in transit or in
     /// the provider's queue.
     pub reconcile_grace: Duration,
+    /// Slow down on 429s and 5xx and speed up again while answers are healthy
+    /// (additive increase, multiplicative decrease), never above `rate_limits`. For
+    /// providers that publish no limit (Dzine).
+    pub adaptive: bool,
+    /// What one job costs in the provider's unit (credits, tokens), when the user
+    /// knows it: lets `run` warn before starting when the balance looks too low.
+    pub cost_per_job: Option<f64>,
     pub credentials: Credentials,
 }
 
@@ -115,6 +122,8 @@ struct FileProvider {
     timeout: Option<String>,
     max_in_flight: Option<usize>,
     reconcile_grace: Option<String>,
+    adaptive: Option<bool>,
+    cost_per_job: Option<f64>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -128,8 +137,12 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         ProviderKind::Topaz => (8, rates(&["10/1s"]), 2_000, 120, 16),
         ProviderKind::Photio => (4, rates(&["4/1s"]), 1_000, 300, 4),
         ProviderKind::Aithriving => (4, rates(&["4/1s"]), 1_000, 300, 4),
-        ProviderKind::Perfect => (4, rates(&["100/1m", "100/5m"]), 2_000, 120, 8),
-        ProviderKind::Dzine => (4, rates(&["10/1s"]), 2_000, 120, 16),
+        // Perfect: every accepted task is polled at least every 10 s, and each poll
+        // holds a step slot for a moment; in-flight tasks are bounded by the rate
+        // budget (the engine's keep-alive admission), so the concurrency is generous.
+        ProviderKind::Perfect => (16, rates(&["100/1m", "100/5m"]), 2_000, 120, 64),
+        // Dzine publishes no limit: a modest ceiling, adapted down on 429/5xx.
+        ProviderKind::Dzine => (4, rates(&["5/1s"]), 2_000, 120, 16),
     };
     ProviderConfig {
         kind,
@@ -141,6 +154,8 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         timeout: Duration::from_secs(timeout_s),
         max_in_flight: in_flight,
         reconcile_grace: Duration::from_secs(30),
+        adaptive: kind == ProviderKind::Dzine,
+        cost_per_job: None,
         credentials: Credentials::default(),
     }
 }
@@ -250,6 +265,18 @@ impl Config {
                 if let Some(v) = &f.reconcile_grace {
                     c.reconcile_grace = parse_duration(v).map_err(|m| ctx("reconcile_grace", m))?;
                 }
+                if let Some(v) = f.adaptive {
+                    c.adaptive = v;
+                }
+                if let Some(v) = f.cost_per_job {
+                    if !(v.is_finite() && v >= 0.0) {
+                        return Err(ctx(
+                            "cost_per_job",
+                            format!("must be a number ≥ 0, got {v}"),
+                        ));
+                    }
+                    c.cost_per_job = Some(v);
+                }
                 c.credentials.api_key = f.api_key.clone();
                 c.credentials.client_id = f.client_id.clone();
                 c.credentials.client_secret = f.client_secret.clone();
@@ -262,6 +289,12 @@ impl Config {
                 if kind == ProviderKind::Perfect {
                     c.credentials.client_id = Some(v);
                 } else {
+                    c.credentials.api_key = Some(v);
+                }
+            }
+            // Perfect's second way in: a console API key sent as the Bearer token.
+            if kind == ProviderKind::Perfect {
+                if let Some(v) = env("PERFECT_API_KEY").filter(|v| !v.is_empty()) {
                     c.credentials.api_key = Some(v);
                 }
             }

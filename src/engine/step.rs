@@ -45,6 +45,9 @@ enum Phase {
     Download,
 }
 
+/// More `prepare` stages than any provider has (Dzine's face swap has four).
+const MAX_PREPARE_STAGES: usize = 16;
+
 /// After an unknown outcome, ask the provider this soon.
 const RECONCILE_AFTER: Duration = Duration::from_secs(1);
 
@@ -73,6 +76,7 @@ fn context(job: &Job) -> JobContext<'_> {
     JobContext {
         spec: &job.spec,
         submit_key: job.submit_key(),
+        submission: job.submissions.max(1),
         prepared: &job.prepared,
     }
 }
@@ -110,21 +114,36 @@ async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), Store
         job.state = JobState::Preparing;
         save(env, &mut job)?;
     }
-    let refs = env
-        .lane
-        .adapter
-        .prepare(&env.lane.api, &context(&job))
-        .await;
-    match refs {
-        Ok(refs) => {
-            for (k, v) in refs {
-                match job.prepared.iter_mut().find(|(key, _)| *key == k) {
-                    Some(slot) => slot.1 = v,
-                    None => job.prepared.push((k, v)),
+    // Stage by stage: each stage's refs are durable before the next stage starts, so
+    // a crash repeats at most the stage it interrupted. The bound only guards against
+    // an adapter that never says it is done.
+    for stage in 0.. {
+        if stage == MAX_PREPARE_STAGES {
+            return fail(env, job, "preparation did not finish (adapter bug)".into()).await;
+        }
+        match env
+            .lane
+            .adapter
+            .prepare(&env.lane.api, &context(&job))
+            .await
+        {
+            Ok(prepared) => {
+                let changed = !prepared.refs.is_empty();
+                for (k, v) in prepared.refs {
+                    match job.prepared.iter_mut().find(|(key, _)| *key == k) {
+                        Some(slot) => slot.1 = v,
+                        None => job.prepared.push((k, v)),
+                    }
+                }
+                if prepared.done {
+                    break;
+                }
+                if changed {
+                    save(env, &mut job)?;
                 }
             }
+            Err(e) => return on_error(env, job, e, Phase::Prepare).await,
         }
-        Err(e) => return on_error(env, job, e, Phase::Prepare).await,
     }
     // The intent to submit, with its idempotency key, is durable before the paid
     // request goes out (SPEC §4.1). A crash from here on leads to `reconcile`.
@@ -323,7 +342,7 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             let e = ProviderError::transient(format!("task {remote} failed: {reason}"));
             on_error(env, job, e, Phase::Submit).await
         }
-        Ok(PollOutcome::Lost(reason)) => lose_remote(env, job, &reason, true).await,
+        Ok(PollOutcome::Lost { reason, charged }) => lose_remote(env, job, &reason, charged).await,
         Ok(PollOutcome::Cancelled) => {
             job.state = JobState::Cancelled;
             job.finished_ms = Some(now_ms());

@@ -646,6 +646,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "a1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         match Aithriving::new("ak".into())
@@ -691,6 +692,7 @@ mod http_tests {
             let job = JobContext {
                 spec: &spec,
                 submit_key: "a1~1".into(),
+                submission: 1,
                 prepared: &[],
             };
             let e = Aithriving::new("ak".into())
@@ -708,6 +710,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "a1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let e = Aithriving::new("ak".into())
@@ -765,6 +768,7 @@ mod sim_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "a1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         match Aithriving::new("sim-key".into())

@@ -18,6 +18,8 @@ pub use crate::api::{Api, ProviderError, RequestKind};
 use crate::model::{JobSpec, PendingOutput, ProviderKind};
 
 pub mod aithriving;
+pub mod dzine;
+pub mod perfect;
 pub mod photio;
 pub mod topaz;
 pub mod util;
@@ -30,6 +32,11 @@ pub struct JobContext<'a> {
     /// the submission is sent. Send it as `X-Request-Id`; providers with their own
     /// idempotency field derive it from this.
     pub submit_key: String,
+    /// Which submission of the job this is (1 for the first; the `n` of the
+    /// submit key). Providers with a numeric idempotency field (Perfect's
+    /// `request_id`) derive it from this: the same number on every retry of one
+    /// submission, a new one when the job must be submitted again.
+    pub submission: u32,
     /// Refs recorded by `prepare` (uploaded file ids …).
     pub prepared: &'a [(String, String)],
 }
@@ -80,7 +87,12 @@ pub enum PollOutcome {
         permanent: bool,
     },
     /// The provider no longer knows the task (expired, dropped for lack of polls).
-    Lost(String),
+    /// `charged`: the task may have been billed (it may have finished before it was
+    /// forgotten), so a new submission may charge twice and is recorded as such.
+    Lost {
+        reason: String,
+        charged: bool,
+    },
     /// Someone cancelled the task at the provider.
     Cancelled,
 }
@@ -94,6 +106,63 @@ pub enum Reconciliation {
     NotSubmitted,
     /// The provider offers no way to know. Submitting again may charge twice.
     Unknowable,
+}
+
+/// What one call of [`Provider::prepare`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Refs to record on the job (uploaded file ids, detected faces …). A ref with a
+    /// key already recorded replaces it.
+    pub refs: Vec<(String, String)>,
+    /// `false`: more stages remain; the engine makes these refs durable and calls
+    /// `prepare` again with them, so a crash never repeats a finished stage.
+    pub done: bool,
+}
+
+impl Prepared {
+    /// The last (or only) stage.
+    pub fn done(refs: Vec<(String, String)>) -> Self {
+        Prepared { refs, done: true }
+    }
+
+    /// A stage after which more remain.
+    pub fn more(refs: Vec<(String, String)>) -> Self {
+        Prepared { refs, done: false }
+    }
+}
+
+/// What `pixbatch styles` asks a provider for.
+#[derive(Debug, Clone, Default)]
+pub struct StyleQuery {
+    /// The feature or operation whose styles are wanted (Perfect: `hair-style` …).
+    pub feature: Option<String>,
+    /// A style group to list the styles of (Perfect); without it, the groups.
+    pub group: Option<String>,
+    /// Dzine's base model filter (`S` or `X`).
+    pub base_model: Option<String>,
+    /// Stop after this many entries (all pages are fetched otherwise).
+    pub limit: Option<usize>,
+}
+
+/// One line of a style listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StyleEntry {
+    /// `group` or `style`.
+    pub kind: &'static str,
+    /// The id or code to put in a manifest's params, exactly as the provider gave it
+    /// (ids above 2^53 stay exact: they are kept as text).
+    pub id: String,
+    pub title: String,
+    /// Anything else worth showing (base model, thumbnail URL, group id …).
+    pub detail: Vec<(String, String)>,
+}
+
+/// An account's remaining credit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Balance {
+    pub amount: f64,
+    /// What the amount counts (`tokens`, `credits` …).
+    pub unit: String,
 }
 
 /// A provider's API, in the steps every provider can be mapped onto.
@@ -110,15 +179,11 @@ pub trait Provider: Send + Sync {
         Ok(())
     }
 
-    /// Uploads inputs or does other unpaid preparation; returns refs to record.
-    /// Called with the refs recorded so far (empty on the first call), so a resumed
-    /// job does not redo finished stages.
-    async fn prepare(
-        &self,
-        _api: &Api,
-        _job: &JobContext<'_>,
-    ) -> Result<Vec<(String, String)>, ProviderError> {
-        Ok(Vec::new())
+    /// Uploads inputs or does other unpaid preparation, one stage per call; returns
+    /// refs to record. Called with the refs recorded so far (empty on the first
+    /// call), so a resumed job does not redo finished stages.
+    async fn prepare(&self, _api: &Api, _job: &JobContext<'_>) -> Result<Prepared, ProviderError> {
+        Ok(Prepared::done(Vec::new()))
     }
 
     /// The paid request.
@@ -163,6 +228,31 @@ pub trait Provider: Send + Sync {
     /// Cancels a remote task; `Ok(false)` when the provider has no way to.
     async fn cancel(&self, _api: &Api, _remote_id: &str) -> Result<bool, ProviderError> {
         Ok(false)
+    }
+
+    /// How long an accepted task may go unpolled before the provider drops it
+    /// (Perfect: 10 s). The engine then never lets a poll come later than this and
+    /// admits a new submission only while the rate limits leave room for the polls
+    /// of every task in flight.
+    fn keep_alive(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Lists the styles (or style groups) users can name in a manifest.
+    async fn styles(
+        &self,
+        _api: &Api,
+        _query: &StyleQuery,
+    ) -> Result<Vec<StyleEntry>, ProviderError> {
+        Err(ProviderError::permanent(format!(
+            "{} has no style list",
+            self.kind()
+        )))
+    }
+
+    /// The account's remaining credit, where the provider's API tells it.
+    async fn balance(&self, _api: &Api) -> Result<Option<Balance>, ProviderError> {
+        Ok(None)
     }
 
     /// Housekeeping once the job's outputs are durably in place (e.g. delete the
@@ -220,12 +310,9 @@ pub fn build(kind: ProviderKind, credentials: &Credentials) -> Result<Arc<dyn Pr
         ProviderKind::Aithriving => Ok(Arc::new(aithriving::Aithriving::new(need_key(
             "AITHRIVING_API_KEY",
         )?))),
-        ProviderKind::Dzine | ProviderKind::Perfect => Err(not_yet(kind)),
+        ProviderKind::Perfect => perfect::build(credentials),
+        ProviderKind::Dzine => dzine::build(credentials),
     }
-}
-
-fn not_yet(kind: ProviderKind) -> String {
-    format!("{kind}: this version of pixbatch does not implement the {kind} provider yet")
 }
 
 /// Checks a job against its provider's documented limits before any request is made.
@@ -235,7 +322,8 @@ pub fn validate(spec: &JobSpec) -> Vec<String> {
         ProviderKind::Topaz => topaz::validate(spec),
         ProviderKind::Photio => photio::validate(spec),
         ProviderKind::Aithriving => aithriving::validate(spec),
-        ProviderKind::Dzine | ProviderKind::Perfect => vec![not_yet(spec.provider)],
+        ProviderKind::Perfect => perfect::validate(spec),
+        ProviderKind::Dzine => dzine::validate(spec),
     }
 }
 
@@ -244,7 +332,8 @@ pub fn requests_per_job(spec: &JobSpec) -> u32 {
     match spec.provider {
         ProviderKind::Topaz => topaz::requests_per_job(spec),
         ProviderKind::Photio | ProviderKind::Aithriving => 1,
-        ProviderKind::Dzine | ProviderKind::Perfect => 0,
+        ProviderKind::Perfect => perfect::requests_per_job(spec),
+        ProviderKind::Dzine => dzine::requests_per_job(spec),
     }
 }
 

@@ -515,6 +515,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "p1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let photio = Photio::new("pk".into());
@@ -540,6 +541,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "p1~2".into(),
+            submission: 1,
             prepared: &[],
         };
         photio.submit(&api, &job).await.expect("url submit");
@@ -559,6 +561,7 @@ mod http_tests {
                 let job = JobContext {
                     spec: &spec,
                     submit_key: "p1~1".into(),
+                    submission: 1,
                     prepared: &[],
                 };
                 Photio::new(key.into()).submit(&api, &job).await
@@ -632,6 +635,7 @@ mod sim_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "p1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         match Photio::new("sim-key".into())

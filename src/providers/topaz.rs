@@ -752,9 +752,10 @@ impl Provider for Topaz {
         if response.status() == StatusCode::NOT_FOUND {
             let detail = util::read_prefix(response, 4096).await;
             let msg = util::error_message(&detail).unwrap_or_else(|| "not found".into());
-            return Ok(PollOutcome::Lost(format!(
-                "topaz does not know task {remote_id}: {msg}"
-            )));
+            return Ok(PollOutcome::Lost {
+                reason: format!("topaz does not know task {remote_id}: {msg}"),
+                charged: true,
+            });
         }
         if !response.status().is_success() {
             return Err(self.error(RequestKind::Poll, response).await);
@@ -1478,6 +1479,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let topaz = Topaz::new("key-123".into());
@@ -1523,7 +1525,7 @@ mod http_tests {
         }
         assert!(matches!(
             topaz.poll(&api, &job, "unknown").await,
-            Ok(PollOutcome::Lost(_))
+            Ok(PollOutcome::Lost { .. })
         ));
         assert!(matches!(
             topaz.poll(&api, &job, "garbage").await,
@@ -1562,6 +1564,7 @@ mod http_tests {
         let job = |key: &str| JobContext {
             spec: &spec,
             submit_key: key.into(),
+            submission: 1,
             prepared: &[],
         };
         assert_eq!(
@@ -1584,6 +1587,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "job1~3".into(),
+            submission: 1,
             prepared: &[],
         };
         let legacy = format!("{LEGACY_KEY_PREFIX}abc");
@@ -1621,6 +1625,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let e = Topaz::new("k".into())
@@ -1638,6 +1643,7 @@ mod http_tests {
         let job = JobContext {
             spec: &missing,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         assert!(matches!(
@@ -1693,6 +1699,7 @@ mod http_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let e = Topaz::new("k".into())
@@ -1776,6 +1783,7 @@ mod sim_tests {
         let job = JobContext {
             spec: &spec,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         let topaz = Topaz::new("sim-key".into());
@@ -1797,6 +1805,7 @@ mod sim_tests {
         );
         let other = JobContext {
             submit_key: "job1~2".into(),
+            submission: 1,
             ..job.clone()
         };
         assert_eq!(
@@ -1824,7 +1833,7 @@ mod sim_tests {
         topaz.cleanup(&api, &remote_id).await.expect("cleanup");
         assert!(matches!(
             topaz.poll(&api, &job, &remote_id).await,
-            Ok(PollOutcome::Lost(_))
+            Ok(PollOutcome::Lost { .. })
         ));
         topaz
             .cleanup(&api, &remote_id)
@@ -1848,6 +1857,7 @@ mod sim_tests {
         let job = JobContext {
             spec: &sync,
             submit_key: "job1~1".into(),
+            submission: 1,
             prepared: &[],
         };
         match topaz.submit(&api, &job).await.expect("sync submit") {
@@ -1872,6 +1882,7 @@ mod sim_tests {
         let job = JobContext {
             spec: &gen,
             submit_key: "job1~2".into(),
+            submission: 1,
             prepared: &[],
         };
         let SubmitOutcome::Accepted { remote_id, .. } =

@@ -22,11 +22,13 @@
 
 mod aithriving;
 mod chaos;
+mod dzine;
 mod form;
 pub mod images;
 mod ledger;
 mod limiter;
 mod net;
+mod perfect;
 mod photio;
 mod topaz;
 
@@ -61,10 +63,14 @@ use net::{ConnInfo, SimListener};
 
 /// The limits the simulator enforces unless told otherwise. The client's defaults are the
 /// same, so a default run never trips them.
-pub const DEFAULT_LIMITS: &[(&str, &str)] = &[
-    ("topaz", "10/1s"),
-    ("photio", "4/1s"),
-    ("aithriving", "4/1s"),
+/// Perfect's are the document's (100 per minute per access token and 100 per 5
+/// minutes per IP: with one client on loopback both count every request). Dzine
+/// publishes none, so the simulator enforces none unless told (`--limit dzine=…`).
+pub const DEFAULT_LIMITS: &[(&str, &[&str])] = &[
+    ("topaz", &["10/1s"]),
+    ("photio", &["4/1s"]),
+    ("aithriving", &["4/1s"]),
+    ("perfect", &["100/1m", "100/5m"]),
 ];
 
 /// Provider names `--limit` accepts (those still to come included, so scripts can be
@@ -203,7 +209,10 @@ fn parse_limit_arg(arg: &str) -> Result<(String, Vec<RateSpec>), String> {
 pub fn default_limits() -> BTreeMap<String, Vec<RateSpec>> {
     DEFAULT_LIMITS
         .iter()
-        .filter_map(|(p, s)| Some((p.to_string(), vec![s.parse().ok()?])))
+        .map(|(p, specs)| {
+            let specs = specs.iter().filter_map(|s| s.parse().ok()).collect();
+            (p.to_string(), specs)
+        })
         .collect()
 }
 
@@ -269,21 +278,57 @@ pub async fn serve(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let local_addr = listener.local_addr()?;
-    let shared = Arc::new(Shared::new(config, local_addr)?);
-    tracing::info!("simulator listening on http://{local_addr}");
-    let app = router(shared);
-    axum::serve(
-        SimListener::new(listener),
-        app.into_make_service_with_connect_info::<ConnInfo>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    SimServer::bind(listener, config)?.run(shutdown).await
+}
+
+/// A simulator whose state is built (keys made, limits set) but that does not serve
+/// yet: lets the caller show the credentials before the first request can arrive.
+pub struct SimServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl SimServer {
+    pub fn bind(listener: TcpListener, config: SimConfig) -> io::Result<SimServer> {
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config, local_addr)?);
+        Ok(SimServer { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Per provider, the credentials the simulator accepts that a client cannot make
+    /// up (see [`SimHandle::credentials`]).
+    pub fn credentials(&self) -> serde_json::Value {
+        credentials(&self.shared)
+    }
+
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let local_addr = self.listener.local_addr()?;
+        tracing::info!("simulator listening on http://{local_addr}");
+        let app = router(self.shared);
+        axum::serve(
+            SimListener::new(self.listener),
+            app.into_make_service_with_connect_info::<ConnInfo>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+    }
+}
+
+fn credentials(s: &Shared) -> serde_json::Value {
+    serde_json::json!({
+        "perfect": perfect::credentials(s),
+        "dzine": dzine::credentials(s),
+    })
 }
 
 /// A simulator running in the background of the current tokio runtime.
 pub struct SimHandle {
     addr: SocketAddr,
+    credentials: serde_json::Value,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<io::Result<()>>,
 }
@@ -299,6 +344,11 @@ impl SimHandle {
         format!("http://{}", self.addr)
     }
 
+    /// `{"perfect": {...}, "dzine": {...}}`: what `/_sim/credentials` answers.
+    pub fn credentials(&self) -> &serde_json::Value {
+        &self.credentials
+    }
+
     /// Stop accepting, finish the requests in flight, and return.
     pub async fn shutdown(mut self) -> io::Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -311,13 +361,16 @@ impl SimHandle {
 /// Bind 127.0.0.1 on a free port and serve there in the background.
 pub async fn spawn(config: SimConfig) -> io::Result<SimHandle> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let server = SimServer::bind(listener, config)?;
+    let addr = server.local_addr()?;
+    let credentials = server.credentials();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, config, async move {
+    let task = tokio::spawn(server.run(async move {
         let _ = stopped.await;
     }));
     Ok(SimHandle {
         addr,
+        credentials,
         stop: Some(stop),
         task,
     })
@@ -346,6 +399,8 @@ pub(crate) struct Shared {
     /// For Photio's image URLs (loopback only).
     pub(crate) http: reqwest::Client,
     pub(crate) topaz: topaz::TopazState,
+    pub(crate) perfect: perfect::PerfectState,
+    pub(crate) dzine: dzine::DzineState,
 }
 
 impl Shared {
@@ -375,6 +430,8 @@ impl Shared {
             cpu: Semaphore::new(cpus.max(1)),
             http,
             topaz: topaz::TopazState::default(),
+            perfect: perfect::PerfectState::new(&config),
+            dzine: dzine::DzineState::new(&config),
             config,
         })
     }
@@ -434,16 +491,26 @@ pub(crate) enum Provider {
     Topaz,
     Photio,
     AiThriving,
+    Perfect,
+    Dzine,
 }
 
 impl Provider {
-    pub(crate) const ALL: [Provider; 3] = [Provider::Topaz, Provider::Photio, Provider::AiThriving];
+    pub(crate) const ALL: [Provider; 5] = [
+        Provider::Topaz,
+        Provider::Photio,
+        Provider::AiThriving,
+        Provider::Perfect,
+        Provider::Dzine,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Provider::Topaz => "topaz",
             Provider::Photio => "photio",
             Provider::AiThriving => "aithriving",
+            Provider::Perfect => "perfect",
+            Provider::Dzine => "dzine",
         }
     }
 
@@ -452,6 +519,8 @@ impl Provider {
             Provider::Topaz => "/topaz",
             Provider::Photio => "/photio",
             Provider::AiThriving => "/aithriving",
+            Provider::Perfect => "/perfect",
+            Provider::Dzine => "/dzine",
         }
     }
 
@@ -467,12 +536,16 @@ impl Provider {
             Provider::Topaz => topaz::route(method, rest),
             Provider::Photio => photio::route(method, rest),
             Provider::AiThriving => aithriving::route(method, rest),
+            Provider::Perfect => perfect::route(method, rest),
+            Provider::Dzine => dzine::route(method, rest),
         }
     }
 
     fn request_key_hint(self, s: &Shared, route: &Route) -> Option<String> {
         match self {
             Provider::Topaz => topaz::request_key_hint(s, route),
+            Provider::Perfect => perfect::request_key_hint(s, route),
+            Provider::Dzine => dzine::request_key_hint(s, route),
             Provider::Photio | Provider::AiThriving => None,
         }
     }
@@ -482,6 +555,8 @@ impl Provider {
             Provider::Topaz => topaz::authorize(s, ctx, req),
             Provider::Photio => photio::authorize(req),
             Provider::AiThriving => aithriving::authorize(req),
+            Provider::Perfect => perfect::authorize(s, ctx, req),
+            Provider::Dzine => dzine::authorize(s, ctx, req),
         }
     }
 
@@ -491,6 +566,8 @@ impl Provider {
             Provider::Topaz => topaz::too_many(route),
             Provider::Photio => photio::too_many(),
             Provider::AiThriving => aithriving::too_many(),
+            Provider::Perfect => perfect::too_many(route),
+            Provider::Dzine => dzine::too_many(route),
         };
         match retry_after {
             Some(secs) => reply.header(header::RETRY_AFTER, &secs.to_string()),
@@ -514,6 +591,8 @@ impl Provider {
             Provider::Topaz => topaz::server_error(route, status),
             Provider::Photio => photio::server_error(status),
             Provider::AiThriving => aithriving::server_error(status),
+            Provider::Perfect => perfect::server_error(route, status),
+            Provider::Dzine => dzine::server_error(route, status),
         }
     }
 
@@ -522,6 +601,8 @@ impl Provider {
             Provider::Topaz => topaz::handle(s, ctx, req).await,
             Provider::Photio => photio::handle(s, ctx, req).await,
             Provider::AiThriving => aithriving::handle(s, ctx, req).await,
+            Provider::Perfect => perfect::handle(s, ctx, req).await,
+            Provider::Dzine => dzine::handle(s, ctx, req).await,
         }
     }
 }
@@ -705,6 +786,12 @@ impl std::ops::DerefMut for Reply {
 // ---------------------------------------------------------------------------------------
 // The server
 
+/// Credentials the simulated providers accept that a client cannot make up (Perfect's
+/// client id and RSA public key, generated at start).
+async fn get_credentials(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(credentials(&s))
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.max_body_bytes;
     Router::new()
@@ -716,6 +803,7 @@ fn router(shared: Arc<Shared>) -> Router {
             get(|| async { Json(serde_json::json!({"ok": true})) }),
         )
         .route("/_sim/config", get(get_config))
+        .route("/_sim/credentials", get(get_credentials))
         .fallback(dispatch)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
@@ -779,7 +867,7 @@ async fn dispatch(State(s): State<Arc<Shared>>, req: Request) -> Response {
         return (
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({
-                "error": "not a simulated provider path (prefixes: /topaz, /photio, /aithriving; control: /_sim)"
+                "error": "not a simulated provider path (prefixes: /topaz, /photio, /aithriving, /perfect, /dzine; control: /_sim)"
             })),
         )
             .into_response();

@@ -21,6 +21,7 @@ pub fn pixbatch(dir: &Path) -> Command {
         "DZINE_API_KEY",
         "PERFECT_CLIENT_ID",
         "PERFECT_CLIENT_SECRET",
+        "PERFECT_API_KEY",
         "TOPAZ_API_KEY",
         "PHOTIO_API_KEY",
         "AITHRIVING_API_KEY",
@@ -41,6 +42,9 @@ pub struct Sim {
     child: Child,
     pub base: String,
     pub port: u16,
+    /// `export NAME='value'` lines the simulator printed (Perfect's generated
+    /// client id and key).
+    pub credentials: Vec<(String, String)>,
 }
 
 impl Sim {
@@ -58,33 +62,43 @@ impl Sim {
             .spawn()
             .expect("start the simulator");
         let stdout = child.stdout.take().expect("sim stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("sim address line");
-        let base = line.trim().rsplit(' ').next().expect("address").to_string();
+        let mut reader = BufReader::new(stdout);
+        let mut credentials = Vec::new();
+        let base = loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).expect("sim output");
+            assert!(n > 0, "the simulator ended before saying where it listens");
+            let line = line.trim();
+            if let Some(assign) = line.strip_prefix("export ") {
+                if let Some((name, value)) = assign.split_once('=') {
+                    credentials.push((name.to_string(), value.trim_matches('\'').to_string()));
+                }
+                continue;
+            }
+            if line.contains(" listening on ") {
+                break line.rsplit(' ').next().expect("address").to_string();
+            }
+        };
         let port = base
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .expect("port");
-        Sim { child, base, port }
+        Sim {
+            child,
+            base,
+            port,
+            credentials,
+        }
     }
 
-    /// Environment pointing all three providers of this issue at the simulator.
+    /// Environment pointing all five providers at the simulator, with made-up keys
+    /// (and the Perfect key pair the simulator generated).
     pub fn env(&self, cmd: &mut Command) {
-        cmd.env(
-            "PIXBATCH_TOPAZ_URL",
-            format!("{}/topaz/image/v1", self.base),
-        )
-        .env("PIXBATCH_PHOTIO_URL", format!("{}/photio/v1", self.base))
-        .env(
-            "PIXBATCH_AITHRIVING_URL",
-            format!("{}/aithriving", self.base),
-        )
-        .env("TOPAZ_API_KEY", "test-topaz-key-123")
-        .env("PHOTIO_API_KEY", "test-photio-key-456")
-        .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
+        sim_env(cmd, &self.base);
+        for (name, value) in &self.credentials {
+            cmd.env(name, value);
+        }
     }
 
     pub fn get_json(&self, path: &str) -> serde_json::Value {
@@ -111,15 +125,19 @@ impl Drop for Sim {
     }
 }
 
-/// Environment pointing the three providers at a simulator at `base`
-/// (`http://127.0.0.1:PORT`), with made-up keys.
+/// Environment pointing the providers at a simulator at `base`
+/// (`http://127.0.0.1:PORT`), with made-up keys. Perfect's RSA credentials come from
+/// the simulator's output: use [`Sim::env`] for Perfect jobs.
 pub fn sim_env(cmd: &mut Command, base: &str) {
     cmd.env("PIXBATCH_TOPAZ_URL", format!("{base}/topaz/image/v1"))
         .env("PIXBATCH_PHOTIO_URL", format!("{base}/photio/v1"))
         .env("PIXBATCH_AITHRIVING_URL", format!("{base}/aithriving"))
+        .env("PIXBATCH_PERFECT_URL", format!("{base}/perfect"))
+        .env("PIXBATCH_DZINE_URL", format!("{base}/dzine/openapi/v1"))
         .env("TOPAZ_API_KEY", "test-topaz-key-123")
         .env("PHOTIO_API_KEY", "test-photio-key-456")
-        .env("AITHRIVING_API_KEY", "test-aithriving-key-789");
+        .env("AITHRIVING_API_KEY", "test-aithriving-key-789")
+        .env("DZINE_API_KEY", "test-dzine-key-246");
 }
 
 /// A loopback port nothing listens on (for now).

@@ -1,0 +1,19 @@
+//! Dzine adapter. (Placeholder while the adapter is written: every job is refused with
+//! a clear reason, so nothing is sent.)
+
+use std::sync::Arc;
+
+use crate::model::JobSpec;
+use crate::providers::{Credentials, Provider};
+
+pub fn build(_credentials: &Credentials) -> Result<Arc<dyn Provider>, String> {
+    Err("dzine: this version of pixbatch does not implement the dzine provider yet".into())
+}
+
+pub fn validate(_spec: &JobSpec) -> Vec<String> {
+    vec!["dzine: this version of pixbatch does not implement the dzine provider yet".into()]
+}
+
+pub fn requests_per_job(_spec: &JobSpec) -> u32 {
+    0
+}
