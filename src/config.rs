@@ -59,6 +59,9 @@ pub struct ProviderConfig {
     /// (additive increase, multiplicative decrease), never above `rate_limits`. For
     /// providers that publish no limit (Dzine).
     pub adaptive: bool,
+    /// Overrides the adapter's keep-alive (how long an accepted task may go unpolled
+    /// before the provider drops it), for time-scaled tests against the simulator.
+    pub keep_alive: Option<Duration>,
     /// What one job costs in the provider's unit (credits, tokens), when the user
     /// knows it: lets `run` warn before starting when the balance looks too low.
     pub cost_per_job: Option<f64>,
@@ -123,6 +126,7 @@ struct FileProvider {
     max_in_flight: Option<usize>,
     reconcile_grace: Option<String>,
     adaptive: Option<bool>,
+    keep_alive: Option<String>,
     cost_per_job: Option<f64>,
     api_key: Option<String>,
     client_id: Option<String>,
@@ -155,6 +159,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         max_in_flight: in_flight,
         reconcile_grace: Duration::from_secs(30),
         adaptive: kind == ProviderKind::Dzine,
+        keep_alive: None,
         cost_per_job: None,
         credentials: Credentials::default(),
     }
@@ -267,6 +272,9 @@ impl Config {
                 }
                 if let Some(v) = f.adaptive {
                     c.adaptive = v;
+                }
+                if let Some(v) = &f.keep_alive {
+                    c.keep_alive = Some(parse_duration(v).map_err(|m| ctx("keep_alive", m))?);
                 }
                 if let Some(v) = f.cost_per_job {
                     if !(v.is_finite() && v >= 0.0) {

@@ -136,6 +136,11 @@ pub struct SimArgs {
     /// Lifetime of presigned download URLs.
     #[arg(long = "link-ttl-ms", value_name = "MS", default_value_t = 3_600_000)]
     pub link_ttl_ms: u64,
+
+    /// A Perfect task not polled for this long is dropped (the document's 10 s;
+    /// shorter for time-scaled tests, with the client's `keep_alive` to match).
+    #[arg(long = "keep-alive-ms", value_name = "MS", default_value_t = 10_000)]
+    pub keep_alive_ms: u64,
 }
 
 impl SimArgs {
@@ -175,6 +180,7 @@ impl SimArgs {
             limits,
             task_duration: Duration::from_millis(self.task_ms),
             link_ttl: Duration::from_millis(self.link_ttl_ms),
+            keep_alive: Duration::from_millis(self.keep_alive_ms),
             ..SimConfig::default()
         })
     }
@@ -229,6 +235,8 @@ pub struct SimConfig {
     pub task_duration: Duration,
     /// Lifetime of presigned download URLs.
     pub link_ttl: Duration,
+    /// How long a Perfect task may go unpolled before it is dropped.
+    pub keep_alive: Duration,
     /// The largest image (input or output, in pixels) the simulator decodes or produces;
     /// above it, requests the providers would accept are refused with a "simulator
     /// limit" message. Protects the machine running the tests.
@@ -248,6 +256,7 @@ impl Default for SimConfig {
             limits: default_limits(),
             task_duration: Duration::from_millis(800),
             link_ttl: Duration::from_millis(3_600_000),
+            keep_alive: Duration::from_secs(10),
             max_pixels: 40_000_000,
             max_body_bytes: 64 * 1024 * 1024,
         }

@@ -5,7 +5,9 @@ mod common;
 
 mod crash;
 mod demo;
+mod dzine;
 mod lifecycle;
 mod limits;
 mod manifest;
+mod perfect;
 mod secrets;

@@ -1,0 +1,1 @@
+//! dzine end to end against the simulator (to be written).

@@ -1,0 +1,1 @@
+//! perfect end to end against the simulator (to be written).
