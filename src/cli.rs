@@ -794,7 +794,7 @@ async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, F
         let mut note = "cancelled by `pixbatch cancel`".to_string();
         if let (Some(remote), true) = (job.remote_id.clone(), job.state.has_remote_task()) {
             let pc = config.provider(job.spec.provider);
-            match crate::providers::build(job.spec.provider, &pc.credentials) {
+            match crate::providers::build(&pc) {
                 Ok(adapter) => {
                     let gate = Arc::new(engine::limiter::ProviderGate::new(
                         job.spec.provider,

@@ -65,6 +65,9 @@ pub struct ProviderConfig {
     /// What one job costs in the provider's unit (credits, tokens), when the user
     /// knows it: lets `run` warn before starting when the balance looks too low.
     pub cost_per_job: Option<f64>,
+    /// Operation name → the provider's path segment for it, overriding the built-in
+    /// table (Perfect's document leaves some feature slugs unverified).
+    pub operations: BTreeMap<String, String>,
     pub credentials: Credentials,
 }
 
@@ -128,6 +131,7 @@ struct FileProvider {
     adaptive: Option<bool>,
     keep_alive: Option<String>,
     cost_per_job: Option<f64>,
+    operations: Option<BTreeMap<String, String>>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -161,6 +165,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         adaptive: kind == ProviderKind::Dzine,
         keep_alive: None,
         cost_per_job: None,
+        operations: BTreeMap::new(),
         credentials: Credentials::default(),
     }
 }
@@ -284,6 +289,23 @@ impl Config {
                         ));
                     }
                     c.cost_per_job = Some(v);
+                }
+                if let Some(map) = &f.operations {
+                    for (op, slug) in map {
+                        let ok = !slug.is_empty()
+                            && slug
+                                .chars()
+                                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+                        if !ok {
+                            return Err(ctx(
+                                "operations",
+                                format!(
+                                    "{op} = {slug:?}: a path segment of letters, digits, -_. only"
+                                ),
+                            ));
+                        }
+                    }
+                    c.operations = map.clone();
                 }
                 c.credentials.api_key = f.api_key.clone();
                 c.credentials.client_id = f.client_id.clone();

@@ -172,7 +172,7 @@ impl Engine {
                 continue;
             }
             let pc = config.provider(kind);
-            let adapter = match crate::providers::build(kind, &pc.credentials) {
+            let adapter = match crate::providers::build(&pc) {
                 Ok(a) => a,
                 Err(e) => {
                     problems.push(e);

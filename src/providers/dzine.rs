@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use crate::model::JobSpec;
-use crate::providers::{Credentials, Provider};
+use crate::providers::{Provider, ProviderConfig};
 
-pub fn build(_credentials: &Credentials) -> Result<Arc<dyn Provider>, String> {
+pub fn build(_config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
     Err("dzine: this version of pixbatch does not implement the dzine provider yet".into())
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use crate::api::{Api, ProviderError, RequestKind};
+pub use crate::config::ProviderConfig;
 use crate::model::{JobSpec, PendingOutput, ProviderKind};
 
 pub mod aithriving;
@@ -294,9 +295,12 @@ impl Credentials {
     }
 }
 
-/// Builds the adapter for `kind`, or says why it cannot (missing credentials, or a
-/// provider this version does not implement yet).
-pub fn build(kind: ProviderKind, credentials: &Credentials) -> Result<Arc<dyn Provider>, String> {
+/// Builds the adapter for `config.kind`, or says why it cannot (missing
+/// credentials). Adapters read only what is theirs: credentials and, for Perfect,
+/// the operation → slug overrides.
+pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
+    let kind = config.kind;
+    let credentials = &config.credentials;
     let need_key = |var: &str| {
         credentials
             .api_key
@@ -310,8 +314,8 @@ pub fn build(kind: ProviderKind, credentials: &Credentials) -> Result<Arc<dyn Pr
         ProviderKind::Aithriving => Ok(Arc::new(aithriving::Aithriving::new(need_key(
             "AITHRIVING_API_KEY",
         )?))),
-        ProviderKind::Perfect => perfect::build(credentials),
-        ProviderKind::Dzine => dzine::build(credentials),
+        ProviderKind::Perfect => perfect::build(config),
+        ProviderKind::Dzine => dzine::build(config),
     }
 }
 

@@ -141,6 +141,11 @@ pub struct SimArgs {
     /// shorter for time-scaled tests, with the client's `keep_alive` to match).
     #[arg(long = "keep-alive-ms", value_name = "MS", default_value_t = 10_000)]
     pub keep_alive_ms: u64,
+
+    /// Lifetime of the access tokens Perfect's auth hands out (the document's 2 hours;
+    /// shorter to see a client renew one mid-run).
+    #[arg(long = "token-ttl-ms", value_name = "MS", default_value_t = 7_200_000)]
+    pub token_ttl_ms: u64,
 }
 
 impl SimArgs {
@@ -181,6 +186,7 @@ impl SimArgs {
             task_duration: Duration::from_millis(self.task_ms),
             link_ttl: Duration::from_millis(self.link_ttl_ms),
             keep_alive: Duration::from_millis(self.keep_alive_ms),
+            token_ttl: Duration::from_millis(self.token_ttl_ms),
             ..SimConfig::default()
         })
     }
@@ -237,6 +243,8 @@ pub struct SimConfig {
     pub link_ttl: Duration,
     /// How long a Perfect task may go unpolled before it is dropped.
     pub keep_alive: Duration,
+    /// Lifetime of Perfect access tokens.
+    pub token_ttl: Duration,
     /// The largest image (input or output, in pixels) the simulator decodes or produces;
     /// above it, requests the providers would accept are refused with a "simulator
     /// limit" message. Protects the machine running the tests.
@@ -257,6 +265,7 @@ impl Default for SimConfig {
             task_duration: Duration::from_millis(800),
             link_ttl: Duration::from_millis(3_600_000),
             keep_alive: Duration::from_secs(10),
+            token_ttl: Duration::from_secs(7200),
             max_pixels: 40_000_000,
             max_body_bytes: 64 * 1024 * 1024,
         }
