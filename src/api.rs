@@ -143,6 +143,14 @@ impl Api {
         &self.base_url
     }
 
+    /// For providers that say "too many requests" inside a 200 answer (an error code
+    /// in the body): holds every request to the host, as an HTTP 429 does, and slows
+    /// an adaptive gate. The adapter still returns a rate-limited `Transient`.
+    pub fn slow_down(&self, retry_after: Option<Duration>) {
+        self.gate
+            .back_off(retry_after.unwrap_or(Duration::from_secs(1)));
+    }
+
     /// The client, for requests that do not go to the provider's API host (presigned
     /// uploads and downloads) and so are not rate limited.
     pub fn client(&self) -> &reqwest::Client {

@@ -100,6 +100,30 @@ impl SlidingLimiter {
         }
     }
 
+    /// Whether one more request sent at `now` still leaves room, in every window, for
+    /// `reserved(τ)` further requests within the next τ ms, for every τ up to the
+    /// window. Used to keep accepted tasks alive: `reserved` is the polls they will
+    /// need. The worst moments are just before each logged send leaves the window
+    /// (the reserve has grown, that send still counts), so only those are checked.
+    pub fn fits_with_reserve(&self, now: u64, reserved: impl Fn(u64) -> usize) -> bool {
+        for &(n, w) in &self.limits {
+            let inside: Vec<u64> = self.sent.iter().copied().filter(|&t| t + w > now).collect();
+            let len = inside.len();
+            if len + 1 + reserved(0) > n {
+                return false;
+            }
+            for (k, &t) in inside.iter().enumerate() {
+                if (len - k) + 1 + reserved(t + w - now) > n {
+                    return false;
+                }
+            }
+            if 1 + reserved(w) > n {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Requests sent within the last `window_ms` before `now`.
     pub fn sent_within(&self, now: u64, window_ms: u64) -> usize {
         self.sent.iter().filter(|&&x| x + window_ms > now).count()
@@ -165,6 +189,83 @@ pub struct ProviderGate {
     /// How many times the breaker tripped in this outage (sets the pause).
     outage_trips: AtomicU64,
     outage_patience_ms: u64,
+    /// Set for providers that drop a task not polled in time (Perfect).
+    keep_alive: Option<KeepAlive>,
+    /// Set for providers without a published limit (Dzine).
+    adaptive: Option<AdaptiveRate>,
+}
+
+/// What the gate needs to keep accepted tasks alive: how many there are, how often
+/// each is polled, and how many polls a task takes (learned as tasks finish).
+#[derive(Debug)]
+struct KeepAlive {
+    keep_alive_ms: u64,
+    /// Tasks that need polls now or soon (accepted, or being started), as the
+    /// dispatcher last counted them.
+    live_tasks: AtomicUsize,
+    /// Smoothed gap between two polls of one task (ms).
+    poll_gap_ms: AtomicU64,
+    polls: AtomicU64,
+    tasks_finished: AtomicU64,
+}
+
+/// Polls a task is assumed to need before any has finished.
+const PRIOR_POLLS_PER_TASK: u64 = 6;
+
+impl KeepAlive {
+    /// Polls one live task may still need: half again the average so far, plus one.
+    fn polls_per_task(&self) -> u64 {
+        let done = self.tasks_finished.load(Ordering::Relaxed);
+        if done == 0 {
+            return PRIOR_POLLS_PER_TASK;
+        }
+        let polls = self.polls.load(Ordering::Relaxed);
+        (polls * 3).div_ceil(done * 2) + 1
+    }
+
+    /// The polls `tasks` live tasks may send within the next `tau` ms.
+    fn reserve(&self, tasks: usize, tau: u64) -> usize {
+        let gap = self.poll_gap_ms.load(Ordering::Relaxed).max(1);
+        let per_task = (tau / gap + 1).min(self.polls_per_task());
+        tasks * per_task as usize
+    }
+}
+
+/// Additive increase, multiplicative decrease of the request rate, below the
+/// configured limits: halve on a 429, a 5xx or no answer; creep back up while the
+/// provider answers.
+#[derive(Debug)]
+struct AdaptiveRate {
+    /// Requests per ms allowed by the tightest configured limit.
+    ceiling: f64,
+    /// Current rate (requests per ms).
+    rate: std::sync::Mutex<f64>,
+    last_sent: AtomicU64,
+}
+
+impl AdaptiveRate {
+    fn spacing_ms(&self) -> u64 {
+        let rate = *self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if rate >= self.ceiling {
+            // At the ceiling the sliding log alone decides (bursts allowed).
+            0
+        } else {
+            (1.0 / rate).ceil() as u64
+        }
+    }
+
+    fn adjust(&self, healthy: bool) {
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        *rate = if healthy {
+            (*rate + self.ceiling / 100.0).min(self.ceiling)
+        } else {
+            (*rate / 2.0).max(self.ceiling / 64.0)
+        };
+    }
+
+    fn rate_per_sec(&self) -> f64 {
+        *self.rate.lock().unwrap_or_else(|p| p.into_inner()) * 1000.0
+    }
 }
 
 /// Requests in a row failing with 5xx or no answer before the provider is taken to
@@ -212,6 +313,95 @@ impl ProviderGate {
             outage_since: AtomicU64::new(0),
             outage_trips: AtomicU64::new(0),
             outage_patience_ms: 30 * 60 * 1000,
+            keep_alive: None,
+            adaptive: None,
+        }
+    }
+
+    /// Keeps accepted tasks alive: requests that start new work wait until the
+    /// limits leave room for the polls of every live task (see
+    /// [`ProviderGate::keep_alive_fits`]). `poll_gap` is the first guess of how often
+    /// a task is polled.
+    pub fn with_keep_alive(mut self, keep_alive: Duration, poll_gap: Duration) -> Self {
+        let keep_alive_ms = keep_alive.as_millis() as u64;
+        let gap = (poll_gap.as_millis() as u64).clamp(1, (keep_alive_ms / 2).max(1));
+        self.keep_alive = Some(KeepAlive {
+            keep_alive_ms,
+            live_tasks: AtomicUsize::new(0),
+            poll_gap_ms: AtomicU64::new(gap),
+            polls: AtomicU64::new(0),
+            tasks_finished: AtomicU64::new(0),
+        });
+        self
+    }
+
+    /// Adapts the rate to the provider's answers (AIMD), never above the limits.
+    pub fn with_adaptive_rate(mut self) -> Self {
+        let ceiling = self.with_limiter(|l| {
+            l.limits
+                .iter()
+                .map(|&(n, w)| n as f64 / w.max(1) as f64)
+                .fold(f64::INFINITY, f64::min)
+        });
+        if ceiling.is_finite() && ceiling > 0.0 {
+            self.adaptive = Some(AdaptiveRate {
+                ceiling,
+                rate: std::sync::Mutex::new(ceiling),
+                last_sent: AtomicU64::new(0),
+            });
+        }
+        self
+    }
+
+    /// The adaptive rate now (requests per second), if the gate adapts.
+    pub fn adaptive_rate_per_sec(&self) -> Option<f64> {
+        self.adaptive.as_ref().map(AdaptiveRate::rate_per_sec)
+    }
+
+    /// How long a task may go unpolled, if the provider drops such tasks.
+    pub fn keep_alive(&self) -> Option<Duration> {
+        self.keep_alive
+            .as_ref()
+            .map(|k| Duration::from_millis(k.keep_alive_ms))
+    }
+
+    /// The dispatcher's count of tasks that need polls (accepted or being started).
+    pub fn set_live_tasks(&self, n: usize) {
+        if let Some(k) = &self.keep_alive {
+            k.live_tasks.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `live_tasks` tasks can all be kept alive if one more request that
+    /// starts new work goes now: every window must hold, at every moment of the next
+    /// window length, what was sent, that request, and the polls the tasks will
+    /// need by then. Always true for providers without a keep-alive.
+    pub fn keep_alive_fits(&self, live_tasks: usize) -> bool {
+        let Some(k) = &self.keep_alive else {
+            return true;
+        };
+        let now = self.clock.now_ms();
+        self.with_limiter(|l| l.fits_with_reserve(now, |tau| k.reserve(live_tasks, tau)))
+    }
+
+    /// A poll was scheduled `wait` after the previous one.
+    pub fn note_poll_gap(&self, wait: Duration) {
+        if let Some(k) = &self.keep_alive {
+            let w = wait.as_millis() as u64;
+            let old = k.poll_gap_ms.load(Ordering::Relaxed);
+            // Lean towards shorter gaps: they need more polls, the safe side.
+            let new = if w < old { w } else { (old * 7 + w) / 8 };
+            k.poll_gap_ms.store(
+                new.clamp(1, (k.keep_alive_ms / 2).max(1)),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// A task stopped needing polls (finished, failed or lost).
+    pub fn task_left_polling(&self) {
+        if let Some(k) = &self.keep_alive {
+            k.tasks_finished.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -261,25 +451,55 @@ impl RequestGate for ProviderGate {
         let started = self.clock.now_ms();
         if urgent {
             self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
-        } else {
-            while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
-                // The timeout only guards against a missed wake-up.
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(50), self.urgent_done.notified())
-                        .await;
+        }
+        // Taken in turn (FIFO); a request that starts new work gives its turn back
+        // while the polls of live tasks would not fit, so polls never queue behind it.
+        let (turn, admitted_at) = 'admission: loop {
+            if !urgent {
+                while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
+                    // The timeout only guards against a missed wake-up.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(50),
+                        self.urgent_done.notified(),
+                    )
+                    .await;
+                }
+            }
+            let turn = self.turn.lock().await;
+            loop {
+                let now = self.clock.now_ms();
+                let mut free = self
+                    .with_limiter(|l| l.next_free(now))
+                    .max(self.paused_until.load(Ordering::SeqCst));
+                if let Some(a) = &self.adaptive {
+                    let spacing = a.spacing_ms();
+                    if spacing > 0 {
+                        free = free.max(a.last_sent.load(Ordering::SeqCst) + spacing);
+                    }
+                }
+                if free <= now && !urgent {
+                    if let Some(k) = &self.keep_alive {
+                        if !self.keep_alive_fits(k.live_tasks.load(Ordering::Relaxed)) {
+                            drop(turn);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue 'admission;
+                        }
+                    }
+                }
+                if free <= now {
+                    break 'admission (turn, now);
+                }
+                tokio::time::sleep(Duration::from_millis(free - now)).await;
+            }
+        };
+        if let Some(a) = &self.adaptive {
+            a.last_sent.store(admitted_at, Ordering::SeqCst);
+        }
+        if kind == RequestKind::Poll {
+            if let Some(k) = &self.keep_alive {
+                k.polls.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let turn = self.turn.lock().await;
-        let admitted_at = loop {
-            let now = self.clock.now_ms();
-            let free = self
-                .with_limiter(|l| l.next_free(now))
-                .max(self.paused_until.load(Ordering::SeqCst));
-            if free <= now {
-                break now;
-            }
-            tokio::time::sleep(Duration::from_millis(free - now)).await;
-        };
         let unlimited = self.with_limiter(|l| {
             l.record(admitted_at);
             l.is_unlimited()
@@ -315,6 +535,9 @@ impl RequestGate for ProviderGate {
     }
 
     fn answered(&self, healthy: bool) {
+        if let Some(a) = &self.adaptive {
+            a.adjust(healthy);
+        }
         if healthy {
             self.failures_in_a_row.store(0, Ordering::SeqCst);
             if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
@@ -344,6 +567,9 @@ impl RequestGate for ProviderGate {
     }
 
     fn back_off(&self, wait: Duration) {
+        if let Some(a) = &self.adaptive {
+            a.adjust(false);
+        }
         let until = self.clock.now_ms() + wait.as_millis() as u64;
         self.paused_until.fetch_max(until, Ordering::SeqCst);
         self.stats.backoffs.fetch_add(1, Ordering::Relaxed);
@@ -515,5 +741,100 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn the_reserve_counts_until_old_sends_leave_the_window() {
+        let mut l = SlidingLimiter::new(&[spec("10/1s")], Duration::ZERO);
+        for _ in 0..5 {
+            l.record(0);
+        }
+        // Nothing to keep alive: five more fit.
+        assert!(l.fits_with_reserve(100, |_| 0));
+        // Two tasks polled every 200 ms until each has had 3 polls: at τ = 0 that is
+        // 5 + 1 + 2, but just before the first sends leave (τ = 900) it is
+        // 5 + 1 + 2 × 3 = 12 > 10.
+        let reserve = |tasks: usize| move |tau: u64| tasks * ((tau / 200 + 1).min(3) as usize);
+        assert!(!l.fits_with_reserve(100, reserve(2)));
+        // One task: 5 + 1 + 3 = 9.
+        assert!(l.fits_with_reserve(100, reserve(1)));
+        // Once the old sends have left, two tasks fit again.
+        assert!(l.fits_with_reserve(1_000, reserve(2)));
+    }
+
+    #[test]
+    fn keep_alive_budget_grows_with_the_tasks_to_keep() {
+        let gate = ProviderGate::new(
+            ProviderKind::Perfect,
+            &[spec("20/10s")],
+            Duration::ZERO,
+            None,
+        )
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(2));
+        // Gap 2 s, prior 6 polls per task: within 10 s each task needs up to 6.
+        assert!(gate.keep_alive_fits(3));
+        assert!(!gate.keep_alive_fits(4), "1 + 4 × 6 > 20");
+        let plain = ProviderGate::new(ProviderKind::Topaz, &[spec("20/10s")], Duration::ZERO, None);
+        assert!(plain.keep_alive_fits(1_000), "no keep-alive, no reserve");
+    }
+
+    #[tokio::test]
+    async fn new_work_waits_for_the_polls_of_live_tasks_but_polls_do_not() {
+        let gate = ProviderGate::new(ProviderKind::Perfect, &[spec("8/1s")], Duration::ZERO, None)
+            .with_keep_alive(Duration::from_millis(400), Duration::from_millis(100));
+        gate.set_live_tasks(1);
+        for _ in 0..4 {
+            gate.admit(RequestKind::Submit).await;
+        }
+        // 4 sent + 1 new + 1 task × 2 polls (prior 6, gap 100 ms, keep-alive 400 ms
+        // → gap clamped to 200 ms: τ/200+1 grows to 6 within the window) > 8.
+        let blocked =
+            tokio::time::timeout(Duration::from_millis(150), gate.admit(RequestKind::Submit)).await;
+        assert!(blocked.is_err(), "a submission must wait for the reserve");
+        let t = Instant::now();
+        gate.admit(RequestKind::Poll).await;
+        assert!(t.elapsed() < Duration::from_millis(50), "polls go first");
+    }
+
+    #[test]
+    fn adaptive_rate_halves_on_trouble_and_creeps_back() {
+        let gate = ProviderGate::new(ProviderKind::Dzine, &[spec("10/1s")], Duration::ZERO, None)
+            .with_adaptive_rate();
+        // 10 per 1 s, plus the 1 % window margin.
+        let full = gate.adaptive_rate_per_sec().unwrap();
+        assert!((full - 10.0 / 1.01).abs() < 1e-9, "{full}");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        gate.back_off(Duration::ZERO);
+        assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 2.0));
+        gate.answered(false);
+        assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 4.0));
+        // +1 % of the ceiling per healthy answer.
+        for _ in 0..25 {
+            gate.answered(true);
+        }
+        assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 2.0));
+        for _ in 0..1000 {
+            gate.answered(true);
+        }
+        assert!(
+            close(gate.adaptive_rate_per_sec().unwrap(), full),
+            "never above the limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slowed_gate_spaces_its_requests() {
+        let gate = ProviderGate::new(ProviderKind::Dzine, &[spec("100/1s")], Duration::ZERO, None)
+            .with_adaptive_rate();
+        for _ in 0..4 {
+            gate.answered(false);
+        }
+        // 100/s halved four times: 6.25/s, one request every 160 ms.
+        let t = Instant::now();
+        for _ in 0..3 {
+            gate.admit(RequestKind::Query).await;
+        }
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(300), "{e:?}");
     }
 }

@@ -96,6 +96,27 @@ pub struct Lane {
     pub config: ProviderConfig,
     permits: Arc<Semaphore>,
     pub stats: Arc<RunStats>,
+    /// How long an accepted task may go unpolled (config, else the adapter's).
+    pub keep_alive: Option<Duration>,
+    /// New-work steps (preparing or submitting) running now: they will need polls
+    /// soon, so they count as live tasks for the keep-alive budget.
+    starting: std::sync::atomic::AtomicUsize,
+}
+
+impl Lane {
+    /// When to poll next: the provider's wish, but never so late that a provider
+    /// with a keep-alive drops the task (half of it: room for a slow answer, a
+    /// wait at the gate, and one retry).
+    pub(crate) fn poll_wait(&self, wish: Duration) -> Duration {
+        match self.keep_alive {
+            Some(k) => {
+                let wait = wish.min(k / 2);
+                self.gate.note_poll_gap(wait);
+                wait
+            }
+            None => wish,
+        }
+    }
 }
 
 /// What a run ended with.
@@ -185,15 +206,21 @@ impl Engine {
                 .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|e| EngineError::Setup(format!("{kind}: HTTP client: {e}")))?;
-            let gate = Arc::new(
-                ProviderGate::new(
-                    kind,
-                    &pc.rate_limits,
-                    config.engine.rate_margin,
-                    Some(store.clone()),
-                )
-                .with_outage_patience(config.engine.outage_patience),
-            );
+            let keep_alive = pc.keep_alive.or_else(|| adapter.keep_alive());
+            let mut gate = ProviderGate::new(
+                kind,
+                &pc.rate_limits,
+                config.engine.rate_margin,
+                Some(store.clone()),
+            )
+            .with_outage_patience(config.engine.outage_patience);
+            if let Some(k) = keep_alive {
+                gate = gate.with_keep_alive(k, pc.poll_interval);
+            }
+            if pc.adaptive {
+                gate = gate.with_adaptive_rate();
+            }
+            let gate = Arc::new(gate);
             let api = Api::new(&pc.base_url, client, gate.clone());
             lanes.insert(
                 kind,
@@ -205,6 +232,8 @@ impl Engine {
                     permits: Arc::new(Semaphore::new(pc.concurrency)),
                     config: pc,
                     stats: stats.clone(),
+                    keep_alive,
+                    starting: Default::default(),
                 }),
             );
         }
@@ -279,6 +308,13 @@ impl Engine {
                 .iter()
                 .map(|s| self.store.count(*s, lane.kind).unwrap_or(0))
                 .sum::<u64>() as usize;
+                // Tasks that need polls: accepted ones, and new work under way.
+                let mut live_tasks = [JobState::Submitting, JobState::Submitted, JobState::Polling]
+                    .iter()
+                    .map(|s| self.store.count(*s, lane.kind).unwrap_or(0))
+                    .sum::<u64>() as usize
+                    + lane.starting.load(Ordering::SeqCst);
+                lane.gate.set_live_tasks(live_tasks);
                 for state in DISPATCH_ORDER {
                     let free = lane.permits.available_permits();
                     if free == 0 {
@@ -291,6 +327,12 @@ impl Engine {
                     let ids = self.store.due(state, lane.kind, now, free + busy)?;
                     for id in ids {
                         if is_new_work(state) && remote_in_flight >= lane.config.max_in_flight {
+                            break;
+                        }
+                        if is_new_work(state) && !lane.gate.keep_alive_fits(live_tasks + 1) {
+                            // The polls of the tasks already accepted come first; look
+                            // again soon (the window slides, tasks finish).
+                            next_wake = next_wake.min(now + 20);
                             break;
                         }
                         let fresh = claimed
@@ -306,8 +348,12 @@ impl Engine {
                             }
                             break;
                         };
-                        if is_new_work(state) {
+                        let new_work = is_new_work(state);
+                        if new_work {
                             remote_in_flight += 1;
+                            live_tasks += 1;
+                            lane.starting.fetch_add(1, Ordering::SeqCst);
+                            lane.gate.set_live_tasks(live_tasks);
                         }
                         let lane = lane.clone();
                         let store = self.store.clone();
@@ -323,6 +369,9 @@ impl Engine {
                                 max_download_bytes,
                             };
                             let result = step::run(&env, &id).await;
+                            if new_work {
+                                lane.starting.fetch_sub(1, Ordering::SeqCst);
+                            }
                             if let Ok(mut c) = claimed.lock() {
                                 c.remove(&id);
                             }

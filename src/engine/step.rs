@@ -170,7 +170,9 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             )?;
             job.remote_id = Some(remote_id);
             job.state = JobState::Submitted;
-            let wait = first_poll_after.unwrap_or(env.lane.config.poll_interval);
+            let wait = env
+                .lane
+                .poll_wait(first_poll_after.unwrap_or(env.lane.config.poll_interval));
             job.due_ms = now_ms() + wait.as_millis() as u64;
             save(env, &mut job)?;
             // The remote id is recorded as soon as it is known.
@@ -303,10 +305,15 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         .adapter
         .poll(&env.lane.api, &context(&job), &remote)
         .await;
+    if !matches!(outcome, Ok(PollOutcome::Running { .. }) | Err(_)) {
+        env.lane.gate.task_left_polling();
+    }
     match outcome {
         Ok(PollOutcome::Running { next_poll }) => {
             job.state = JobState::Polling;
-            let wait = next_poll.unwrap_or(env.lane.config.poll_interval);
+            let wait = env
+                .lane
+                .poll_wait(next_poll.unwrap_or(env.lane.config.poll_interval));
             job.due_ms = now_ms() + wait.as_millis() as u64;
             save(env, &mut job)
         }
@@ -381,7 +388,21 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             }
             PendingOutput::Url { url, ext } => {
                 let rel = download::output_relative_path(&job.spec, index, count, ext);
-                fetch_one(env, url, &rel).await.map(|w| (rel, w))
+                let fetched = fetch_one(env, url, &rel).await;
+                if let (
+                    Err(DownloadError::Status {
+                        expired: true,
+                        status,
+                    }),
+                    Some(_),
+                ) = (&fetched, &job.remote_id)
+                {
+                    // Result links expire (Perfect's after 2 hours): the task's
+                    // status hands out fresh ones. Counted as an attempt so a link
+                    // that never works ends the job instead of looping.
+                    return relink(env, job, *status).await;
+                }
+                fetched.map(|w| (rel, w))
             }
             PendingOutput::Provider { key, ext } => {
                 let remote = job.remote_id.clone().unwrap_or_default();
@@ -438,6 +459,27 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         }
     }
     finish(env, job).await
+}
+
+/// A result link answered as expired: poll the task again for fresh links.
+async fn relink(env: &StepEnv<'_>, mut job: Job, status: u16) -> Result<(), StoreError> {
+    job.attempts += 1;
+    if job.attempts >= env.lane.config.max_attempts {
+        let reason = format!(
+            "gave up after {} attempts: result link answered HTTP {status} (expired?)",
+            job.attempts
+        );
+        return fail(env, job, reason).await;
+    }
+    event(
+        env,
+        &job,
+        EventKind::Retry,
+        format!("result link answered HTTP {status}; asking the provider for fresh links"),
+    )?;
+    job.state = JobState::Polling;
+    job.due_ms = now_ms();
+    save(env, &mut job)
 }
 
 async fn fetch_one(
@@ -599,7 +641,11 @@ async fn on_error(
                     format!("attempt {} failed: {reason}", job.attempts),
                 )?;
             }
-            let wait = backoff_delay(job.attempts.max(1), retry_after);
+            let mut wait = backoff_delay(job.attempts.max(1), retry_after);
+            if phase == Phase::Poll {
+                // A provider that drops unpolled tasks must hear from us in time.
+                wait = env.lane.poll_wait(wait);
+            }
             job.due_ms = now_ms() + wait.as_millis() as u64;
             job.error = Some(reason);
             job.state = match phase {
