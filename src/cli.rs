@@ -99,7 +99,32 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
     },
-    /// Serve the simulated providers on loopback (Topaz, Photio, AIThriving so far).
+    /// List the styles a provider offers, with the ids to put in a manifest's params
+    /// (Perfect: the style groups of FEATURE, or with --group the styles in one).
+    Styles {
+        provider: ProviderKind,
+        /// The operation whose styles to list (Perfect: hair-style, wig, text-to-image …).
+        feature: Option<String>,
+        /// A style group id: list the styles in it (Perfect).
+        #[arg(long, value_name = "ID")]
+        group: Option<String>,
+        /// Only styles for this base model (Dzine: S or X).
+        #[arg(long = "base-model", value_name = "MODEL")]
+        base_model: Option<String>,
+        /// Stop after N entries (default: every page).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a provider's remaining credit (where its API tells it).
+    Balance {
+        provider: ProviderKind,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the simulated providers on loopback (all five).
     Sim {
         /// Address to listen on (loopback only; port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -184,6 +209,23 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Retry { failed, job_ids } => cmd_retry(&db, failed, &job_ids),
         Command::Cancel { job_ids } => cmd_cancel(&db, &config, &job_ids).await,
         Command::Report { format, output } => cmd_report(&db, format, output.as_deref()),
+        Command::Styles {
+            provider,
+            feature,
+            group,
+            base_model,
+            limit,
+            json,
+        } => {
+            let query = crate::providers::StyleQuery {
+                feature,
+                group,
+                base_model,
+                limit,
+            };
+            cmd_styles(&config, provider, &query, json).await
+        }
+        Command::Balance { provider, json } => cmd_balance(&config, provider, json).await,
         Command::Sim { addr, sim } => cmd_sim(&addr, sim).await,
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,
     };
@@ -837,6 +879,81 @@ async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, F
     Ok(EXIT_OK)
 }
 
+// ----- styles / balance -----------------------------------------------------------
+
+async fn cmd_styles(
+    config: &Config,
+    provider: ProviderKind,
+    query: &crate::providers::StyleQuery,
+    json: bool,
+) -> Result<i32, Fail> {
+    let (adapter, api) = engine::standalone(config, provider)
+        .await
+        .map_err(|e| Fail(EXIT_ERROR, e))?;
+    let entries = adapter
+        .styles(&api, query)
+        .await
+        .map_err(|e| Fail(EXIT_ERROR, format!("{provider}: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for e in &entries {
+            let detail: serde_json::Map<String, serde_json::Value> = e
+                .detail
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            let line = serde_json::json!({
+                "kind": e.kind, "id": e.id, "title": e.title, "detail": detail,
+            });
+            writeln!(out, "{line}")?;
+        }
+    } else {
+        let id_width = entries.iter().map(|e| e.id.len()).max().unwrap_or(2).max(2);
+        writeln!(out, "{:<6} {:<id_width$}  TITLE", "KIND", "ID")?;
+        for e in &entries {
+            let detail: Vec<String> = e.detail.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", detail.join(", "))
+            };
+            writeln!(
+                out,
+                "{:<6} {:<id_width$}  {}{detail}",
+                e.kind, e.id, e.title
+            )?;
+        }
+    }
+    if entries.is_empty() {
+        eprintln!("pixbatch: {provider} listed no styles");
+    }
+    Ok(EXIT_OK)
+}
+
+async fn cmd_balance(config: &Config, provider: ProviderKind, json: bool) -> Result<i32, Fail> {
+    let (adapter, api) = engine::standalone(config, provider)
+        .await
+        .map_err(|e| Fail(EXIT_ERROR, e))?;
+    match adapter.balance(&api).await {
+        Ok(Some(b)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"provider": provider.name(), "amount": b.amount, "unit": b.unit})
+                );
+            } else {
+                println!("{provider}: {} {}", b.amount, b.unit);
+            }
+            Ok(EXIT_OK)
+        }
+        Ok(None) => Err(Fail(
+            EXIT_ERROR,
+            format!("{provider}: its API does not tell the balance"),
+        )),
+        Err(e) => Err(Fail(EXIT_ERROR, format!("{provider}: {e}"))),
+    }
+}
+
 // ----- sim / demo ---------------------------------------------------------------
 
 async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32, Fail> {
@@ -888,24 +1005,28 @@ async fn cmd_demo(
         )
     })?;
     let db = db.unwrap_or_else(|| folder.join("pixbatch.db"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (sim_stop, sim_stopped) = tokio::sync::oneshot::channel::<()>();
-    let sim = tokio::spawn(crate::sim::serve(
-        listener,
-        crate::sim::SimConfig::default(),
-        async {
-            let _ = sim_stopped.await;
-        },
-    ));
-    for kind in [
-        ProviderKind::Topaz,
-        ProviderKind::Photio,
-        ProviderKind::Aithriving,
-    ] {
+    let sim = crate::sim::spawn(crate::sim::SimConfig::default()).await?;
+    let addr = sim.addr();
+    let sim_credentials = sim.credentials().clone();
+    for kind in ProviderKind::ALL {
         if let Some(pc) = config.providers.get_mut(&kind) {
             pc.base_url = format!("http://{addr}{}", crate::providers::sim_base_path(kind));
-            pc.credentials.api_key = Some(format!("demo-{kind}-key"));
+            // Made-up keys; Perfect's RSA pair is the one this simulator generated.
+            pc.credentials = crate::providers::Credentials {
+                api_key: Some(format!("demo-{kind}-key")),
+                ..Default::default()
+            };
+            let vars = &sim_credentials[kind.name()];
+            let var = |name: &str| vars[name].as_str().map(str::to_string);
+            if let (Some(id), Some(secret)) =
+                (var("PERFECT_CLIENT_ID"), var("PERFECT_CLIENT_SECRET"))
+            {
+                pc.credentials = crate::providers::Credentials {
+                    api_key: None,
+                    client_id: Some(id),
+                    client_secret: Some(secret),
+                };
+            }
         }
     }
     eprintln!(
@@ -918,7 +1039,6 @@ async fn cmd_demo(
     let store = open_store(&db)?;
     enqueue_into(&store, &config, &[manifest], false)?;
     let code = work(store, &db, out, config, false, bar).await;
-    let _ = sim_stop.send(());
-    let _ = sim.await;
+    let _ = sim.shutdown().await;
     code
 }

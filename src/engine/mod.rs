@@ -200,12 +200,7 @@ impl Engine {
                     continue;
                 }
             };
-            let client = reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(15))
-                .read_timeout(pc.timeout)
-                .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| EngineError::Setup(format!("{kind}: HTTP client: {e}")))?;
+            let client = http_client(&pc).map_err(EngineError::Setup)?;
             let keep_alive = pc.keep_alive.or_else(|| adapter.keep_alive());
             let mut gate = ProviderGate::new(
                 kind,
@@ -268,6 +263,7 @@ impl Engine {
             if let Err(e) = lane.adapter.authenticate(&lane.api).await {
                 return Err(EngineError::Setup(format!("{}: {e}", lane.kind)));
             }
+            self.check_balance(lane).await?;
         }
         let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
         let wake = Arc::new(Notify::new());
@@ -443,6 +439,41 @@ impl Engine {
         Ok(summary)
     }
 
+    /// Warns when the account looks too poor for the jobs not yet submitted, where
+    /// the provider tells the balance and the user configured a cost per job. A
+    /// warning, not a stop: the estimate is the user's, and the provider refuses
+    /// what it will not pay for anyway.
+    async fn check_balance(&self, lane: &Lane) -> Result<(), StoreError> {
+        let Some(cost) = lane.config.cost_per_job else {
+            return Ok(());
+        };
+        let mut to_submit = 0;
+        for state in [JobState::Queued, JobState::RetryWait, JobState::Preparing] {
+            to_submit += self.store.count(state, lane.kind)?;
+        }
+        if to_submit == 0 {
+            return Ok(());
+        }
+        match lane.adapter.balance(&lane.api).await {
+            Ok(Some(balance)) => {
+                let needed = cost * to_submit as f64;
+                if balance.amount < needed {
+                    tracing::warn!(
+                        provider = %lane.kind,
+                        "the balance looks too low: {} {} left, {to_submit} jobs to submit at {cost} each need {needed}",
+                        balance.amount,
+                        balance.unit
+                    );
+                } else {
+                    tracing::info!(provider = %lane.kind, "balance {} {} for {to_submit} jobs at {cost} each", balance.amount, balance.unit);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(provider = %lane.kind, "could not read the balance: {e}"),
+        }
+        Ok(())
+    }
+
     fn progress(&self, started: u64) -> Result<Progress, StoreError> {
         let mut counts = BTreeMap::new();
         for ((s, _), n) in self.store.counts()? {
@@ -467,6 +498,38 @@ impl Engine {
     pub fn summary(&self) -> Result<RunSummary, StoreError> {
         summarize(&self.store)
     }
+}
+
+/// The HTTP client for one provider's requests (API host, uploads, downloads).
+pub fn http_client(pc: &ProviderConfig) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(pc.timeout)
+        .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("{}: HTTP client: {e}", pc.kind))
+}
+
+/// An adapter and its `Api` outside a run (`styles`, `balance`, `cancel`): the
+/// provider's limits are kept in memory only, and credentials are checked first.
+pub async fn standalone(
+    config: &Config,
+    kind: ProviderKind,
+) -> Result<(Arc<dyn Provider>, Api), String> {
+    let pc = config.provider(kind);
+    let adapter = crate::providers::build(&pc)?;
+    let gate = Arc::new(ProviderGate::new(
+        kind,
+        &pc.rate_limits,
+        config.engine.rate_margin,
+        None,
+    ));
+    let api = Api::new(&pc.base_url, http_client(&pc)?, gate);
+    adapter
+        .authenticate(&api)
+        .await
+        .map_err(|e| format!("{kind}: {e}"))?;
+    Ok((adapter, api))
 }
 
 /// Counts of the whole queue, as `run` reports them and decides its exit code on.
