@@ -1250,3 +1250,750 @@ impl Provider for Dzine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(op: &str, inputs: &[&str], prompt: Option<&str>, params: Value) -> JobSpec {
+        JobSpec {
+            id: "d1".into(),
+            provider: ProviderKind::Dzine,
+            operation: op.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            prompt: prompt.map(str::to_string),
+            params_json: params.to_string(),
+            output: None,
+        }
+    }
+
+    fn has(errors: &[String], needle: &str) -> bool {
+        errors.iter().any(|e| e.contains(needle))
+    }
+
+    fn txt(params: Value) -> Vec<String> {
+        validate(&spec("txt2img", &[], Some("a fox"), params))
+    }
+
+    const STYLE: &str = "Style-7feccf2b-f2ad-43a6-89cb-354fb5d928d2";
+
+    #[test]
+    fn txt2img_limits() {
+        assert_eq!(
+            txt(json!({"style_code": STYLE, "target_h": 1024})),
+            Vec::<String>::new()
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 1600}));
+        assert!(
+            has(
+                &e,
+                "target_h must be an integer from 128 to 1536 (got 1600)"
+            ),
+            "{e:?}"
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "target_w": 127}));
+        assert!(
+            has(&e, "target_w must be an integer from 128 to 1536"),
+            "{e:?}"
+        );
+        let e = txt(json!({"target_h": 512}));
+        assert!(has(&e, "needs params.style_code"), "{e:?}");
+        let e = txt(json!({"style_code": STYLE}));
+        assert!(has(&e, "needs params.target_h"), "{e:?}");
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "style_intensity": 0.35}));
+        assert!(has(&e, "style_intensity must be one of 0, 0.1"), "{e:?}");
+        assert!(has(&e, "nearest allowed: 0.4"), "{e:?}");
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "style_intensity": 1.1}));
+        assert!(
+            has(&e, "style_intensity must be a number from 0 to 1"),
+            "{e:?}"
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "seed": 0}));
+        assert!(
+            has(&e, "seed must be an integer from 1 to 2147483647"),
+            "{e:?}"
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "seed": 2147483648u64}));
+        assert!(has(&e, "seed must be"), "{e:?}");
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "quality_mode": 2}));
+        assert!(
+            has(&e, "quality_mode must be an integer from 0 to 1"),
+            "{e:?}"
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "output_format": "png"}));
+        assert!(
+            has(&e, "output_format must be \"jpeg\" or \"webp\""),
+            "{e:?}"
+        );
+        let e = txt(json!({"style_code": STYLE, "target_h": 512, "stlye_intensity": 0.5}));
+        assert!(
+            has(
+                &e,
+                "unknown dzine parameter \"stlye_intensity\" (did you mean \"style_intensity\"?)"
+            ),
+            "{e:?}"
+        );
+        let e = validate(&spec(
+            "txt2img",
+            &[],
+            Some(&"x".repeat(801)),
+            json!({"style_code": STYLE, "target_h": 512}),
+        ));
+        assert!(
+            has(&e, "prompt is 801 characters long; at most 800"),
+            "{e:?}"
+        );
+        let e = validate(&spec(
+            "txt2img",
+            &[],
+            None,
+            json!({"style_code": STYLE, "target_h": 512}),
+        ));
+        assert!(has(&e, "needs a prompt"), "{e:?}");
+        let e = validate(&spec(
+            "txt2img",
+            &["a.png"],
+            Some("x"),
+            json!({"style_code": STYLE, "target_h": 512}),
+        ));
+        assert!(has(&e, "takes no input image"), "{e:?}");
+        let e = validate(&spec("txt2vid", &[], Some("x"), json!({})));
+        assert!(has(&e, "unknown dzine operation"), "{e:?}");
+    }
+
+    #[test]
+    fn the_plan_sends_exact_values() {
+        let plan = Plan::from_spec(&spec(
+            "txt2img",
+            &[],
+            Some("a fox"),
+            json!({"style_code": STYLE, "target_h": "512", "style_intensity": 0.30000000000000004,
+                   "generate_slots": [1, 0, 1, 0], "output_format": "JPG", "seed": 7}),
+        ))
+        .expect("plan");
+        assert_eq!(plan.body["style_intensity"], json!(0.3));
+        assert_eq!(plan.body["target_h"], json!(512));
+        assert_eq!(plan.body["generate_slots"], json!([1, 0, 1, 0]));
+        assert_eq!(plan.body["output_format"], json!("jpeg"));
+        assert_eq!(plan.body["prompt"], json!("a fox"));
+        assert_eq!(plan.fallback_ext, "jpg");
+        assert!(
+            !plan.body.contains_key("base_model"),
+            "pixbatch's own parameter is not sent"
+        );
+    }
+
+    #[test]
+    fn slots_follow_the_base_model() {
+        let base = |extra: Value| {
+            let mut m = json!({"style_code": STYLE, "target_h": 512});
+            if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            txt(m)
+        };
+        assert!(base(json!({"generate_slots": [1, 1, 1, 1]})).is_empty());
+        assert!(base(json!({"generate_slots": [1, 1]})).is_empty());
+        assert!(base(json!({"generate_slots": "[0,1,0,0]"})).is_empty());
+        let e = base(json!({"generate_slots": [1, 1, 1, 1], "base_model": "X"}));
+        assert!(has(&e, "generate_slots must have 2 entries"), "{e:?}");
+        let e = base(json!({"generate_slots": [1, 1], "base_model": "S"}));
+        assert!(has(&e, "generate_slots must have 4 entries"), "{e:?}");
+        let e = base(json!({"generate_slots": [0, 0, 0, 0]}));
+        assert!(has(&e, "turns every slot off"), "{e:?}");
+        let e = base(json!({"generate_slots": [2, 1, 1, 1]}));
+        assert!(has(&e, "each 0 or 1"), "{e:?}");
+        let e = base(json!({"generate_slots": [1, 1, 1]}));
+        assert!(has(&e, "must have 4 or 2 entries"), "{e:?}");
+    }
+
+    #[test]
+    fn inputs_of_img2img_upscale_and_face_swap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let png = dir.path().join("a.png");
+        std::fs::write(&png, crate::sim::images::sample_png(20, 20, 1)).expect("write");
+        let p = png.to_str().expect("utf8");
+        let img =
+            |inputs: &[&str], params: Value| validate(&spec("img2img", inputs, Some("x"), params));
+        assert!(img(&[p], json!({"style_code": STYLE, "structure_match": 0.8, "color_match": 1, "face_match": true})).is_empty());
+        let e = img(&[p], json!({"style_code": STYLE, "structure_match": 0.85}));
+        assert!(has(&e, "structure_match must be one of"), "{e:?}");
+        let e = img(&["/nonexistent/x.png"], json!({"style_code": STYLE}));
+        assert!(has(&e, "does not exist"), "{e:?}");
+        let big = dir.path().join("big.png");
+        std::fs::write(&big, vec![0u8; 10_000_001]).expect("write");
+        let e = img(&[big.to_str().expect("utf8")], json!({"style_code": STYLE}));
+        assert!(has(&e, "more than the 10 MB limit"), "{e:?}");
+        let e = img(&[p], json!({"style_code": STYLE, "target_h": 512}));
+        assert!(has(&e, "unknown dzine parameter \"target_h\""), "{e:?}");
+
+        let up = |params: Value| validate(&spec("upscale", &[p], None, params));
+        assert!(up(json!({"upscaling_resize": 1.5, "output_format": "png"})).is_empty());
+        assert!(has(
+            &up(json!({"upscaling_resize": 2.5})),
+            "upscaling_resize must be 1.5, 2, 3 or 4 (got 2.5)"
+        ));
+        assert!(has(
+            &up(json!({"output_format": "webp"})),
+            "must be \"jpg\" or \"png\" for upscale"
+        ));
+        let e = validate(&spec("upscale", &[p], Some("sharper"), json!({})));
+        assert!(has(&e, "does not use a prompt"), "{e:?}");
+
+        let fs =
+            |inputs: &[&str], params: Value| validate(&spec("face_swap", inputs, None, params));
+        assert!(fs(
+            &[p, "https://example.com/b.jpg"],
+            json!({"source_face_index": 1})
+        )
+        .is_empty());
+        assert!(has(&fs(&[p], json!({})), "takes two inputs"));
+        assert!(has(
+            &fs(&[p, p], json!({"dest_face_index": -1})),
+            "dest_face_index must be an integer from 0"
+        ));
+        assert!(has(
+            &fs(&[p, p], json!({"generate_slots": [1, 1]})),
+            "must have 4 entries"
+        ));
+        let bad = dir.path().join("x.txt");
+        std::fs::write(&bad, b"hello").expect("write");
+        assert!(has(
+            &fs(&[p, bad.to_str().expect("utf8")], json!({})),
+            "not an image format"
+        ));
+    }
+
+    #[test]
+    fn requests_per_job_counts_the_face_swap_stages() {
+        let fs = spec("face_swap", &["a.png", "https://x/b.png"], None, json!({}));
+        assert_eq!(requests_per_job(&fs), 1 + 2 + 1 + 5);
+        assert_eq!(
+            requests_per_job(&spec("txt2img", &[], Some("x"), json!({}))),
+            6
+        );
+    }
+
+    #[test]
+    fn envelopes_are_checked() {
+        let ok = read_envelope(
+            StatusCode::OK,
+            br#"{"code":200,"msg":"OK","data":{"task_id":"t"}}"#,
+        );
+        assert_eq!(ok, Ok(Envelope::Ok(json!({"task_id": "t"}))));
+        let refused = read_envelope(
+            StatusCode::OK,
+            br#"{"code":108005,"msg":"style not usable","data":null}"#,
+        );
+        assert_eq!(
+            refused,
+            Ok(Envelope::Refused {
+                code: 108005,
+                msg: "style not usable".into()
+            })
+        );
+        let as_text = read_envelope(StatusCode::OK, br#"{"code":"401","msg":"bad key"}"#);
+        assert_eq!(
+            as_text,
+            Ok(Envelope::Refused {
+                code: 401,
+                msg: "bad key".into()
+            })
+        );
+        let http = read_envelope(StatusCode::NOT_FOUND, b"<html>nope</html>");
+        assert!(
+            matches!(http, Ok(Envelope::Refused { code: 404, .. })),
+            "{http:?}"
+        );
+        let http = read_envelope(
+            StatusCode::UNAUTHORIZED,
+            br#"{"code":401,"msg":"Unauthorized"}"#,
+        );
+        assert_eq!(
+            http,
+            Ok(Envelope::Refused {
+                code: 401,
+                msg: "Unauthorized".into()
+            })
+        );
+        for garbage in [
+            &b"<html>"[..],
+            b"",
+            b"[]",
+            br#"{"msg":"OK"}"#,
+            br#"{"code":null}"#,
+        ] {
+            assert!(
+                read_envelope(StatusCode::OK, garbage).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
+    }
+
+    #[test]
+    fn codes_are_classified() {
+        assert!(
+            matches!(classify(108005, "x"), ProviderError::Permanent(m) if m.contains("img2img"))
+        );
+        assert!(
+            matches!(classify(401, "x"), ProviderError::Permanent(m) if m.contains("DZINE_API_KEY"))
+        );
+        assert!(matches!(
+            classify(402, "no tokens"),
+            ProviderError::Permanent(_)
+        ));
+        assert!(matches!(classify(400, "bad"), ProviderError::Permanent(_)));
+        assert!(matches!(
+            classify(429, "x"),
+            ProviderError::Transient {
+                rate_limited: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(503, "x"),
+            ProviderError::Transient {
+                rate_limited: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(100001, "server busy, try again"),
+            ProviderError::Transient { .. }
+        ));
+        assert!(matches!(
+            classify(100001, "prompt rejected"),
+            ProviderError::Permanent(_)
+        ));
+        assert!(matches!(
+            classify(-1, "timeout"),
+            ProviderError::Transient { .. }
+        ));
+    }
+
+    #[test]
+    fn statuses_in_every_spelling() {
+        for s in ["succeeded", "success", "SUCCEED"] {
+            assert_eq!(task_state(s), TaskState::Done, "{s}");
+        }
+        for s in ["failed", "error"] {
+            assert_eq!(task_state(s), TaskState::Failed, "{s}");
+        }
+        for s in [
+            "waiting",
+            "in_queue",
+            "processing",
+            "uploading",
+            "something-new",
+            "",
+        ] {
+            assert_eq!(task_state(s), TaskState::Pending, "{s}");
+        }
+    }
+
+    #[test]
+    fn progress_answers_become_outputs() {
+        let data = json!({"task_id": "t", "status": "success", "error_reason": "",
+            "generate_result_slots": ["", "https://cdn/x/2_output.webp", "https://cdn/x/3_output.JPG?sig=1", "", null]});
+        match parse_progress(&data, "webp").expect("parse") {
+            PollOutcome::Succeeded(outs) => {
+                assert_eq!(outs.len(), 2);
+                assert!(
+                    matches!(&outs[0], PendingOutput::Url { url, ext } if url.ends_with("2_output.webp") && ext == "webp")
+                );
+                assert!(matches!(&outs[1], PendingOutput::Url { ext, .. } if ext == "jpg"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let no_ext = json!({"status": "succeeded", "generate_result_slots": ["https://cdn/x/out"]});
+        assert!(
+            matches!(parse_progress(&no_ext, "png"), Ok(PollOutcome::Succeeded(o)) if matches!(&o[0], PendingOutput::Url { ext, .. } if ext == "png"))
+        );
+        let failed = json!({"status": "failed", "error_reason": "NSFW content", "generate_result_slots": ["", ""]});
+        assert!(
+            matches!(parse_progress(&failed, "webp"), Ok(PollOutcome::Failed { reason, permanent: true }) if reason == "NSFW content")
+        );
+        let failed = json!({"status": "error", "error_reason": ""});
+        assert!(
+            matches!(parse_progress(&failed, "webp"), Ok(PollOutcome::Failed { reason, .. }) if reason.contains("without a reason"))
+        );
+        let empty = json!({"status": "succeed", "generate_result_slots": ["", ""]});
+        assert!(matches!(
+            parse_progress(&empty, "webp"),
+            Ok(PollOutcome::Failed { .. })
+        ));
+        let running = json!({"status": "in_queue", "generate_result_slots": ["", ""]});
+        assert!(matches!(
+            parse_progress(&running, "webp"),
+            Ok(PollOutcome::Running { .. })
+        ));
+        assert!(parse_progress(&json!({"status": "success"}), "webp").is_err());
+        assert!(parse_progress(&json!({"state": "success"}), "webp").is_err());
+        assert!(parse_progress(&json!(null), "webp").is_err());
+    }
+
+    fn face(x1: f64, y1: f64, x2: f64, y2: f64) -> Value {
+        json!({"bbox": [x1, y1, x2, y2], "kps": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]})
+    }
+
+    #[test]
+    fn faces_are_read_and_selected() {
+        let data = json!({"file_path": "https://cdn/f.webp", "face_list": [face(0.0, 0.0, 10.0, 10.0), face(20.0, 20.0, 60.0, 70.0), face(0.0, 0.0, 5.0, 5.0)]});
+        let (faces, path) = parse_faces(&data).expect("faces");
+        assert_eq!(path.as_deref(), Some("https://cdn/f.webp"));
+        assert_eq!(faces.len(), 3);
+        assert_eq!(
+            select_face(&faces, None, "source", "a.png")
+                .expect("largest")
+                .bbox,
+            [20.0, 20.0, 60.0, 70.0]
+        );
+        assert_eq!(
+            select_face(&faces, Some(2), "source", "a.png")
+                .expect("index")
+                .bbox,
+            [0.0, 0.0, 5.0, 5.0]
+        );
+        let e = select_face(&faces, Some(3), "dest", "b.png").expect_err("range");
+        assert_eq!(e, ProviderError::permanent("dest_face_index 3 is out of range: dzine found 3 face(s) in the dest image (b.png), indexes 0 to 2"));
+        let e = select_face(&[], None, "source", "a.png").expect_err("none");
+        assert_eq!(
+            e,
+            ProviderError::permanent("dzine found no face in the source image (a.png)")
+        );
+        let round = Face::from_json(&faces[1].to_json()).expect("round trip");
+        assert_eq!(round, faces[1]);
+        assert!(parse_faces(&json!({"face_list": [{"bbox": [1, 2, 3]}]})).is_err());
+        assert!(
+            parse_faces(&json!({"face_list": [{"bbox": [1, 2, 3, 4], "kps": [[1]]}]})).is_err()
+        );
+        assert!(parse_faces(&json!({})).is_err());
+        assert_eq!(
+            parse_faces(&json!({"face_list": []}))
+                .expect("empty")
+                .0
+                .len(),
+            0
+        );
+    }
+}
+
+/// The adapter against the built-in simulator (`crate::sim`).
+#[cfg(test)]
+mod sim_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::sim::SimConfig;
+
+    async fn sim() -> (crate::sim::SimHandle, Api) {
+        let sim = crate::sim::spawn(SimConfig {
+            task_duration: Duration::from_millis(100),
+            limits: Default::default(),
+            ..SimConfig::default()
+        })
+        .await
+        .expect("sim");
+        let api = Api::new(
+            &format!("{}/dzine/openapi/v1", sim.base_url()),
+            reqwest::Client::new(),
+            Arc::new(OpenGate),
+        );
+        (sim, api)
+    }
+
+    fn job(op: &str, inputs: Vec<String>, prompt: Option<&str>, params: Value) -> JobSpec {
+        JobSpec {
+            id: "d1".into(),
+            provider: ProviderKind::Dzine,
+            operation: op.into(),
+            inputs,
+            prompt: prompt.map(str::to_string),
+            params_json: params.to_string(),
+            output: None,
+        }
+    }
+
+    async fn poll_to_end(d: &Dzine, api: &Api, spec: &JobSpec, id: &str) -> PollOutcome {
+        let ctx = JobContext {
+            spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        for _ in 0..100 {
+            match d.poll(api, &ctx, id).await.expect("poll") {
+                PollOutcome::Running { .. } => tokio::time::sleep(Duration::from_millis(40)).await,
+                other => return other,
+            }
+        }
+        panic!("task {id} never finished")
+    }
+
+    #[tokio::test]
+    async fn styles_follow_every_page_and_filter_by_model() {
+        let (sim, api) = sim().await;
+        let d = Dzine::new("k".into());
+        let all = d
+            .styles(&api, &StyleQuery::default())
+            .await
+            .expect("styles");
+        assert_eq!(all.len(), 120, "all pages of 50");
+        assert_eq!(all[0].id, "Style-7feccf2b-f2ad-43a6-89cb-354fb5d928d2");
+        assert_eq!(all[0].title, "No Style v2");
+        assert_eq!(
+            all[0].detail[0],
+            ("base_model".to_string(), "S".to_string())
+        );
+        let x = d
+            .styles(
+                &api,
+                &StyleQuery {
+                    base_model: Some("x".into()),
+                    ..StyleQuery::default()
+                },
+            )
+            .await
+            .expect("x styles");
+        assert!(!x.is_empty() && x.len() < all.len());
+        assert!(x.iter().all(|e| e.detail[0].1 == "X"));
+        let few = d
+            .styles(
+                &api,
+                &StyleQuery {
+                    limit: Some(7),
+                    ..StyleQuery::default()
+                },
+            )
+            .await
+            .expect("limited");
+        assert_eq!(few.len(), 7);
+        let e = Dzine::new("invalid-key".into())
+            .styles(&api, &StyleQuery::default())
+            .await
+            .expect_err("bad key");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("DZINE_API_KEY")),
+            "{e:?}"
+        );
+        let _ = sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_balance_falls_as_tasks_succeed() {
+        let (sim, api) = sim().await;
+        let d = Dzine::new("k".into());
+        let start = d.balance(&api).await.expect("balance").expect("some");
+        assert_eq!(
+            start,
+            Balance {
+                amount: 10_000.0,
+                unit: "tokens".into()
+            }
+        );
+        let spec = job(
+            "txt2img",
+            vec![],
+            Some("a fox"),
+            json!({"style_code": "Style-7feccf2b-f2ad-43a6-89cb-354fb5d928d2", "target_h": 128, "generate_slots": [1, 1, 0, 0]}),
+        );
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let SubmitOutcome::Accepted { remote_id, .. } = d.submit(&api, &ctx).await.expect("submit")
+        else {
+            panic!("not async")
+        };
+        match poll_to_end(&d, &api, &spec, &remote_id).await {
+            PollOutcome::Succeeded(outs) => assert_eq!(outs.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let after = d.balance(&api).await.expect("balance").expect("some");
+        assert_eq!(after.amount, 9_998.0, "one token per image");
+        let _ = sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn face_swap_runs_its_stages_and_refuses_an_image_without_a_face() {
+        let (sim, api) = sim().await;
+        let d = Dzine::new("k".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, crate::sim::images::sample_png(80, 100, 3)).expect("write");
+            p.to_string_lossy().into_owned()
+        };
+        let (src, dst, none) = (write("me.png"), write("twofaces.png"), write("noface.png"));
+
+        let spec = job(
+            "face_swap",
+            vec![src.clone(), dst],
+            None,
+            json!({"generate_slots": [1, 0, 0, 1]}),
+        );
+        let mut refs: Vec<(String, String)> = Vec::new();
+        let mut stages = 0;
+        loop {
+            let ctx = JobContext {
+                spec: &spec,
+                submit_key: "d1~1".into(),
+                submission: 1,
+                prepared: &refs,
+            };
+            let p = d.prepare(&api, &ctx).await.expect("prepare");
+            stages += 1;
+            assert_eq!(p.refs.len(), 1, "one ref per stage");
+            refs.extend(p.refs);
+            if p.done {
+                break;
+            }
+        }
+        assert_eq!(stages, 4);
+        let dest_face: Value = serde_json::from_str(&refs[3].1).expect("json ref");
+        // Two faces in the destination: the larger (right) one is chosen by default.
+        assert!(
+            dest_face["bbox"][0].as_f64().expect("x1") > 30.0,
+            "{dest_face}"
+        );
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &refs,
+        };
+        let SubmitOutcome::Accepted { remote_id, .. } = d.submit(&api, &ctx).await.expect("submit")
+        else {
+            panic!("not async")
+        };
+        match poll_to_end(&d, &api, &spec, &remote_id).await {
+            PollOutcome::Succeeded(outs) => assert_eq!(outs.len(), 2),
+            other => panic!("{other:?}"),
+        }
+
+        let spec = job("face_swap", vec![src, none], None, json!({}));
+        let mut refs: Vec<(String, String)> = Vec::new();
+        let err = loop {
+            let ctx = JobContext {
+                spec: &spec,
+                submit_key: "d1~1".into(),
+                submission: 1,
+                prepared: &refs,
+            };
+            match d.prepare(&api, &ctx).await {
+                Ok(p) => refs.extend(p.refs),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&err, ProviderError::Permanent(m) if m.contains("no face in the dest image")),
+            "{err:?}"
+        );
+        let _ = sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_failures_and_lost_tasks() {
+        let (sim, api) = sim().await;
+        let d = Dzine::new("k".into());
+        let style = "Style-7feccf2b-f2ad-43a6-89cb-354fb5d928d2";
+        let submit = |prompt: &str| {
+            job(
+                "txt2img",
+                vec![],
+                Some(prompt),
+                json!({"style_code": style, "target_h": 128, "generate_slots": [1, 0, 0, 0]}),
+            )
+        };
+
+        let spec = submit("a fox sim-code:108005");
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let e = d.submit(&api, &ctx).await.expect_err("code");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("108005")),
+            "{e:?}"
+        );
+
+        let spec = submit("a fox sim-fail");
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let SubmitOutcome::Accepted { remote_id, .. } = d.submit(&api, &ctx).await.expect("submit")
+        else {
+            panic!()
+        };
+        assert!(
+            matches!(poll_to_end(&d, &api, &spec, &remote_id).await, PollOutcome::Failed { reason, permanent: true } if reason.contains("simulated failure"))
+        );
+
+        let spec = submit("a fox sim-expire");
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let SubmitOutcome::Accepted { remote_id, .. } = d.submit(&api, &ctx).await.expect("submit")
+        else {
+            panic!()
+        };
+        for _ in 0..NOT_FOUND_GRACE {
+            assert!(
+                matches!(
+                    d.poll(&api, &ctx, &remote_id).await,
+                    Ok(PollOutcome::Running { .. })
+                ),
+                "grace"
+            );
+        }
+        assert!(matches!(
+            d.poll(&api, &ctx, &remote_id).await,
+            Ok(PollOutcome::Lost { charged: true, .. })
+        ));
+        // The same prompt again lives: the trigger fires once.
+        let SubmitOutcome::Accepted { remote_id, .. } = d.submit(&api, &ctx).await.expect("submit")
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            poll_to_end(&d, &api, &spec, &remote_id).await,
+            PollOutcome::Succeeded(_)
+        ));
+
+        // An X style cannot be used for img2img (108005), permanent.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("in.png");
+        std::fs::write(&p, crate::sim::images::sample_png(40, 40, 1)).expect("write");
+        let spec = job(
+            "img2img",
+            vec![p.to_string_lossy().into_owned()],
+            Some("x"),
+            json!({"style_code": "Style-3a9f1c2e-5b7d-4e8a-9c01-2f6d8b4e7a15", "base_model": "X", "generate_slots": [1, 1]}),
+        );
+        assert!(validate(&spec).is_empty(), "{:?}", validate(&spec));
+        let ctx = JobContext {
+            spec: &spec,
+            submit_key: "d1~1".into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let e = d.submit(&api, &ctx).await.expect_err("108005");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("108005")),
+            "{e:?}"
+        );
+        let _ = sim.shutdown().await;
+    }
+}
