@@ -1203,3 +1203,139 @@ fn result(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
         None => not_found(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::super::testutil::*;
+    use super::*;
+    use crate::rate::RateSpec;
+
+    async fn post(base: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
+        let r = client()
+            .post(format!("{base}/dzine/openapi/v1{path}"))
+            .header("authorization", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(base: &str, path: &str) -> (u16, Value) {
+        let r = client()
+            .get(format!("{base}/dzine/openapi/v1{path}"))
+            .header("authorization", "k")
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    fn txt(extra: Value) -> Value {
+        let mut b = json!({"prompt": "a fox", "style_code": STYLE_S, "target_h": 128, "generate_slots": [1, 0, 0, 0]});
+        if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn envelopes_auth_and_validation() {
+        let (h, base) = start(config()).await;
+        for key in ["invalid-key", "Bearer k", ""] {
+            let (status, v) = post(&base, "/create_task_txt2img", key, txt(json!({}))).await;
+            assert_eq!((status, v["code"].as_i64()), (200, Some(401)), "{key}: {v}");
+        }
+        for (extra, needle) in [
+            (json!({"style_intensity": 0.25}), "style_intensity"),
+            (json!({"target_h": 1600}), "target_h"),
+            (json!({"prompt": "x".repeat(801)}), "800"),
+            (json!({"style_code": "Style-nope"}), "style_code"),
+            (json!({"generate_slots": [1, 1]}), "generate_slots"),
+            (json!({"seed": 0}), "seed"),
+            (json!({"output_format": "png"}), "output_format"),
+        ] {
+            let (status, v) = post(&base, "/create_task_txt2img", "k", txt(extra.clone())).await;
+            assert_eq!(status, 200);
+            assert_eq!(v["code"], 400, "{extra}: {v}");
+            assert!(v["msg"].as_str().unwrap().contains(needle), "{extra}: {v}");
+        }
+        let img = json!({"prompt": "p", "style_code": STYLE_S, "images": [{"base64_data": "iVBORw0KGgo="}]});
+        let (_, v) = post(&base, "/create_task_img2img", "k", img).await;
+        assert!(v["msg"].as_str().unwrap().contains("data URI"), "{v}");
+        let (_, v) = post(
+            &base,
+            "/create_task_txt2img",
+            "k",
+            txt(json!({"style_code": STYLE_X, "generate_slots": [1, 1]})),
+        )
+        .await;
+        assert_eq!(v["code"], 200, "an X style takes 2 slots: {v}");
+        let (status, _) = get(&base, "/nowhere").await;
+        assert_eq!(status, 404);
+        assert!(ledger(&base).await.iter().filter(|e| e.charged).count() == 1);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn spellings_vary_and_new_tasks_may_be_unseen() {
+        // Long enough that the "unseen" window outlasts six creations on a busy machine.
+        let (h, base) = start(SimConfig {
+            task_duration: Duration::from_millis(600),
+            ..config()
+        })
+        .await;
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let (_, v) = post(&base, "/create_task_txt2img", "k", txt(json!({}))).await;
+            ids.push(v["data"]["task_id"].as_str().unwrap().to_string());
+        }
+        let early: Vec<i64> = {
+            let mut out = Vec::new();
+            for id in &ids {
+                out.push(
+                    get(&base, &format!("/get_task_progress/{id}")).await.1["code"]
+                        .as_i64()
+                        .unwrap(),
+                );
+            }
+            out
+        };
+        assert!(early.contains(&404) && early.contains(&200), "{early:?}");
+        tokio::time::sleep(Duration::from_millis(650)).await;
+        let mut spellings = BTreeSet::new();
+        for id in &ids {
+            let (_, v) = get(&base, &format!("/get_task_progress/{id}")).await;
+            assert_eq!(v["code"], 200, "{v}");
+            spellings.insert(v["data"]["status"].as_str().unwrap().to_string());
+            let slots = v["data"]["generate_result_slots"].as_array().unwrap();
+            assert_eq!(slots.len(), 4);
+            assert!(slots[0].as_str().unwrap().contains("/dzine/_cdn/"));
+            assert_eq!(slots[1], "");
+        }
+        let want: BTreeSet<String> = ["succeeded", "success", "succeed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(spellings, want);
+        let (_, v) = get(&base, "/get_task_progress/txt2img_unknown").await;
+        assert_eq!(v["code"], 404);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_answers_429_in_the_envelope() {
+        let mut c = config();
+        c.limits
+            .insert("dzine".into(), vec!["1/1s".parse::<RateSpec>().unwrap()]);
+        let (h, base) = start(c).await;
+        let (first, _) = get(&base, "/get_token_balance").await;
+        let (second, v) = get(&base, "/get_token_balance").await;
+        assert_eq!((first, second), (200, 429));
+        assert_eq!(v["code"], 429, "{v}");
+        assert!(ledger(&base).await.iter().any(|e| e.violation));
+        h.shutdown().await.unwrap();
+    }
+}
