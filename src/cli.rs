@@ -258,22 +258,32 @@ fn init_logging(verbose: u8, secrets: Vec<String>, bar: SharedBar) {
         .try_init();
 }
 
+/// Opens the database (the caller holds `<db>.lock`). sled's own lock on the folder
+/// can outlive the previous holder's `<db>.lock` by a moment (its threads let go
+/// of the files as they end), so a refusal of that lock is retried briefly.
 fn open_store(db: &Path) -> Result<Store, Fail> {
-    Store::open(db, &StoreOptions::default()).map_err(|e| Fail(EXIT_ERROR, e.to_string()))
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match Store::open(db, &StoreOptions::default()) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("could not acquire lock") && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                return Err(Fail(EXIT_ERROR, text));
+            }
+        }
+    }
 }
 
 /// Takes the database for writing, or exits 3 naming who has it.
 fn lock_for_writing(db: &Path, command: &str) -> Result<DbLock, Fail> {
-    // A reading command holds the lock only for a moment: wait for it briefly.
-    match DbLock::try_acquire(db, command) {
-        Ok(l) => Ok(l),
-        Err(LockError::Held { holder, .. })
-            if holder.command != "run" && holder.command != "demo" =>
-        {
-            DbLock::acquire_within(db, command, Duration::from_secs(5)).map_err(lock_fail)
-        }
-        Err(e) => Err(lock_fail(e)),
-    }
+    // A reading command holds the lock only for a moment, and a holder that has just
+    // taken it may not have written its name yet: wait for either briefly. A run
+    // (or demo) holds it for long: say so at once.
+    DbLock::acquire_within(db, command, Duration::from_secs(5)).map_err(lock_fail)
 }
 
 fn lock_fail(e: LockError) -> Fail {

@@ -21,6 +21,13 @@ pub struct Holder {
     pub command: String,
 }
 
+impl Holder {
+    /// Commands that hold a database for as long as there is work.
+    pub fn is_long_lived(&self) -> bool {
+        matches!(self.command.as_str(), "run" | "demo")
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "pixbatch {} (pid {})", self.command, self.pid)
@@ -94,15 +101,22 @@ impl DbLock {
         Ok(DbLock { file, path })
     }
 
-    /// Retries for up to `wait` (a reading command holds the lock only briefly).
+    /// Retries for up to `wait` while the holder is a short command (a reading
+    /// command holds the lock only briefly) or has not written its name yet; gives
+    /// up at once when a long-lived `run` or `demo` holds it.
     pub fn acquire_within(db: &Path, command: &str, wait: Duration) -> Result<DbLock, LockError> {
         let start = Instant::now();
         loop {
             match DbLock::try_acquire(db, command) {
+                Err(LockError::Held { ref holder, .. })
+                    if holder.is_long_lived() || start.elapsed() >= wait =>
+                {
+                    return DbLock::try_acquire(db, command);
+                }
                 Err(LockError::Held { .. } | LockError::HeldUnknown { .. })
                     if start.elapsed() < wait =>
                 {
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 other => return other,
             }
@@ -116,6 +130,8 @@ impl DbLock {
 
 impl Drop for DbLock {
     fn drop(&mut self) {
+        // An empty file while locked means "just taken or being let go": others wait
+        // for it briefly instead of giving up.
         let _ = self.file.set_len(0);
         let _ = FileExt::unlock(&self.file);
     }
@@ -178,5 +194,33 @@ mod tests {
         assert_eq!(current_holder(&db).map(|h| h.command), Some("run".into()));
         drop(first);
         assert!(DbLock::try_acquire(&db, "status").is_ok());
+    }
+
+    #[test]
+    fn a_writer_waits_out_a_reader_but_not_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let reader = DbLock::try_acquire(&db, "status").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(reader);
+        });
+        let t = Instant::now();
+        let writer = DbLock::acquire_within(&db, "run", Duration::from_secs(5));
+        assert!(writer.is_ok(), "the reader let go");
+        assert!(t.elapsed() >= Duration::from_millis(150));
+        release.join().unwrap();
+        drop(writer);
+
+        let _run = DbLock::try_acquire(&db, "run").unwrap();
+        let t = Instant::now();
+        assert!(matches!(
+            DbLock::acquire_within(&db, "run", Duration::from_secs(5)),
+            Err(LockError::Held { .. })
+        ));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a run is not waited for"
+        );
     }
 }
