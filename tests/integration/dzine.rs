@@ -425,3 +425,135 @@ fn a_mixed_batch_under_chaos_finishes() {
         .sum();
     assert!(total >= 5, "chaos did not happen: {faults}");
 }
+
+/// `pixbatch styles dzine` lists every page, filtered by base model, with the codes a
+/// manifest needs; `pixbatch balance dzine` tells the tokens left, which fall as
+/// tasks succeed; `run` warns first when the configured cost per job says the
+/// balance will not do.
+#[test]
+fn styles_balance_and_the_low_balance_warning() {
+    let sim = Sim::start(&["--task-ms", "200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        let mut cmd = pixbatch(dir.path());
+        sim.env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    };
+
+    let all = cli(&["styles", "dzine", "--json"]);
+    assert!(all.status.success(), "{}", text(&all));
+    let styles: Vec<serde_json::Value> = String::from_utf8_lossy(&all.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(styles.len(), 120, "every page is followed");
+    assert_eq!(styles[0]["id"], STYLE_S);
+    let x = cli(&["styles", "dzine", "--base-model", "X", "--json"]);
+    let x: Vec<serde_json::Value> = String::from_utf8_lossy(&x.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!x.is_empty() && x.len() < 120, "{} X styles", x.len());
+    assert!(x.iter().all(|s| s["detail"]["base_model"] == "X"), "{x:?}");
+    let table = cli(&["styles", "dzine", "--limit", "3"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert_eq!(table.lines().count(), 4, "a header and 3 styles: {table}");
+    assert!(table.contains(STYLE_S), "{table}");
+
+    let before = cli(&["balance", "dzine", "--json"]);
+    assert!(before.status.success(), "{}", text(&before));
+    let before: serde_json::Value = serde_json::from_slice(&before.stdout).unwrap();
+    assert_eq!(before["unit"], "tokens");
+    let before = before["amount"].as_f64().unwrap();
+
+    config(dir.path());
+    let mut toml = std::fs::read_to_string(dir.path().join("pixbatch.toml")).unwrap();
+    toml.push_str(&format!("cost_per_job = {}\n", before as u64));
+    std::fs::write(dir.path().join("pixbatch.toml"), toml).unwrap();
+    csv(
+        dir.path(),
+        &[
+            format!(
+                "w1,dzine,txt2img,,a small boat,{},",
+                j(
+                    serde_json::json!({"style_code": STYLE_S, "target_h": 128, "generate_slots": [1,1,0,0]})
+                )
+            ),
+            format!(
+                "w2,dzine,txt2img,,a big boat,{},",
+                j(
+                    serde_json::json!({"style_code": STYLE_S, "target_h": 128, "generate_slots": [1,0,0,0]})
+                )
+            ),
+        ],
+    );
+    let out = run(&sim, dir.path(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("balance looks too low"),
+        "2 jobs at {before} each cannot be paid from {before}: {err}"
+    );
+
+    let after = cli(&["balance", "dzine"]);
+    let after = String::from_utf8_lossy(&after.stdout).into_owned();
+    let left: f64 = after
+        .trim()
+        .strip_prefix("dzine: ")
+        .and_then(|s| s.strip_suffix(" tokens"))
+        .unwrap_or_else(|| panic!("{after}"))
+        .parse()
+        .unwrap();
+    assert!(
+        left < before,
+        "three images were paid for: {before} -> {left}"
+    );
+}
+
+/// Dzine publishes no limit. Against a simulator that allows fewer requests than the
+/// client's ceiling, the adaptive gate (halve on 429, creep back) is refused less
+/// often than the same run with the rate fixed at the ceiling.
+#[test]
+fn the_adaptive_rate_backs_off_a_hidden_limit() {
+    let run_with = |adaptive: bool| -> (u64, u64) {
+        let sim = Sim::start(&["--task-ms", "100", "--limit", "dzine=2/1s"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("pixbatch.toml"),
+            format!(
+                "[providers.dzine]\nrate_limits = [\"8/1s\"]\nconcurrency = 8\n\
+                 poll_interval = \"200ms\"\nmax_attempts = 30\nadaptive = {adaptive}\n"
+            ),
+        )
+        .unwrap();
+        let rows: Vec<String> = (0..8)
+            .map(|i| {
+                format!(
+                    "r{i},dzine,txt2img,,boat {i},{},",
+                    j(serde_json::json!({"style_code": STYLE_S, "target_h": 128, "generate_slots": [1,0,0,0]}))
+                )
+            })
+            .collect();
+        csv(dir.path(), &rows);
+        let out = run(&sim, dir.path(), Duration::from_secs(120));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let stats = sim.stats();
+        let refused = stats["violations"]["dzine"].as_u64().unwrap_or(0);
+        let metered = sim
+            .ledger()
+            .iter()
+            .filter(|e| e["provider"] == "dzine" && e["metered"] == true)
+            .count() as u64;
+        (refused, metered)
+    };
+    let (fixed, fixed_total) = run_with(false);
+    let (adaptive, adaptive_total) = run_with(true);
+    eprintln!(
+        "429s: fixed {fixed} of {fixed_total} requests, adaptive {adaptive} of {adaptive_total}"
+    );
+    assert!(fixed > 0, "the hidden limit must bite the fixed rate");
+    assert!(
+        adaptive * 2 <= fixed,
+        "adaptive {adaptive} vs fixed {fixed} refusals"
+    );
+}
