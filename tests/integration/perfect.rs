@@ -187,3 +187,304 @@ fn every_feature_end_to_end() {
         "no refusals"
     );
 }
+
+/// Bad rows are refused with their line and reason, and nothing reaches the provider.
+#[test]
+fn validation_rejects_bad_rows_before_any_request() {
+    let sim = Sim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    write_png(&dir.path().join("in/big.jpg"), 2000, 1200, 1);
+    write_png(&dir.path().join("in/small-mask.png"), 60, 45, 1);
+    let g = group(0);
+    let csv = format!(
+        "id,provider,operation,input,prompt,params\n\
+         ok,perfect,colorize,in/photo.png,,\n\
+         png,perfect,hair-style,in/photo.png,,{}\n\
+         big,perfect,hair-style,in/big.jpg,,{}\n\
+         float,perfect,hair-bang,in/face.jpg,,\"{{\"\"style_group_id\"\":{g},\"\"style_id\"\":1.5}}\"\n\
+         mask,perfect,object-removal,in/photo.png|in/small-mask.png,,\n\
+         scale,perfect,photo-enhance,in/photo.png,,\"{{\"\"scale\"\":3}}\"\n",
+        styled(0),
+        styled(0)
+    );
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["validate", "jobs.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(30));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let all = text(&out);
+    for (line, reason) in [
+        (3, "takes JPEG source inputs, but the source"),
+        (4, "long side is at most 1024 pixels"),
+        (5, "style_id must be a whole number id"),
+        (
+            6,
+            "the mask must be the same size as the image: the image is 120x90, the mask 60x45",
+        ),
+        (7, "scale must be 1, 2 or 4"),
+    ] {
+        let wanted = format!("jobs.csv:{line}:");
+        assert!(
+            all.lines()
+                .any(|l| l.contains(&wanted) && l.contains(reason)),
+            "no {wanted} … {reason:?} in\n{all}"
+        );
+    }
+    assert!(
+        !all.contains("jobs.csv:2:"),
+        "the good row is not reported: {all}"
+    );
+    // `run` enqueues nothing from a manifest with a bad row.
+    let out = run(&sim, dir.path(), Duration::from_secs(30));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        perfect_entries(&sim).is_empty(),
+        "no request reached the provider"
+    );
+}
+
+/// Access tokens that die mid-run are renewed on `InvalidAccessToken` without
+/// failing a job.
+#[test]
+fn an_expired_token_is_renewed_mid_run() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "700",
+        "--token-ttl-ms",
+        "1500",
+        "--keep-alive-ms",
+        "2000",
+        "--limit",
+        "perfect=100/1s",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    for n in 0..2 {
+        csv.push_str(&all_features("t", n));
+    }
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    // Few at a time, so the run outlives several tokens.
+    // Past the document's 100 per 5 minutes: time-scaled limits on both sides.
+    config(
+        dir.path(),
+        "concurrency = 3\nmax_in_flight = 3\nrate_limits = [\"100/1s\"]\n",
+    );
+    let out = run(&sim, dir.path(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let ledger = perfect_entries(&sim);
+    let auths = ledger
+        .iter()
+        .filter(|e| e["endpoint"] == "auth" && e["status"] == 200)
+        .count();
+    let refused = ledger.iter().filter(|e| e["status"] == 401).count();
+    assert!(auths >= 2, "the token was renewed ({auths} auth calls)");
+    assert!(refused >= 1, "an expired token was refused at least once");
+    assert_eq!(check_outputs(dir.path(), &ledger).len(), 24);
+    let t0 = ledger.iter().find(|e| e["endpoint"] == "auth").unwrap()["t_ms"]
+        .as_u64()
+        .unwrap();
+    let last = ledger.last().unwrap()["t_ms"].as_u64().unwrap();
+    assert!(
+        last - t0 > 1500,
+        "the run outlived the first token ({} ms)",
+        last - t0
+    );
+}
+
+/// A secret key that is not the client's fails the run at the first auth call, with
+/// a message naming the variables, before any job is touched.
+#[test]
+fn a_wrong_secret_fails_fast() {
+    let sim = Sim::start(&[]);
+    let other = Sim::start(&["--seed", "99"]);
+    let foreign = other
+        .credentials
+        .iter()
+        .find(|(k, _)| k == "PERFECT_CLIENT_SECRET")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    drop(other);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    let csv = format!(
+        "id,provider,operation,input,prompt,params\n{}",
+        all_features("w", 0)
+    );
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.env("PERFECT_CLIENT_SECRET", &foreign);
+    cmd.args(["run", "jobs.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PERFECT_CLIENT_SECRET"), "{stderr}");
+    assert!(stderr.contains("InvalidIdToken"), "{stderr}");
+    assert!(!stderr.contains(&foreign), "the secret is never shown");
+    let ledger = perfect_entries(&sim);
+    assert!(!ledger.is_empty());
+    assert!(
+        ledger.iter().all(|e| e["endpoint"] == "auth"),
+        "only auth calls: {ledger:?}"
+    );
+    for row in report(dir.path(), &dir.path().join("pixbatch.db")) {
+        assert_eq!(row["state"], "queued", "{row}");
+    }
+}
+
+/// A task the provider dropped is submitted again with a new request_id and ends
+/// done; the loss shows in `show` and was never charged.
+#[test]
+fn a_lost_task_is_resubmitted() {
+    let sim = Sim::start(&["--task-ms", "300", "--keep-alive-ms", "2000"]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    std::fs::copy(
+        dir.path().join("in/photo.png"),
+        dir.path().join("in/sim-drop-once.png"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("jobs.csv"),
+        "id,provider,operation,input,prompt,params\nlost,perfect,colorize,in/sim-drop-once.png,,\n",
+    )
+    .unwrap();
+    config(dir.path(), "");
+    let out = run(&sim, dir.path(), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let ledger = perfect_entries(&sim);
+    let dropped: Vec<&Value> = ledger
+        .iter()
+        .filter(|e| e["endpoint"] == "task_status" && e["status"] == 400)
+        .collect();
+    assert_eq!(dropped.len(), 1, "one poll found the task dropped");
+    let runs: Vec<&Value> = ledger
+        .iter()
+        .filter(|e| e["endpoint"] == "task_run")
+        .collect();
+    assert_eq!(runs.len(), 2);
+    assert_ne!(
+        runs[0]["request_key"], runs[1]["request_key"],
+        "a new request_id"
+    );
+    assert_ne!(runs[0]["remote_id"], runs[1]["remote_id"], "a new task");
+    let charged: Vec<&Value> = ledger.iter().filter(|e| e["charged"] == true).collect();
+    assert_eq!(charged.len(), 1);
+    assert_eq!(charged[0]["remote_id"], runs[1]["remote_id"]);
+
+    let show = pixbatch(dir.path())
+        .args(["show", "lost"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(shown.contains("InvalidTaskId"), "{shown}");
+    assert!(
+        !shown.to_lowercase().contains("charged twice") && !shown.contains("possible-duplicate"),
+        "{shown}"
+    );
+    assert_eq!(
+        report(dir.path(), &dir.path().join("pixbatch.db"))[0]["possible_duplicates"],
+        0
+    );
+}
+
+/// Jobs whose inputs the engine refuses fail at once with the document's reason; a
+/// transient engine error is retried and ends done.
+#[test]
+fn engine_errors_permanent_and_transient() {
+    let sim = Sim::start(&["--task-ms", "200", "--keep-alive-ms", "2000"]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    std::fs::copy(
+        dir.path().join("in/face.jpg"),
+        dir.path().join("in/x_error_no_face.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.path().join("in/face.jpg"),
+        dir.path().join("in/x_error_inference.jpg"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("jobs.csv"),
+        format!(
+            "id,provider,operation,input,prompt,params\n\
+             noface,perfect,hair-style,in/x_error_no_face.jpg,,{}\n\
+             flaky,perfect,aging,in/x_error_inference.jpg,,\n",
+            styled(0)
+        ),
+    )
+    .unwrap();
+    config(dir.path(), "");
+    let out = run(&sim, dir.path(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
+    let by_id: HashMap<&str, &Value> = rows
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r))
+        .collect();
+    assert_eq!(by_id["noface"]["state"], "failed");
+    let reason = by_id["noface"]["error"].as_str().unwrap();
+    assert!(
+        reason.contains("error_no_face") && reason.contains("No face detected"),
+        "{reason}"
+    );
+    assert_eq!(by_id["noface"]["submissions"], 1, "not retried");
+    assert_eq!(by_id["flaky"]["state"], "done");
+    assert_eq!(by_id["flaky"]["submissions"], 2);
+}
+
+/// 300 jobs over all twelve features with time-scaled limits: no violation, no lost
+/// task, every output the simulator's.
+#[test]
+fn volume_300_jobs_all_features() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "400",
+        "--keep-alive-ms",
+        "2000",
+        "--limit",
+        "perfect=100/1s,200/5s",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    for n in 0..25 {
+        csv.push_str(&all_features("v", n));
+    }
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    config(
+        dir.path(),
+        "rate_limits = [\"100/1s\", \"200/5s\"]\nconcurrency = 16\nmax_in_flight = 24\n",
+    );
+    let started = std::time::Instant::now();
+    let out = run(&sim, dir.path(), Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let ledger = perfect_entries(&sim);
+    let violations = ledger.iter().filter(|e| e["violation"] == true).count();
+    let lost = ledger
+        .iter()
+        .filter(|e| e["endpoint"] == "task_status" && e["status"] == 400)
+        .count();
+    let counts = check_outputs(dir.path(), &ledger);
+    eprintln!(
+        "volume: {} jobs, {} perfect requests, {violations} violations, {lost} lost, {:?}",
+        counts.len(),
+        ledger.len(),
+        started.elapsed()
+    );
+    assert_eq!(counts.len(), 300);
+    assert_eq!(violations, 0);
+    assert_eq!(lost, 0);
+    let charged: BTreeSet<&str> = ledger
+        .iter()
+        .filter(|e| e["charged"] == true)
+        .map(|e| e["request_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(charged.len(), 300);
+    assert_eq!(ledger.iter().filter(|e| e["charged"] == true).count(), 300);
+}
