@@ -1261,3 +1261,190 @@ fn style_list(req: &Request, styles: bool) -> Reply {
     }
     ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use std::time::Duration;
+
+    async fn token(c: &reqwest::Client, base: &str, creds: &Value) -> String {
+        use rsa::pkcs8::DecodePublicKey;
+        let id = creds["PERFECT_CLIENT_ID"].as_str().unwrap();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(creds["PERFECT_CLIENT_SECRET"].as_str().unwrap())
+            .unwrap();
+        let key = rsa::RsaPublicKey::from_public_key_der(&der).unwrap();
+        let sealed = key
+            .encrypt(
+                &mut rsa::rand_core::OsRng,
+                Pkcs1v15Encrypt,
+                format!("client_id={id}&timestamp={}", unix_ms()).as_bytes(),
+            )
+            .unwrap();
+        let v: Value = c
+            .post(format!("{base}/perfect/s2s/v1.0/client/auth"))
+            .json(&json!({"client_id": id, "id_token": base64::engine::general_purpose::STANDARD.encode(sealed)}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["result"]["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// Upload one PNG for colorize, run it with `request_id`; the task id.
+    async fn colorize(
+        c: &reqwest::Client,
+        base: &str,
+        bearer: &str,
+        request_id: u64,
+    ) -> (String, String) {
+        let api = |p: &str| format!("{base}/perfect/s2s/v1.0{p}");
+        let v: Value = c
+            .post(api("/file/colorize"))
+            .bearer_auth(bearer)
+            .json(&json!({"files": [{"content_type": "image/png", "file_name": "a.png"}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let f = &v["result"]["files"][0];
+        let req = &f["requests"][0];
+        let url = req["url"].as_str().unwrap();
+        let png = images::sample_png(32, 24, 1);
+        // Without the signed headers: refused.
+        let r = c
+            .put(url)
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let mut put = c.put(url).body(png);
+        for (k, v) in req["headers"].as_object().unwrap() {
+            put = put.header(k.as_str(), v.as_str().unwrap());
+        }
+        assert_eq!(put.send().await.unwrap().status(), 200);
+        let file_id = f["file_id"].as_str().unwrap().to_string();
+        let body = json!({"request_id": request_id, "payload": {"file_sets": {"src_ids": [file_id]}, "actions": [{"id": 0}]}});
+        let v: Value = c
+            .post(api("/task/colorize"))
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["result"]["task_id"].as_str().unwrap().to_string(),
+            file_id,
+        )
+    }
+
+    #[tokio::test]
+    async fn auth_idempotency_keep_alive_and_expiring_links() {
+        let (h, base) = start(SimConfig {
+            task_duration: Duration::from_millis(300),
+            keep_alive: Duration::from_millis(150),
+            link_ttl: Duration::from_millis(200),
+            token_ttl: Duration::from_millis(1000),
+            ..config()
+        })
+        .await;
+        let c = client();
+        let creds = h.credentials()["perfect"].clone();
+        let poll = |bearer: String, task: String| {
+            let c = c.clone();
+            let enc: String = url::form_urlencoded::byte_serialize(task.as_bytes()).collect();
+            let url = format!("{base}/perfect/s2s/v1.0/task/colorize?task_id={enc}");
+            async move {
+                let r = c.get(url).bearer_auth(bearer).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        let t = token(&c, &base, &creds).await;
+        // An unencoded `+` in the query reads as a space: an unknown task.
+        let (task, _) = colorize(&c, &base, &t, 5).await;
+        assert!(task.contains('+') && task.contains('/'));
+        let r = c
+            .get(format!(
+                "{base}/perfect/s2s/v1.0/task/colorize?task_id={task}"
+            ))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+
+        // Polled every 100 ms: finishes, charged once, links expire, fresh on re-poll.
+        let mut last = Value::Null;
+        for _ in 0..6 {
+            let (status, v) = poll(t.clone(), task.clone()).await;
+            assert_eq!(status, 200, "{v}");
+            last = v;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last["result"]["status"], "success", "{last}");
+        let url = last["result"]["results"][0]["data"][0]["url"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            c.get(&url).send().await.unwrap().status(),
+            403,
+            "an expired link"
+        );
+        let t2 = token(&c, &base, &creds).await;
+        assert_eq!(
+            poll(t.clone(), task.clone()).await.0,
+            401,
+            "the first token is dead"
+        );
+        let (status, fresh) = poll(t2.clone(), task.clone()).await;
+        assert_eq!(status, 200);
+        let url = fresh["result"]["results"][0]["data"][0]["url"]
+            .as_str()
+            .unwrap();
+        assert_eq!(c.get(url).send().await.unwrap().status(), 200);
+
+        // Not polled within keep_alive while running: dropped.
+        let (dropped, file_id) = colorize(&c, &base, &t2, 6).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (status, v) = poll(t2.clone(), dropped.clone()).await;
+        assert_eq!(
+            (status, v["error_code"].as_str()),
+            (400, Some("InvalidTaskId"))
+        );
+
+        // The same file with the same request_id: the same task, no new one.
+        let body = json!({"request_id": 6, "payload": {"file_sets": {"src_ids": [file_id]}, "actions": [{"id": 0}]}});
+        let again: Value = c
+            .post(format!("{base}/perfect/s2s/v1.0/task/colorize"))
+            .bearer_auth(&t2)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(again["result"]["task_id"], dropped.as_str());
+
+        let l = ledger(&base).await;
+        let charged: Vec<_> = l.iter().filter(|e| e.charged).collect();
+        assert_eq!(charged.len(), 1);
+        assert_eq!(charged[0].request_key.as_deref(), Some("5"));
+        // API-key mode: any key not starting with `invalid`.
+        assert_eq!(poll("some-api-key".into(), task.clone()).await.0, 200);
+        assert_eq!(poll("invalid-key".into(), task.clone()).await.0, 401);
+        h.shutdown().await.unwrap();
+    }
+}

@@ -925,3 +925,285 @@ pub fn parse_style_page(
     let next = id_text(result.get("next_token"));
     Ok((out, next))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::providers::Credentials;
+
+    fn spec(op: &str, inputs: &[&str], prompt: Option<&str>, params: Value) -> JobSpec {
+        JobSpec {
+            id: "job-1".into(),
+            provider: ProviderKind::Perfect,
+            operation: op.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            prompt: prompt.map(str::to_string),
+            params_json: params.to_string(),
+            output: None,
+        }
+    }
+
+    #[test]
+    fn request_ids_are_stable_per_submission_and_distinct_per_job() {
+        let a1 = request_id("job-a", 1);
+        assert_eq!(a1, request_id("job-a", 1), "the same on every retry");
+        assert_eq!(
+            request_id("job-a", 2),
+            a1 + 1,
+            "the next submission is the next number"
+        );
+        assert_ne!(a1, request_id("job-b", 1));
+        assert!(a1 < 1 << 52, "exact in any JSON reader");
+    }
+
+    #[test]
+    fn style_ids_above_2_pow_53_stay_exact() {
+        let big: u64 = (1 << 53) + 1;
+        let body = format!(r#"{{"style_group_id":{big},"style_id":"{}"}}"#, big + 2);
+        let s = JobSpec {
+            params_json: body,
+            ..spec("hair-style", &["x.jpg"], None, json!({}))
+        };
+        let plan = Plan::from_spec(&s).unwrap();
+        let run = plan.run_body(7, &[("src_ids", "f+1/2".into())]);
+        let text = run.to_string();
+        assert!(
+            text.contains(&format!("\"style_group_id\":{big}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\"style_ids\":[{}]", big + 2)),
+            "{text}"
+        );
+        assert!(text.contains("\"src_ids\":[\"f+1/2\"]"));
+        assert!(text.contains("\"request_id\":7"));
+        for bad in [json!(1.5), json!("12a"), json!(-3), json!(true)] {
+            let s = spec(
+                "wig",
+                &["x.jpg"],
+                None,
+                json!({"style_group_id": 1, "style_id": bad}),
+            );
+            let e = Plan::from_spec(&s).unwrap_err().join("; ");
+            assert!(e.contains("style_id must be a whole number id"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plans_per_feature() {
+        let p = Plan::from_spec(&spec("background_removal", &["a.png"], None, json!({}))).unwrap();
+        assert_eq!(p.ext, "png");
+        assert_eq!(
+            p.run_body(0, &[("src_ids", "f".into())])["payload"]["actions"],
+            json!([{"id": 0}])
+        );
+        let e = Plan::from_spec(&spec("photo-enhance", &["a.png"], None, json!({}))).unwrap_err();
+        assert!(e[0].contains("scale is required"));
+        let p = Plan::from_spec(&spec("enhance", &["a.png"], None, json!({"scale": "4"}))).unwrap();
+        assert_eq!(p.action_params, Some(json!({"scale": 4})));
+        let e = Plan::from_spec(&spec(
+            "text-to-image",
+            &[],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ))
+        .unwrap_err();
+        assert!(e.join(";").contains("needs a prompt"));
+        let t = Plan::from_spec(&spec(
+            "text-to-image",
+            &[],
+            Some("a cat"),
+            json!({"style_group_id": 1, "style_ids": [2]}),
+        ))
+        .unwrap();
+        let body = t.run_body(1, &[]);
+        assert!(body["payload"].get("file_sets").is_none());
+        assert_eq!(body["payload"]["actions"][0]["params"]["prompt"], "a cat");
+        let e = Plan::from_spec(&spec(
+            "colorize",
+            &["a.png"],
+            Some("x"),
+            json!({"colour": 1}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(Plan::from_spec(&spec("teleport", &[], None, json!({}))).is_err());
+    }
+
+    #[test]
+    fn validation_reads_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let jpg = dir.path().join("f.jpg");
+        let png = dir.path().join("m.png");
+        std::fs::write(&jpg, crate::sim::images::sample_jpeg(1100, 600, 1)).unwrap();
+        std::fs::write(&png, crate::sim::images::sample_png(40, 30, 1)).unwrap();
+        let (j, p) = (jpg.to_str().unwrap(), png.to_str().unwrap());
+        let e = validate(&spec(
+            "hair-style",
+            &[p],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ));
+        assert!(e.iter().any(|m| m.contains("takes JPEG")), "{e:?}");
+        let e = validate(&spec(
+            "hair-style",
+            &[j],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ));
+        assert!(e.iter().any(|m| m.contains("at most 1024")), "{e:?}");
+        assert!(validate(&spec("colorize", &[j], None, json!({}))).is_empty());
+        let e = validate(&spec("object-removal", &[j, p], None, json!({})));
+        assert!(e.iter().any(|m| m.contains("same size")), "{e:?}");
+        let e = validate(&spec("makeup-transfer", &[j], None, json!({})));
+        assert!(e[0].contains("source|reference"), "{e:?}");
+    }
+
+    #[test]
+    fn engine_errors_are_classified() {
+        assert_eq!(
+            classify_engine_error("error_no_face"),
+            (
+                "error_no_face: No face detected on source image".into(),
+                true
+            )
+        );
+        assert!(!classify_engine_error("error_inference").1);
+        assert!(!classify_engine_error("exceed_nsfw_retry_limits").1);
+        assert!(classify_engine_error("error_decode_something_new").1);
+        assert!(!classify_engine_error("").1);
+    }
+
+    #[test]
+    fn status_answers_are_read_without_panics() {
+        let ka = Duration::from_secs(10);
+        let r = parse_status(
+            &json!({"status": "running", "polling_interval": 9000}),
+            "jpg",
+            ka,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, PollOutcome::Running { next_poll: Some(d) } if d == Duration::from_secs(5))
+        );
+        let r = parse_status(&json!({"status":"success","results":[{"id":0,"data":[{"url":"https://x/a.png?sig=1"},{"url":"https://x/b"}]}]}), "jpg", ka).unwrap();
+        let PollOutcome::Succeeded(o) = r else {
+            panic!("{r:?}")
+        };
+        assert!(matches!(&o[0], PendingOutput::Url { ext, .. } if ext == "png"));
+        assert!(matches!(&o[1], PendingOutput::Url { ext, .. } if ext == "jpg"));
+        let r = parse_status(&json!({"status":"error","error":"error_pose"}), "jpg", ka).unwrap();
+        assert!(matches!(
+            r,
+            PollOutcome::Failed {
+                permanent: true,
+                ..
+            }
+        ));
+        for garbage in [
+            json!({}),
+            json!({"status": 3}),
+            json!({"status": "success", "results": "x"}),
+            json!([1]),
+        ] {
+            assert!(parse_status(&garbage, "jpg", ka).is_err(), "{garbage}");
+        }
+        assert!(parse_file_slots(&json!({"files": [{"file_id": "a"}]}), 1)
+            .unwrap_err()
+            .contains("no upload request"));
+        assert!(parse_file_slots(&json!({"files": []}), 1).is_err());
+        let ok = parse_file_slots(&json!({"files": [{"file_id": "a+b/c", "requests": [{"method": "put", "url": "http://h/u", "headers": {"Content-Type": "image/png"}}]}]}), 1).unwrap();
+        assert_eq!(ok[0].method, Method::PUT);
+        assert_eq!(
+            ok[0].headers,
+            vec![("Content-Type".to_string(), "image/png".to_string())]
+        );
+        let (entries, next) = parse_style_page(&json!({"groups": [{"id": 9007199254740993u64, "info": {"title": "Short"}}], "next_token": 20}), false).unwrap();
+        assert_eq!(entries[0].id, "9007199254740993");
+        assert_eq!(next.as_deref(), Some("20"));
+        assert!(parse_style_page(&json!({"groups": [{"id": 1.5}]}), false).is_err());
+    }
+
+    fn config(credentials: Credentials) -> ProviderConfig {
+        let mut c = crate::config::Config::load(None, &|_| None)
+            .unwrap()
+            .provider(ProviderKind::Perfect);
+        c.credentials = credentials;
+        c
+    }
+
+    #[test]
+    fn build_names_the_variables() {
+        let e = build(&config(Credentials::default())).err().unwrap();
+        assert!(
+            e.contains("PERFECT_CLIENT_ID") && e.contains("PERFECT_API_KEY"),
+            "{e}"
+        );
+        let e = build(&config(Credentials {
+            client_id: Some("id".into()),
+            ..Default::default()
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("PERFECT_CLIENT_SECRET"), "{e}");
+        assert!(build(&config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        }))
+        .is_ok());
+        let mut c = config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        });
+        c.operations.insert("nothing".into(), "x".into());
+        assert!(build(&c).err().unwrap().contains("unknown operation"));
+    }
+
+    #[tokio::test]
+    async fn styles_follow_every_page_against_the_simulator() {
+        let sim = crate::sim::spawn(crate::sim::SimConfig {
+            limits: Default::default(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let creds = &sim.credentials()["perfect"];
+        let adapter = build(&config(Credentials {
+            client_id: creds["PERFECT_CLIENT_ID"].as_str().map(str::to_string),
+            client_secret: creds["PERFECT_CLIENT_SECRET"].as_str().map(str::to_string),
+            api_key: None,
+        }))
+        .unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let api = Api::new(
+            &format!("{}/perfect", sim.base_url()),
+            client,
+            Arc::new(OpenGate),
+        );
+        adapter.authenticate(&api).await.unwrap();
+        let q = StyleQuery {
+            feature: Some("hair-style".into()),
+            ..Default::default()
+        };
+        let groups = adapter.styles(&api, &q).await.unwrap();
+        assert_eq!(groups.len(), 25, "two pages of groups");
+        assert!(groups.iter().all(|g| g.kind == "group"));
+        assert_eq!(groups[0].id, "9007199254740993");
+        let q = StyleQuery {
+            group: Some(groups[3].id.clone()),
+            limit: Some(21),
+            ..q
+        };
+        let styles = adapter.styles(&api, &q).await.unwrap();
+        assert_eq!(styles.len(), 21, "the limit stops the second page");
+        assert_eq!(styles[0].id, (9007199254740993u64 + 3000 + 1).to_string());
+        assert!(styles[0].detail.iter().any(|(k, _)| k == "thumb"));
+        let none = StyleQuery {
+            feature: Some("colorize".into()),
+            ..Default::default()
+        };
+        assert!(adapter.styles(&api, &none).await.is_err());
+        sim.shutdown().await.unwrap();
+    }
+}
