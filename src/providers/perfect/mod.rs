@@ -1,0 +1,1209 @@
+//! Perfect Corp's S2S API v1.0 (`perfect.txt`; hosts and shapes in docs/providers/perfect.md).
+//!
+//! Every feature runs the same way: `POST /s2s/v1.0/file/<slug>` hands out file ids and
+//! presigned upload URLs ([`Provider::prepare`]; the bytes go to storage with exactly
+//! the headers given, outside the rate limits), `POST /s2s/v1.0/task/<slug>` runs the
+//! task with an integer `request_id` ([`Provider::submit`]), and
+//! `GET /s2s/v1.0/task/<slug>?task_id=…` is polled until `success` or `error`. A task
+//! not polled for 10 s is dropped ([`Provider::keep_alive`]); a dropped task was never
+//! charged (credits are consumed on success only), so it comes back as
+//! `PollOutcome::Lost { charged: false }`.
+//!
+//! Perfect ignores a repeated `request_id` for the same files, so a submission whose
+//! answer was lost is settled by sending the same request again
+//! ([`Provider::reconcile`]).
+
+mod auth;
+pub mod features;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::util;
+use super::{
+    Api, JobContext, PollOutcome, Prepared, Provider, ProviderConfig, ProviderError,
+    Reconciliation, RequestKind, StyleEntry, StyleQuery, SubmitOutcome,
+};
+use crate::api::excerpt;
+use crate::model::{JobSpec, PendingOutput, ProviderKind};
+
+pub use auth::{id_token, id_token_plaintext, parse_public_key};
+pub use features::{feature, Feature, Kind, Plan, FEATURES};
+
+/// "Note that the task will lose if no polling in 10 seconds."
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A small JSON answer (auth, file, task, status, style page).
+const MAX_SMALL_JSON: u64 = 2 * 1024 * 1024;
+/// "Valid value should be between 1 and 20."
+const STYLE_PAGE_SIZE: u32 = 20;
+/// Guards against a server whose `next_token` never ends.
+const MAX_STYLE_PAGES: usize = 500;
+
+const API: &str = "/s2s/v1.0";
+
+/// Builds the adapter from the credentials: client id + secret key → `rsa` mode, else
+/// an API key → `api_key` mode.
+pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
+    let c = &config.credentials;
+    let nonblank = |o: &Option<String>| {
+        o.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let mode = match (nonblank(&c.client_id), nonblank(&c.client_secret), nonblank(&c.api_key)) {
+        (Some(client_id), Some(secret), _) => auth::Mode::Rsa {
+            key: auth::parse_public_key(&secret)?,
+            client_id,
+        },
+        (_, _, Some(key)) => auth::Mode::ApiKey(key),
+        (Some(_), None, None) => {
+            return Err("perfect: PERFECT_CLIENT_ID is set but PERFECT_CLIENT_SECRET is not (set both, or PERFECT_API_KEY)".into())
+        }
+        (None, Some(_), None) => {
+            return Err("perfect: PERFECT_CLIENT_SECRET is set but PERFECT_CLIENT_ID is not (set both, or PERFECT_API_KEY)".into())
+        }
+        (None, None, None) => {
+            return Err("perfect: no credentials (set PERFECT_CLIENT_ID and PERFECT_CLIENT_SECRET, or PERFECT_API_KEY; or client_id/client_secret/api_key in [providers.perfect] of the config file)".into())
+        }
+    };
+    let slugs = features::Slugs::new(&config.operations)?;
+    Ok(Arc::new(Perfect {
+        mode,
+        slugs,
+        keep_alive: config.keep_alive.unwrap_or(KEEP_ALIVE),
+        poll_interval: config.poll_interval,
+        token: tokio::sync::Mutex::new(None),
+        generation: AtomicU64::new(0),
+    }))
+}
+
+pub fn validate(spec: &JobSpec) -> Vec<String> {
+    features::validate(spec)
+}
+
+pub fn requests_per_job(spec: &JobSpec) -> u32 {
+    features::requests_per_job(spec)
+}
+
+/// The `request_id` of a job's `submission`-th submission: the same number on every
+/// retry of one submission, a new one for the next. 36 bits of the job id's hash above
+/// 16 bits of the submission number: unique per job even where Perfect scopes
+/// `request_id` to the account rather than to the files (text-to-image has no files),
+/// and below 2^52 so no JSON reader rounds it.
+pub fn request_id(job_id: &str, submission: u32) -> u64 {
+    let h = Sha256::digest(job_id.as_bytes());
+    let mut top = [0u8; 8];
+    top.copy_from_slice(&h[..8]);
+    let h36 = u64::from_be_bytes(top) >> 28;
+    (h36 << 16) | u64::from(submission.saturating_sub(1) & 0xFFFF)
+}
+
+/// The documented engine error codes: (code, description, permanent).
+pub const ERROR_CODES: &[(&str, &str, bool)] = &[
+    (
+        "exceed_max_filesize",
+        "Input file size exceeds the maximum limit",
+        true,
+    ),
+    ("invalid_parameter", "Invalid parameter value", true),
+    ("error_download_image", "Download source image error", false),
+    ("error_download_mask", "Download mask image error", false),
+    ("error_decode_image", "Decode source image error", true),
+    ("error_decode_mask", "Decode mask image error", true),
+    (
+        "error_nsfw_content_detected",
+        "NSFW content detected in source image",
+        true,
+    ),
+    ("error_no_face", "No face detected on source image", true),
+    ("error_pose", "Failed to detect pose on source image", true),
+    (
+        "error_face_parsing",
+        "Failed to do face segmentation on source image",
+        true,
+    ),
+    ("error_inference", "Inference pipeline error", false),
+    (
+        "exceed_nsfw_retry_limits",
+        "Exceed the retry limits to avoid generated NSFW image",
+        false,
+    ),
+    ("error_upload", "Upload result image error", false),
+    (
+        "error_multiple_people",
+        "Multiple people detected in the source image",
+        true,
+    ),
+    (
+        "error_no_shoulder",
+        "Shoulders are not visible in the source image",
+        true,
+    ),
+    (
+        "error_large_face_angle",
+        "The face angle in the uploaded image is too large",
+        true,
+    ),
+    ("unknown_internal_error", "Others", false),
+];
+
+/// A task's `error` as (reason, permanent). Unknown codes: `error_decode_*` and the
+/// face/pose family are the input's fault; anything else unknown may pass.
+pub fn classify_engine_error(code: &str) -> (String, bool) {
+    let code = code.trim();
+    if let Some((c, desc, permanent)) = ERROR_CODES.iter().find(|(c, _, _)| *c == code) {
+        return (format!("{c}: {desc}"), *permanent);
+    }
+    let permanent = code.starts_with("error_decode_") || code.starts_with("invalid_");
+    if code.is_empty() {
+        ("the task ended in error without a code".into(), false)
+    } else {
+        (format!("{code} (not in the document's list)"), permanent)
+    }
+}
+
+/// The Perfect adapter.
+pub struct Perfect {
+    mode: auth::Mode,
+    slugs: features::Slugs,
+    keep_alive: Duration,
+    /// The configured first look at a new task (capped by half the keep-alive).
+    poll_interval: Duration,
+    /// The current access token (rsa mode); held while one is being obtained, so a
+    /// burst of requests makes one auth call.
+    token: tokio::sync::Mutex<Option<auth::Token>>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Perfect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Perfect")
+            .field("mode", &self.mode.name())
+            .field("credentials", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What one call to the API host came back with, before the adapter's reading.
+struct Answer {
+    result: Value,
+}
+
+impl Perfect {
+    /// The Bearer value to send now, and the token generation it belongs to.
+    async fn bearer(&self, api: &Api) -> Result<(HeaderValue, u64), ProviderError> {
+        match &self.mode {
+            auth::Mode::ApiKey(key) => Ok((
+                util::secret_header("PERFECT_API_KEY", &format!("Bearer {key}"))?,
+                0,
+            )),
+            auth::Mode::Rsa { .. } => {
+                let mut slot = self.token.lock().await;
+                let token = match slot.as_ref() {
+                    Some(t) if t.fresh(Instant::now()) => t.clone(),
+                    _ => {
+                        let t = self.obtain_token(api).await?;
+                        *slot = Some(t.clone());
+                        t
+                    }
+                };
+                let value = util::secret_header(
+                    "the Perfect access token",
+                    &format!("Bearer {}", token.value),
+                )?;
+                Ok((value, token.generation))
+            }
+        }
+    }
+
+    /// Forgets the token of `generation` (a 401 answered it), unless renewed since.
+    async fn drop_token(&self, generation: u64) {
+        let mut slot = self.token.lock().await;
+        if slot.as_ref().is_some_and(|t| t.generation == generation) {
+            *slot = None;
+        }
+    }
+
+    /// `POST /s2s/v1.0/client/auth`.
+    async fn obtain_token(&self, api: &Api) -> Result<auth::Token, ProviderError> {
+        let auth::Mode::Rsa { client_id, key } = &self.mode else {
+            return Err(ProviderError::permanent(
+                "perfect: no client id to authenticate with",
+            ));
+        };
+        let id_token = auth::id_token(key, client_id, auth::unix_ms_now())
+            .map_err(ProviderError::permanent)?;
+        let request = api
+            .client()
+            .post(api.url(&format!("{API}/client/auth")))
+            .json(&json!({"client_id": client_id, "id_token": id_token}));
+        let response = api.send(RequestKind::Auth, request).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = util::read_prefix(response, 64 * 1024).await;
+            let e = self.error_of(RequestKind::Auth, status, &body);
+            return Err(match e {
+                // Any refusal of the auth call is the credentials' fault.
+                ProviderError::Permanent(r) => ProviderError::permanent(format!(
+                    "perfect refused the authentication: {r} ({})",
+                    self.mode.hint()
+                )),
+                other => other,
+            });
+        }
+        let v: Value = Api::read_json(RequestKind::Auth, response, MAX_SMALL_JSON).await?;
+        let token = v
+            .get("result")
+            .and_then(|r| r.get("access_token"))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ProviderError::transient(format!(
+                    "perfect: the auth answer has no result.access_token (fields: {})",
+                    field_names(&v)
+                ))
+            })?;
+        tracing::debug!("perfect: obtained an access token");
+        Ok(auth::Token {
+            value: token.to_string(),
+            obtained: Instant::now(),
+            generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
+        })
+    }
+
+    /// One request to the API host with the Bearer token; a 401 renews the token once
+    /// and asks again (a 401 means the request was not taken, so this is safe for the
+    /// paid run too). Returns the answer's `result`.
+    async fn call(
+        &self,
+        api: &Api,
+        kind: RequestKind,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, ProviderError> {
+        for attempt in 0..2 {
+            let (bearer, generation) = self.bearer(api).await?;
+            let mut request = api
+                .client()
+                .request(method.clone(), api.url(path_and_query))
+                .header(AUTHORIZATION, bearer);
+            if let Some(b) = body {
+                request = request.json(b);
+            }
+            let response = api.send(kind, request).await?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED {
+                let body = util::read_prefix(response, 64 * 1024).await;
+                if attempt == 0 && matches!(self.mode, auth::Mode::Rsa { .. }) {
+                    tracing::debug!("perfect: access token refused; renewing it");
+                    self.drop_token(generation).await;
+                    continue;
+                }
+                return Err(self.error_of(kind, status, &body));
+            }
+            if !status.is_success() {
+                let body = util::read_prefix(response, 64 * 1024).await;
+                return Err(self.error_of(kind, status, &body));
+            }
+            let v: Value = Api::read_json(kind, response, MAX_SMALL_JSON).await?;
+            // Some gateways put the error in a 200 answer's body.
+            if let Some(inner) = v
+                .get("status")
+                .and_then(Value::as_u64)
+                .filter(|s| *s >= 400)
+            {
+                let status = StatusCode::from_u16(inner as u16).unwrap_or(StatusCode::BAD_REQUEST);
+                return Err(self.error_of(kind, status, v.to_string().as_bytes()));
+            }
+            let Some(result) = v.get("result").filter(|r| r.is_object()) else {
+                return Err(ProviderError::bad_answer(
+                    kind,
+                    format!(
+                        "perfect: answer without a result object: {}",
+                        excerpt(v.to_string().as_bytes())
+                    ),
+                ));
+            };
+            return Ok(Answer {
+                result: result.clone(),
+            });
+        }
+        Err(ProviderError::permanent(format!(
+            "perfect: the access token was refused twice in a row ({})",
+            self.mode.hint()
+        )))
+    }
+
+    /// An error answer: `{"status":401,"error":"Unauthorized","error_code":"InvalidAccessToken"}`.
+    fn error_of(&self, kind: RequestKind, status: StatusCode, body: &[u8]) -> ProviderError {
+        let v: Option<Value> = serde_json::from_slice(body).ok();
+        let field = |name: &str| {
+            v.as_ref()
+                .and_then(|v| {
+                    v.get(name)
+                        .or_else(|| v.get("result").and_then(|r| r.get(name)))
+                })
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let code = field("error_code");
+        let message = field("error").or_else(|| field("message"));
+        let mut reason = format!("HTTP {}", status.as_u16());
+        if let Some(c) = &code {
+            reason.push_str(&format!(" {c}"));
+        }
+        match &message {
+            Some(m) => reason.push_str(&format!(": {}", excerpt(m.as_bytes()))),
+            None if v.is_none() && !body.is_empty() => {
+                reason.push_str(&format!(": {}", excerpt(body)))
+            }
+            None => {}
+        }
+        if code.as_deref() == Some("InvalidTaskId") {
+            return ProviderError::Lost(format!("perfect no longer knows the task ({reason})"));
+        }
+        if let Some(c) = code
+            .as_deref()
+            .filter(|c| ERROR_CODES.iter().any(|(k, _, _)| k == c))
+        {
+            let (desc, permanent) = classify_engine_error(c);
+            let reason = format!("{reason} ({desc})");
+            return if permanent {
+                ProviderError::permanent(reason)
+            } else {
+                ProviderError::transient(reason)
+            };
+        }
+        match status.as_u16() {
+            401 | 403 => ProviderError::permanent(format!("{reason} ({})", self.mode.hint())),
+            408 | 409 | 423 | 425 | 429 | 500..=599 => ProviderError::transient(reason),
+            400..=499 => ProviderError::permanent(reason),
+            _ => ProviderError::bad_answer(kind, format!("unexpected answer {reason}")),
+        }
+    }
+
+    fn plan(&self, spec: &JobSpec) -> Result<Plan, ProviderError> {
+        Plan::from_spec(spec).map_err(|e| ProviderError::permanent(e.join("; ")))
+    }
+
+    fn slug(&self, f: &Feature) -> String {
+        self.slugs.of(f)
+    }
+
+    async fn run_task(&self, api: &Api, job: &JobContext<'_>) -> Result<String, ProviderError> {
+        let plan = self.plan(job.spec)?;
+        let mut files = Vec::new();
+        for role in plan.feature.inputs {
+            let id = job.prepared_get(role.ref_key).ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "perfect: the {} was not uploaded before the run (adapter bug)",
+                    role.name
+                ))
+            })?;
+            files.push((role.field, id.to_string()));
+        }
+        let rid = request_id(&job.spec.id, job.submission);
+        let body = plan.run_body(rid, &files);
+        let path = format!("{API}/task/{}", self.slug(plan.feature));
+        let answer = self
+            .call(api, RequestKind::Submit, Method::POST, &path, Some(&body))
+            .await?;
+        id_text(answer.result.get("task_id")).ok_or_else(|| {
+            ProviderError::Unknown(format!(
+                "perfect: the run answer has no task_id: {}",
+                excerpt(answer.result.to_string().as_bytes())
+            ))
+        })
+    }
+}
+
+/// An id as text: strings as they are, integers exactly (never through `f64`).
+fn id_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn field_names(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => m.keys().cloned().collect::<Vec<_>>().join(", "),
+        _ => excerpt(v.to_string().as_bytes()),
+    }
+}
+
+/// A file create answer's `result.files[i]`: the id and where to put the bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadSlot {
+    pub file_id: String,
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads `result.files` of a file create answer, expecting `count` entries.
+pub fn parse_file_slots(result: &Value, count: usize) -> Result<Vec<UploadSlot>, String> {
+    let files = result
+        .get("files")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            format!(
+                "file answer without result.files: {}",
+                excerpt(result.to_string().as_bytes())
+            )
+        })?;
+    if files.len() != count {
+        return Err(format!(
+            "asked for {count} file(s), the answer has {}",
+            files.len()
+        ));
+    }
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let file_id =
+                id_text(f.get("file_id")).ok_or_else(|| format!("files[{i}] has no file_id"))?;
+            let req = f
+                .get("requests")
+                .and_then(Value::as_array)
+                .and_then(|r| r.first())
+                .ok_or_else(|| format!("files[{i}] has no upload request"))?;
+            let url = req
+                .get("url")
+                .and_then(Value::as_str)
+                .filter(|u| util::is_url(u))
+                .ok_or_else(|| format!("files[{i}].requests[0] has no http(s) url"))?
+                .to_string();
+            let method = match req.get("method").and_then(Value::as_str) {
+                None => Method::PUT,
+                Some(m) => {
+                    Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        format!("files[{i}].requests[0].method {m:?} is not an HTTP method")
+                    })?
+                }
+            };
+            let mut headers = Vec::new();
+            match req.get("headers") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(h)) => {
+                    for (k, v) in h {
+                        let v = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) => n.to_string(),
+                            other => {
+                                return Err(format!("files[{i}] header {k} is not text: {other}"))
+                            }
+                        };
+                        headers.push((k.clone(), v));
+                    }
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "files[{i}].requests[0].headers is not an object: {other}"
+                    ))
+                }
+            }
+            Ok(UploadSlot {
+                file_id,
+                method,
+                url,
+                headers,
+            })
+        })
+        .collect()
+}
+
+/// Reads a status answer's `result`. `keep_alive` caps the next poll: the server's
+/// `polling_interval` is honoured unless it would let the task be dropped.
+pub fn parse_status(
+    result: &Value,
+    fallback_ext: &str,
+    keep_alive: Duration,
+) -> Result<PollOutcome, String> {
+    let cap = keep_alive / 2;
+    let next_poll = result
+        .get("polling_interval")
+        .and_then(Value::as_u64)
+        .map(|ms| Duration::from_millis(ms).min(cap))
+        .unwrap_or(cap.min(Duration::from_secs(2)));
+    let status = result
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            format!(
+                "status answer without result.status: {}",
+                excerpt(result.to_string().as_bytes())
+            )
+        })?;
+    match status.trim().to_ascii_lowercase().as_str() {
+        "success" => {
+            let mut outputs = Vec::new();
+            let results = result.get("results").and_then(Value::as_array);
+            for r in results.into_iter().flatten() {
+                for d in r
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(url) = d
+                        .get("url")
+                        .and_then(Value::as_str)
+                        .filter(|u| util::is_url(u))
+                    else {
+                        continue;
+                    };
+                    outputs.push(PendingOutput::Url {
+                        url: url.to_string(),
+                        ext: ext_of_url(url).unwrap_or(fallback_ext).to_string(),
+                    });
+                }
+            }
+            if outputs.is_empty() {
+                return Err(format!(
+                    "the task succeeded but the answer has no result URLs: {}",
+                    excerpt(result.to_string().as_bytes())
+                ));
+            }
+            Ok(PollOutcome::Succeeded(outputs))
+        }
+        "error" => {
+            let code = result.get("error").and_then(Value::as_str).unwrap_or("");
+            let (reason, permanent) = classify_engine_error(code);
+            Ok(PollOutcome::Failed { reason, permanent })
+        }
+        "running" => Ok(PollOutcome::Running {
+            next_poll: Some(next_poll),
+        }),
+        other => {
+            tracing::debug!(
+                status = other,
+                "perfect: unknown task status, taken as running"
+            );
+            Ok(PollOutcome::Running {
+                next_poll: Some(next_poll),
+            })
+        }
+    }
+}
+
+/// The image extension a result URL's path ends with, if it is one we know.
+fn ext_of_url(url: &str) -> Option<&'static str> {
+    let path = url.split(['?', '#']).next()?;
+    let last = path.rsplit('/').next()?;
+    let (_, ext) = last.rsplit_once('.')?;
+    match ext.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => Some("jpg"),
+        "png" => Some("png"),
+        "webp" => Some("webp"),
+        _ => None,
+    }
+}
+
+/// The name a file is created under: the input's own file name (it shows in Perfect's
+/// console and support cases), or the role's name when it has none usable.
+fn upload_name(source: &str, role: &str, ext: &str) -> String {
+    let path = source.split(['?', '#']).next().unwrap_or(source);
+    let base = path.rsplit(['/', '\\']).next().unwrap_or("").trim();
+    if !base.is_empty() && base.len() <= 200 && !base.chars().any(char::is_control) {
+        base.to_string()
+    } else {
+        format!("{role}.{ext}")
+    }
+}
+
+fn encode_query(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
+#[async_trait]
+impl Provider for Perfect {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Perfect
+    }
+
+    /// rsa mode: obtains the first token now, so wrong credentials stop the run before
+    /// any job is touched. api_key mode has nothing to check without spending a request.
+    async fn authenticate(&self, api: &Api) -> Result<(), ProviderError> {
+        if matches!(self.mode, auth::Mode::Rsa { .. }) {
+            self.bearer(api).await?;
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, api: &Api, job: &JobContext<'_>) -> Result<Prepared, ProviderError> {
+        let plan = self.plan(job.spec)?;
+        let roles = plan.feature.inputs;
+        if roles.iter().all(|r| job.prepared_get(r.ref_key).is_some()) {
+            return Ok(Prepared::done(Vec::new()));
+        }
+        let sources: Vec<&str> = job
+            .spec
+            .inputs
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if sources.len() != roles.len() {
+            return Err(ProviderError::permanent(format!(
+                "perfect {} takes {} input image(s), got {}",
+                plan.feature.operation,
+                roles.len(),
+                sources.len()
+            )));
+        }
+        let mut inputs = Vec::new();
+        let mut problems = Vec::new();
+        for (role, source) in roles.iter().zip(&sources) {
+            let input = util::load_input(api, source, features::MAX_INPUT_BYTES).await?;
+            problems.extend(plan.check_input(role, source, input.format, input.dimensions()));
+            inputs.push(input);
+        }
+        let dims: Vec<_> = inputs.iter().map(|i| i.dimensions()).collect();
+        problems.extend(features::mask_size_problem(plan.feature, &dims));
+        if !problems.is_empty() {
+            return Err(ProviderError::permanent(problems.join("; ")));
+        }
+
+        // One file create for all inputs: the call takes an array.
+        let files: Vec<Value> = roles
+            .iter()
+            .zip(&inputs)
+            .zip(&sources)
+            .map(|((role, input), source)| {
+                json!({"content_type": input.mime(), "file_name": upload_name(source, role.name, input.ext())})
+            })
+            .collect();
+        let path = format!("{API}/file/{}", self.slug(plan.feature));
+        let answer = self
+            .call(
+                api,
+                RequestKind::Upload,
+                Method::POST,
+                &path,
+                Some(&json!({ "files": files })),
+            )
+            .await?;
+        let slots = parse_file_slots(&answer.result, roles.len())
+            .map_err(|e| ProviderError::transient(format!("perfect: {e}")))?;
+        let mut refs = Vec::new();
+        for ((role, input), slot) in roles.iter().zip(&inputs).zip(slots) {
+            // Presigned storage, not the API host: outside the rate limits. Exactly the
+            // headers given (the signature covers them), nothing of ours.
+            let mut request = api.client().request(slot.method.clone(), &slot.url);
+            for (k, v) in &slot.headers {
+                let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+                    ProviderError::transient(format!(
+                        "perfect: upload header name {k:?} is not valid"
+                    ))
+                })?;
+                let value = HeaderValue::from_str(v).map_err(|_| {
+                    ProviderError::transient(format!(
+                        "perfect: upload header {k} has a value that is not valid"
+                    ))
+                })?;
+                request = request.header(name, value);
+            }
+            if !slot
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                request = request.header(CONTENT_TYPE, input.mime());
+            }
+            let response = request
+                .body(input.bytes.clone())
+                .send()
+                .await
+                .map_err(|e| {
+                    ProviderError::transient(format!(
+                        "perfect: uploading the {} to {} failed: {}",
+                        role.name,
+                        util::redact_url(&slot.url),
+                        crate::api::error_chain(&e)
+                    ))
+                })?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let body = util::read_prefix(response, 4096).await;
+                return Err(ProviderError::transient(format!(
+                    "perfect: uploading the {} to {} answered HTTP {status}: {}",
+                    role.name,
+                    util::redact_url(&slot.url),
+                    excerpt(&body)
+                )));
+            }
+            refs.push((role.ref_key.to_string(), slot.file_id));
+        }
+        Ok(Prepared::done(refs))
+    }
+
+    async fn submit(
+        &self,
+        api: &Api,
+        job: &JobContext<'_>,
+    ) -> Result<SubmitOutcome, ProviderError> {
+        let task_id = self.run_task(api, job).await?;
+        Ok(SubmitOutcome::Accepted {
+            remote_id: task_id,
+            // Half the keep-alive at most: the engine's scheduling slack must never let
+            // the task drop before its first poll.
+            first_poll_after: Some(self.poll_interval.min(self.keep_alive / 2)),
+        })
+    }
+
+    /// The same run request again: Perfect answers a repeated `request_id` for the same
+    /// files with the task it already has, without running or charging it twice.
+    async fn reconcile(
+        &self,
+        api: &Api,
+        job: &JobContext<'_>,
+    ) -> Result<Reconciliation, ProviderError> {
+        let remote_id = self.run_task(api, job).await?;
+        Ok(Reconciliation::Found { remote_id })
+    }
+
+    async fn poll(
+        &self,
+        api: &Api,
+        job: &JobContext<'_>,
+        remote_id: &str,
+    ) -> Result<PollOutcome, ProviderError> {
+        let plan = self.plan(job.spec)?;
+        let path = format!(
+            "{API}/task/{}?task_id={}",
+            self.slug(plan.feature),
+            encode_query(remote_id)
+        );
+        match self
+            .call(api, RequestKind::Poll, Method::GET, &path, None)
+            .await
+        {
+            Ok(answer) => parse_status(&answer.result, plan.ext, self.keep_alive)
+                .map_err(|e| ProviderError::transient(format!("perfect: {e}"))),
+            // Dropped for lack of polls (or expired): never charged, since credits go
+            // only on success.
+            Err(ProviderError::Lost(reason)) => Ok(PollOutcome::Lost {
+                reason,
+                charged: false,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn keep_alive(&self) -> Option<Duration> {
+        Some(self.keep_alive)
+    }
+
+    async fn styles(
+        &self,
+        api: &Api,
+        query: &StyleQuery,
+    ) -> Result<Vec<StyleEntry>, ProviderError> {
+        let Some(op) = query.feature.as_deref().filter(|f| !f.trim().is_empty()) else {
+            return Err(ProviderError::permanent(format!(
+                "perfect: name the feature whose styles to list (one of {})",
+                styled_operations().join(", ")
+            )));
+        };
+        let Some(f) = feature(op).filter(|f| matches!(f.kind, Kind::Styled | Kind::TextToImage))
+        else {
+            return Err(ProviderError::permanent(format!(
+                "perfect: {op:?} has no styles (features with styles: {})",
+                styled_operations().join(", ")
+            )));
+        };
+        let slug = self.slug(f);
+        let group = match query
+            .group
+            .as_deref()
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+        {
+            Some(g) => Some(
+                features::id_value("the group", &Value::String(g.to_string()))
+                    .map_err(ProviderError::permanent)?,
+            ),
+            None => None,
+        };
+        let limit = query.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_STYLE_PAGES {
+            let mut path = match group {
+                Some(g) => format!(
+                    "{API}/task/style/{slug}?style_group_id={g}&page_size={STYLE_PAGE_SIZE}"
+                ),
+                None => format!("{API}/task/style-group/{slug}?page_size={STYLE_PAGE_SIZE}"),
+            };
+            if let Some(t) = &token {
+                path.push_str(&format!("&starting_token={}", encode_query(t)));
+            }
+            let answer = self
+                .call(api, RequestKind::Query, Method::GET, &path, None)
+                .await?;
+            let (entries, next) = parse_style_page(&answer.result, group.is_some())
+                .map_err(|e| ProviderError::transient(format!("perfect: {e}")))?;
+            for e in entries {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(e);
+            }
+            match next {
+                Some(t) if out.len() < limit && seen.insert(t.clone()) => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn styled_operations() -> Vec<&'static str> {
+    FEATURES
+        .iter()
+        .filter(|f| matches!(f.kind, Kind::Styled | Kind::TextToImage))
+        .map(|f| f.operation)
+        .collect()
+}
+
+/// One page of a style or style-group list, and the token of the next page.
+pub fn parse_style_page(
+    result: &Value,
+    styles: bool,
+) -> Result<(Vec<StyleEntry>, Option<String>), String> {
+    let field = if styles { "styles" } else { "groups" };
+    let items = match result.get(field) {
+        Some(Value::Array(a)) => a.as_slice(),
+        None | Some(Value::Null) => &[],
+        Some(other) => {
+            return Err(format!(
+                "result.{field} is not a list: {}",
+                excerpt(other.to_string().as_bytes())
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let id = id_text(item.get("id"))
+            .ok_or_else(|| format!("result.{field}[{i}] has no integer id"))?;
+        let info = item.get("info");
+        let text = |name: &str| {
+            info.and_then(|i| i.get(name))
+                .or_else(|| item.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let mut detail = Vec::new();
+        if styles {
+            if let Some(thumb) = text("thumb") {
+                detail.push(("thumb".to_string(), thumb));
+            }
+        }
+        out.push(StyleEntry {
+            kind: if styles { "style" } else { "group" },
+            id,
+            title: text("title").unwrap_or_default(),
+            detail,
+        });
+    }
+    let next = id_text(result.get("next_token"));
+    Ok((out, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::OpenGate;
+    use crate::providers::Credentials;
+
+    fn spec(op: &str, inputs: &[&str], prompt: Option<&str>, params: Value) -> JobSpec {
+        JobSpec {
+            id: "job-1".into(),
+            provider: ProviderKind::Perfect,
+            operation: op.into(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            prompt: prompt.map(str::to_string),
+            params_json: params.to_string(),
+            output: None,
+        }
+    }
+
+    #[test]
+    fn request_ids_are_stable_per_submission_and_distinct_per_job() {
+        let a1 = request_id("job-a", 1);
+        assert_eq!(a1, request_id("job-a", 1), "the same on every retry");
+        assert_eq!(
+            request_id("job-a", 2),
+            a1 + 1,
+            "the next submission is the next number"
+        );
+        assert_ne!(a1, request_id("job-b", 1));
+        assert!(a1 < 1 << 52, "exact in any JSON reader");
+    }
+
+    #[test]
+    fn style_ids_above_2_pow_53_stay_exact() {
+        let big: u64 = (1 << 53) + 1;
+        let body = format!(r#"{{"style_group_id":{big},"style_id":"{}"}}"#, big + 2);
+        let s = JobSpec {
+            params_json: body,
+            ..spec("hair-style", &["x.jpg"], None, json!({}))
+        };
+        let plan = Plan::from_spec(&s).unwrap();
+        let run = plan.run_body(7, &[("src_ids", "f+1/2".into())]);
+        let text = run.to_string();
+        assert!(
+            text.contains(&format!("\"style_group_id\":{big}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\"style_ids\":[{}]", big + 2)),
+            "{text}"
+        );
+        assert!(text.contains("\"src_ids\":[\"f+1/2\"]"));
+        assert!(text.contains("\"request_id\":7"));
+        for bad in [json!(1.5), json!("12a"), json!(-3), json!(true)] {
+            let s = spec(
+                "wig",
+                &["x.jpg"],
+                None,
+                json!({"style_group_id": 1, "style_id": bad}),
+            );
+            let e = Plan::from_spec(&s).unwrap_err().join("; ");
+            assert!(e.contains("style_id must be a whole number id"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plans_per_feature() {
+        let p = Plan::from_spec(&spec("background_removal", &["a.png"], None, json!({}))).unwrap();
+        assert_eq!(p.ext, "png");
+        assert_eq!(
+            p.run_body(0, &[("src_ids", "f".into())])["payload"]["actions"],
+            json!([{"id": 0}])
+        );
+        let e = Plan::from_spec(&spec("photo-enhance", &["a.png"], None, json!({}))).unwrap_err();
+        assert!(e[0].contains("scale is required"));
+        let p = Plan::from_spec(&spec("enhance", &["a.png"], None, json!({"scale": "4"}))).unwrap();
+        assert_eq!(p.action_params, Some(json!({"scale": 4})));
+        let e = Plan::from_spec(&spec(
+            "text-to-image",
+            &[],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ))
+        .unwrap_err();
+        assert!(e.join(";").contains("needs a prompt"));
+        let t = Plan::from_spec(&spec(
+            "text-to-image",
+            &[],
+            Some("a cat"),
+            json!({"style_group_id": 1, "style_ids": [2]}),
+        ))
+        .unwrap();
+        let body = t.run_body(1, &[]);
+        assert!(body["payload"].get("file_sets").is_none());
+        assert_eq!(body["payload"]["actions"][0]["params"]["prompt"], "a cat");
+        let e = Plan::from_spec(&spec(
+            "colorize",
+            &["a.png"],
+            Some("x"),
+            json!({"colour": 1}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(Plan::from_spec(&spec("teleport", &[], None, json!({}))).is_err());
+    }
+
+    #[test]
+    fn validation_reads_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let jpg = dir.path().join("f.jpg");
+        let png = dir.path().join("m.png");
+        std::fs::write(&jpg, crate::sim::images::sample_jpeg(1100, 600, 1)).unwrap();
+        std::fs::write(&png, crate::sim::images::sample_png(40, 30, 1)).unwrap();
+        let (j, p) = (jpg.to_str().unwrap(), png.to_str().unwrap());
+        let e = validate(&spec(
+            "hair-style",
+            &[p],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ));
+        assert!(e.iter().any(|m| m.contains("takes JPEG")), "{e:?}");
+        let e = validate(&spec(
+            "hair-style",
+            &[j],
+            None,
+            json!({"style_group_id": 1, "style_id": 2}),
+        ));
+        assert!(e.iter().any(|m| m.contains("at most 1024")), "{e:?}");
+        assert!(validate(&spec("colorize", &[j], None, json!({}))).is_empty());
+        let e = validate(&spec("object-removal", &[j, p], None, json!({})));
+        assert!(e.iter().any(|m| m.contains("same size")), "{e:?}");
+        let e = validate(&spec("makeup-transfer", &[j], None, json!({})));
+        assert!(e[0].contains("source|reference"), "{e:?}");
+    }
+
+    #[test]
+    fn engine_errors_are_classified() {
+        assert_eq!(
+            classify_engine_error("error_no_face"),
+            (
+                "error_no_face: No face detected on source image".into(),
+                true
+            )
+        );
+        assert!(!classify_engine_error("error_inference").1);
+        assert!(!classify_engine_error("exceed_nsfw_retry_limits").1);
+        assert!(classify_engine_error("error_decode_something_new").1);
+        assert!(!classify_engine_error("").1);
+    }
+
+    #[test]
+    fn status_answers_are_read_without_panics() {
+        let ka = Duration::from_secs(10);
+        let r = parse_status(
+            &json!({"status": "running", "polling_interval": 9000}),
+            "jpg",
+            ka,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, PollOutcome::Running { next_poll: Some(d) } if d == Duration::from_secs(5))
+        );
+        let r = parse_status(&json!({"status":"success","results":[{"id":0,"data":[{"url":"https://x/a.png?sig=1"},{"url":"https://x/b"}]}]}), "jpg", ka).unwrap();
+        let PollOutcome::Succeeded(o) = r else {
+            panic!("{r:?}")
+        };
+        assert!(matches!(&o[0], PendingOutput::Url { ext, .. } if ext == "png"));
+        assert!(matches!(&o[1], PendingOutput::Url { ext, .. } if ext == "jpg"));
+        let r = parse_status(&json!({"status":"error","error":"error_pose"}), "jpg", ka).unwrap();
+        assert!(matches!(
+            r,
+            PollOutcome::Failed {
+                permanent: true,
+                ..
+            }
+        ));
+        for garbage in [
+            json!({}),
+            json!({"status": 3}),
+            json!({"status": "success", "results": "x"}),
+            json!([1]),
+        ] {
+            assert!(parse_status(&garbage, "jpg", ka).is_err(), "{garbage}");
+        }
+        assert!(parse_file_slots(&json!({"files": [{"file_id": "a"}]}), 1)
+            .unwrap_err()
+            .contains("no upload request"));
+        assert!(parse_file_slots(&json!({"files": []}), 1).is_err());
+        let ok = parse_file_slots(&json!({"files": [{"file_id": "a+b/c", "requests": [{"method": "put", "url": "http://h/u", "headers": {"Content-Type": "image/png"}}]}]}), 1).unwrap();
+        assert_eq!(ok[0].method, Method::PUT);
+        assert_eq!(
+            ok[0].headers,
+            vec![("Content-Type".to_string(), "image/png".to_string())]
+        );
+        let (entries, next) = parse_style_page(&json!({"groups": [{"id": 9007199254740993u64, "info": {"title": "Short"}}], "next_token": 20}), false).unwrap();
+        assert_eq!(entries[0].id, "9007199254740993");
+        assert_eq!(next.as_deref(), Some("20"));
+        assert!(parse_style_page(&json!({"groups": [{"id": 1.5}]}), false).is_err());
+    }
+
+    fn config(credentials: Credentials) -> ProviderConfig {
+        let mut c = crate::config::Config::load(None, &|_| None)
+            .unwrap()
+            .provider(ProviderKind::Perfect);
+        c.credentials = credentials;
+        c
+    }
+
+    #[test]
+    fn build_names_the_variables() {
+        let e = build(&config(Credentials::default())).err().unwrap();
+        assert!(
+            e.contains("PERFECT_CLIENT_ID") && e.contains("PERFECT_API_KEY"),
+            "{e}"
+        );
+        let e = build(&config(Credentials {
+            client_id: Some("id".into()),
+            ..Default::default()
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("PERFECT_CLIENT_SECRET"), "{e}");
+        assert!(build(&config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        }))
+        .is_ok());
+        let mut c = config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        });
+        c.operations.insert("nothing".into(), "x".into());
+        assert!(build(&c).err().unwrap().contains("unknown operation"));
+    }
+
+    #[tokio::test]
+    async fn styles_follow_every_page_against_the_simulator() {
+        let sim = crate::sim::spawn(crate::sim::SimConfig {
+            limits: Default::default(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let creds = &sim.credentials()["perfect"];
+        let adapter = build(&config(Credentials {
+            client_id: creds["PERFECT_CLIENT_ID"].as_str().map(str::to_string),
+            client_secret: creds["PERFECT_CLIENT_SECRET"].as_str().map(str::to_string),
+            api_key: None,
+        }))
+        .unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let api = Api::new(
+            &format!("{}/perfect", sim.base_url()),
+            client,
+            Arc::new(OpenGate),
+        );
+        adapter.authenticate(&api).await.unwrap();
+        let q = StyleQuery {
+            feature: Some("hair-style".into()),
+            ..Default::default()
+        };
+        let groups = adapter.styles(&api, &q).await.unwrap();
+        assert_eq!(groups.len(), 25, "two pages of groups");
+        assert!(groups.iter().all(|g| g.kind == "group"));
+        assert_eq!(groups[0].id, "9007199254740993");
+        let q = StyleQuery {
+            group: Some(groups[3].id.clone()),
+            limit: Some(21),
+            ..q
+        };
+        let styles = adapter.styles(&api, &q).await.unwrap();
+        assert_eq!(styles.len(), 21, "the limit stops the second page");
+        assert_eq!(styles[0].id, (9007199254740993u64 + 3000 + 1).to_string());
+        assert!(styles[0].detail.iter().any(|(k, _)| k == "thumb"));
+        let none = StyleQuery {
+            feature: Some("colorize".into()),
+            ..Default::default()
+        };
+        assert!(adapter.styles(&api, &none).await.is_err());
+        sim.shutdown().await.unwrap();
+    }
+}
