@@ -200,8 +200,7 @@ pub struct ProviderGate {
 #[derive(Debug)]
 struct KeepAlive {
     keep_alive_ms: u64,
-    /// Tasks that need polls now or soon (accepted, or being started), as the
-    /// dispatcher last counted them.
+    /// Accepted tasks that need polls, as the dispatcher last counted them.
     live_tasks: AtomicUsize,
     /// Smoothed gap between two polls of one task (ms).
     poll_gap_ms: AtomicU64,
@@ -365,7 +364,7 @@ impl ProviderGate {
             .map(|k| Duration::from_millis(k.keep_alive_ms))
     }
 
-    /// The dispatcher's count of tasks that need polls (accepted or being started).
+    /// The dispatcher's count of accepted tasks that need polls.
     pub fn set_live_tasks(&self, n: usize) {
         if let Some(k) = &self.keep_alive {
             k.live_tasks.store(n, Ordering::Relaxed);
@@ -375,11 +374,15 @@ impl ProviderGate {
     /// Whether `live_tasks` tasks can all be kept alive if one more request that
     /// starts new work goes now: every window must hold, at every moment of the next
     /// window length, what was sent, that request, and the polls the tasks will
-    /// need by then. Always true for providers without a keep-alive.
+    /// need by then. Always true for providers without a keep-alive, and for a
+    /// single task (work must go on even when the limits are too tight to promise).
     pub fn keep_alive_fits(&self, live_tasks: usize) -> bool {
         let Some(k) = &self.keep_alive else {
             return true;
         };
+        if live_tasks <= 1 {
+            return true;
+        }
         let now = self.clock.now_ms();
         self.with_limiter(|l| l.fits_with_reserve(now, |tau| k.reserve(live_tasks, tau)))
     }
@@ -479,7 +482,10 @@ impl RequestGate for ProviderGate {
                 }
                 if free <= now && !urgent {
                     if let Some(k) = &self.keep_alive {
-                        if !self.keep_alive_fits(k.live_tasks.load(Ordering::Relaxed)) {
+                        // Only accepted tasks count here, plus the one this request
+                        // may start: they end on their own, so the wait ends too.
+                        let accepted = k.live_tasks.load(Ordering::Relaxed);
+                        if !self.keep_alive_fits(accepted + 1) {
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;
@@ -780,14 +786,20 @@ mod tests {
 
     #[tokio::test]
     async fn new_work_waits_for_the_polls_of_live_tasks_but_polls_do_not() {
-        let gate = ProviderGate::new(ProviderKind::Perfect, &[spec("8/1s")], Duration::ZERO, None)
-            .with_keep_alive(Duration::from_millis(400), Duration::from_millis(100));
+        let gate = ProviderGate::new(
+            ProviderKind::Perfect,
+            &[spec("20/1s")],
+            Duration::ZERO,
+            None,
+        )
+        .with_keep_alive(Duration::from_millis(400), Duration::from_millis(100));
         gate.set_live_tasks(1);
-        for _ in 0..4 {
+        // The accepted task and the one a submission may start, polled every 100 ms
+        // up to 6 times (the prior) within the window: 12 polls to keep room for, so
+        // 8 requests fit (7 sent + 1 + 12 = 20) and the 9th must wait.
+        for _ in 0..8 {
             gate.admit(RequestKind::Submit).await;
         }
-        // 4 sent + 1 new + 1 task × 2 polls (prior 6, gap 100 ms, keep-alive 400 ms
-        // → gap clamped to 200 ms: τ/200+1 grows to 6 within the window) > 8.
         let blocked =
             tokio::time::timeout(Duration::from_millis(150), gate.admit(RequestKind::Submit)).await;
         assert!(blocked.is_err(), "a submission must wait for the reserve");

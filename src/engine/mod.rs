@@ -304,13 +304,16 @@ impl Engine {
                 .iter()
                 .map(|s| self.store.count(*s, lane.kind).unwrap_or(0))
                 .sum::<u64>() as usize;
-                // Tasks that need polls: accepted ones, and new work under way.
-                let mut live_tasks = [JobState::Submitting, JobState::Submitted, JobState::Polling]
+                // Tasks that need polls: accepted ones, and new work under way (which
+                // will be accepted soon). The gate sees only the accepted ones: they
+                // end on their own, so a request waiting for room never waits on
+                // itself.
+                let accepted = [JobState::Submitted, JobState::Polling]
                     .iter()
                     .map(|s| self.store.count(*s, lane.kind).unwrap_or(0))
-                    .sum::<u64>() as usize
-                    + lane.starting.load(Ordering::SeqCst);
-                lane.gate.set_live_tasks(live_tasks);
+                    .sum::<u64>() as usize;
+                lane.gate.set_live_tasks(accepted);
+                let mut live_tasks = accepted + lane.starting.load(Ordering::SeqCst);
                 for state in DISPATCH_ORDER {
                     let free = lane.permits.available_permits();
                     if free == 0 {
@@ -349,7 +352,6 @@ impl Engine {
                             remote_in_flight += 1;
                             live_tasks += 1;
                             lane.starting.fetch_add(1, Ordering::SeqCst);
-                            lane.gate.set_live_tasks(live_tasks);
                         }
                         let lane = lane.clone();
                         let store = self.store.clone();

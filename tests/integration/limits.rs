@@ -202,3 +202,62 @@ fn a_restart_right_after_a_burst_keeps_the_limit() {
     assert!(times.len() > 12, "{} requests", times.len());
     assert!(busiest_window(&times, 5000) <= 6);
 }
+
+/// Perfect drops a task not polled in time, and its limits are tight: the engine may
+/// start new work only while the polls of every accepted task still fit. Time-scaled
+/// (1.5 s keep-alive, 2.5 s tasks, 20 per 2 s and 60 per 8 s), far more jobs than
+/// the budget can keep alive at once: none is lost, none is refused.
+#[test]
+fn perfect_tasks_are_kept_alive_under_tight_limits() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "2500",
+        "--keep-alive-ms",
+        "1500",
+        "--limit",
+        "perfect=20/2s,60/8s",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 48, 32, 3);
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    for i in 0..30 {
+        csv.push_str(&format!(
+            "e{i},perfect,photo-enhance,in/a.png,,\"{{\"\"scale\"\":{}}}\"\n",
+            [1, 2, 4][i % 3]
+        ));
+    }
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.perfect]\nrate_limits = [\"20/2s\", \"60/8s\"]\nkeep_alive = \"1500ms\"\n\
+         concurrency = 16\nmax_in_flight = 64\npoll_interval = \"300ms\"\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.csv"]);
+    let started = std::time::Instant::now();
+    let out = run_to_end(cmd, Duration::from_secs(240));
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let stats = sim.stats();
+    assert_eq!(
+        stats["violations"]["perfect"].as_u64().unwrap_or(0),
+        0,
+        "{stats}"
+    );
+    let ledger = sim.ledger();
+    // A dropped task answers its next poll with HTTP 400 InvalidTaskId.
+    let lost = ledger
+        .iter()
+        .filter(|e| {
+            e["provider"] == "perfect" && e["endpoint"] == "task_status" && e["status"] == 400
+        })
+        .count();
+    assert_eq!(lost, 0, "tasks dropped for lack of polls");
+    let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
+    assert!(rows.iter().all(|r| r["state"] == "done"));
+    let metered = metered_times(&ledger, "perfect");
+    eprintln!("30 jobs, {} metered requests, {took:?}", metered.len());
+}
