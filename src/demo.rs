@@ -9,12 +9,16 @@ use image::{Rgb, RgbImage};
 /// The example manifest, as committed at the repository root.
 pub const EXAMPLE_MANIFEST: &str = include_str!("../jobs.example.csv");
 
-/// (file name, width, height) of the example inputs.
-pub const EXAMPLE_IMAGES: [(&str, u32, u32); 4] = [
+/// (file name, width, height) of the example inputs. The extension sets the format
+/// (Perfect's hairstyles take JPEG only); a name with `mask` is a white blob on
+/// black, the shape Perfect's object removal expects, the size of its image.
+pub const EXAMPLE_IMAGES: [(&str, u32, u32); 6] = [
     ("portrait.png", 96, 128),
     ("landscape.png", 160, 96),
     ("square.png", 128, 128),
     ("tiny.png", 64, 48),
+    ("portrait.jpg", 96, 128),
+    ("landscape-mask.png", 160, 96),
 ];
 
 /// Draws example picture `name`: a gradient with a few shapes, different per name.
@@ -42,10 +46,36 @@ pub fn example_image(name: &str, width: u32, height: u32) -> RgbImage {
     })
 }
 
-/// PNG bytes of example picture `name`.
-pub fn example_png(name: &str, width: u32, height: u32) -> Result<Vec<u8>, image::ImageError> {
+/// A mask: white where the object to remove is (an ellipse right of centre).
+fn example_mask(width: u32, height: u32) -> image::GrayImage {
+    let (cx, cy) = (width as f64 * 0.65, height as f64 * 0.5);
+    let (rx, ry) = (width as f64 * 0.15, height as f64 * 0.25);
+    image::GrayImage::from_fn(width, height, |x, y| {
+        let (dx, dy) = ((x as f64 - cx) / rx, (y as f64 - cy) / ry);
+        image::Luma([if dx * dx + dy * dy <= 1.0 { 255 } else { 0 }])
+    })
+}
+
+/// The file bytes of example picture `name`, in the format its extension names.
+pub fn example_file(name: &str, width: u32, height: u32) -> Result<Vec<u8>, image::ImageError> {
     let mut out = std::io::Cursor::new(Vec::new());
-    example_image(name, width, height).write_to(&mut out, image::ImageFormat::Png)?;
+    let format = if name.ends_with(".jpg") {
+        image::ImageFormat::Jpeg
+    } else {
+        image::ImageFormat::Png
+    };
+    if name.contains("mask") {
+        example_mask(width, height).write_to(&mut out, format)?;
+    } else {
+        // The picture is named by its stem, so portrait.png and portrait.jpg agree.
+        let stem = name.rsplit_once('.').map_or(name, |(s, _)| s);
+        let stem = if stem == "portrait" {
+            "portrait.png"
+        } else {
+            name
+        };
+        example_image(stem, width, height).write_to(&mut out, format)?;
+    }
     Ok(out.into_inner())
 }
 
@@ -56,9 +86,9 @@ pub fn materialize(folder: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&images)?;
     for (name, w, h) in EXAMPLE_IMAGES {
         let path = images.join(name);
-        let png = example_png(name, w, h).map_err(std::io::Error::other)?;
-        if std::fs::read(&path).ok().as_deref() != Some(png.as_slice()) {
-            std::fs::write(&path, png)?;
+        let bytes = example_file(name, w, h).map_err(std::io::Error::other)?;
+        if std::fs::read(&path).ok().as_deref() != Some(bytes.as_slice()) {
+            std::fs::write(&path, bytes)?;
         }
     }
     let manifest = folder.join("jobs.example.csv");
@@ -79,7 +109,7 @@ mod tests {
             let committed = std::fs::read(dir.join(name)).unwrap();
             assert_eq!(
                 committed,
-                example_png(name, w, h).unwrap(),
+                example_file(name, w, h).unwrap(),
                 "{name} differs: regenerate it with `pixbatch demo`"
             );
         }

@@ -17,39 +17,54 @@ fn demo_finishes_and_every_output_is_an_image_of_the_expected_size() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
-    // (job id, expected width, height): from the rows' params; where only one side
-    // is given the other follows the input's aspect ratio.
+    // (job id, expected width, height, files): from the rows' params; where only one
+    // side is given the other follows the input's aspect ratio; edits keep the
+    // input's size; Perfect's aging gives four ages, Dzine one file per slot.
     let expected = [
-        ("topaz-portrait-standard", 192, 256),
-        ("topaz-landscape-hifi", 320, 192),
-        ("topaz-square-cgi", 256, 256),
-        ("topaz-tiny-lowres", 256, 192),
-        ("topaz-square-text", 200, 200),
-        ("topaz-portrait-sync", 144, 192),
-        ("topaz-lake-redefine", 320, 192),
-        ("topaz-tiny-recovery", 128, 96),
-        ("topaz-square-gallery", 160, 160),
-        ("photio-portrait-x2", 192, 256),
-        ("photio-tiny-x4", 256, 192),
-        ("aithriving-square-anime", 512, 512),
-        ("aithriving-landscape-oil", 640, 384),
-        ("aithriving-portrait-studio", 384, 512),
+        ("topaz-portrait-standard", 192, 256, 1),
+        ("topaz-landscape-hifi", 320, 192, 1),
+        ("topaz-square-cgi", 256, 256, 1),
+        ("topaz-tiny-lowres", 256, 192, 1),
+        ("topaz-square-text", 200, 200, 1),
+        ("topaz-portrait-sync", 144, 192, 1),
+        ("topaz-lake-redefine", 320, 192, 1),
+        ("topaz-tiny-recovery", 128, 96, 1),
+        ("topaz-square-gallery", 160, 160, 1),
+        ("photio-portrait-x2", 192, 256, 1),
+        ("photio-tiny-x4", 256, 192, 1),
+        ("aithriving-square-anime", 512, 512, 1),
+        ("aithriving-landscape-oil", 640, 384, 1),
+        ("aithriving-portrait-studio", 384, 512, 1),
+        ("perfect-hair-short", 96, 128, 1),
+        ("perfect-makeup", 96, 128, 1),
+        ("perfect-erase", 160, 96, 1),
+        ("perfect-enhance-x2", 320, 192, 1),
+        ("perfect-cutout", 128, 128, 1),
+        ("perfect-aging", 96, 128, 4),
+        ("perfect-lighthouse", 512, 512, 1),
+        ("dzine-lighthouse", 512, 512, 2),
+        ("dzine-watercolor", 160, 96, 1),
+        ("dzine-swap", 128, 128, 1),
+        ("dzine-upscale", 128, 96, 1),
     ];
     let rows = report(dir.path(), &dir.path().join("pixbatch-demo/pixbatch.db"));
     assert_eq!(rows.len(), expected.len(), "{rows:?}");
-    for (id, w, h) in expected {
+    for (id, w, h, files) in expected {
         let row = rows
             .iter()
             .find(|r| r["id"] == id)
             .unwrap_or_else(|| panic!("no row {id}"));
         assert_eq!(row["state"], "done", "{id}: {row}");
-        let path = dir
-            .path()
-            .join("out")
-            .join(row["outputs"].as_str().unwrap());
-        let img = image::open(&path).unwrap_or_else(|e| panic!("{id}: {}: {e}", path.display()));
-        assert_eq!((img.width(), img.height()), (w, h), "{id}");
-        assert_eq!(sha256_file(&path), row["sha256"].as_str().unwrap(), "{id}");
+        let outputs: Vec<&str> = row["outputs"].as_str().unwrap().split('|').collect();
+        let hashes: Vec<&str> = row["sha256"].as_str().unwrap().split('|').collect();
+        assert_eq!(outputs.len(), files, "{id}: {row}");
+        for (output, sha) in outputs.iter().zip(&hashes) {
+            let path = dir.path().join("out").join(output);
+            let img =
+                image::open(&path).unwrap_or_else(|e| panic!("{id}: {}: {e}", path.display()));
+            assert_eq!((img.width(), img.height()), (w, h), "{id}: {output}");
+            assert_eq!(sha256_file(&path), *sha, "{id}");
+        }
     }
     assert!(dir
         .path()
