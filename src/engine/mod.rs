@@ -260,9 +260,7 @@ impl Engine {
     ) -> Result<RunSummary, EngineError> {
         let started = now_ms();
         for lane in self.lanes.values() {
-            if let Err(e) = lane.adapter.authenticate(&lane.api).await {
-                return Err(EngineError::Setup(format!("{}: {e}", lane.kind)));
-            }
+            authenticate(lane).await?;
             self.check_balance(lane).await?;
         }
         let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -500,6 +498,46 @@ impl Engine {
     pub fn summary(&self) -> Result<RunSummary, StoreError> {
         summarize(&self.store)
     }
+}
+
+/// Credentials are checked before any job is touched: a refusal (a wrong key) ends
+/// the run at once with the provider's reason, but a lost or garbled answer, a 5xx
+/// or a 429 is only bad luck and is tried again, with backoff, a few times.
+async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
+    const TRIES: u32 = 8;
+    for attempt in 1..=TRIES {
+        match lane.adapter.authenticate(&lane.api).await {
+            Ok(()) => return Ok(()),
+            Err(crate::api::ProviderError::Permanent(reason)) => {
+                return Err(EngineError::Setup(format!("{}: {reason}", lane.kind)));
+            }
+            Err(e) if attempt == TRIES => {
+                return Err(EngineError::Setup(format!(
+                    "{}: could not authenticate after {TRIES} tries: {e}",
+                    lane.kind
+                )));
+            }
+            Err(e) => {
+                let (retry_after, rate_limited) = match &e {
+                    crate::api::ProviderError::Transient {
+                        retry_after,
+                        rate_limited,
+                        ..
+                    } => (*retry_after, *rate_limited),
+                    _ => (None, false),
+                };
+                let wait = retry::backoff_delay(attempt, retry_after);
+                tracing::warn!(
+                    provider = %lane.kind,
+                    "authentication failed ({e}){}; trying again in {} ms",
+                    if rate_limited { " [rate limited]" } else { "" },
+                    wait.as_millis()
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The HTTP client for one provider's requests (API host, uploads, downloads).

@@ -226,7 +226,9 @@ struct Output {
 #[derive(Debug)]
 struct Task {
     slug: String,
-    request_id: u64,
+    /// What the ledger calls the task's entries: the client's `X-Request-Id` when it
+    /// sends one (pixbatch sends its submit key), else the `request_id`.
+    ledger_key: String,
     finish_at: Instant,
     last_contact: Instant,
     dropped: bool,
@@ -853,7 +855,11 @@ async fn run(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let key = Some(spec.request_id.to_string());
+    let key = Some(
+        ctx.request_key
+            .clone()
+            .unwrap_or_else(|| spec.request_id.to_string()),
+    );
     let ids: Vec<&str> = spec.files.iter().map(|(id, _)| id.as_str()).collect();
     let idem = format!("{slug}\n{}\n{}", ids.join(","), spec.request_id);
     // A repeated request_id for the same files is ignored: the task already made.
@@ -921,7 +927,7 @@ async fn run(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         task_id.clone(),
         Task {
             slug,
-            request_id: spec.request_id,
+            ledger_key: key.clone().unwrap_or_default(),
             finish_at: ctx.arrived + s.config.task_duration,
             last_contact: now,
             dropped: drop_now,
@@ -1110,7 +1116,7 @@ fn status(s: &Shared, req: &Request) -> Reply {
     let Some(t) = tasks.get_mut(&task_id).filter(|t| t.slug == slug) else {
         return err(StatusCode::BAD_REQUEST, "InvalidTaskId", "");
     };
-    let key = Some(t.request_id.to_string());
+    let key = Some(t.ledger_key.clone());
     // Dropped if, while it was still running, the client went quiet for too long.
     if !t.dropped && t.last_contact + keep_alive < now.min(t.finish_at) {
         t.dropped = true;
@@ -1208,7 +1214,7 @@ fn result_file(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
     Reply::bytes(StatusCode::OK, content_type, o.bytes.clone())
         .sha(o.sha256.clone())
         .remote(&task_id)
-        .key(Some(t.request_id.to_string()))
+        .key(Some(t.ledger_key.clone()))
 }
 
 fn style_list(req: &Request, styles: bool) -> Reply {

@@ -20,11 +20,15 @@ fn write_manifest(dir: &std::path::Path) {
     let mut csv = String::from("id,provider,operation,input,prompt,params,output\n");
     for i in 0..JOBS {
         let img = format!("in/img{}.png", i % 8);
-        let row = match i % 6 {
+        let row = match i % 8 {
             0 | 1 => format!("t{i},topaz,enhance,{img},,\"{{\"\"output_width\"\":96}}\",\n"),
             2 => format!("g{i},topaz,enhance-gen,{img},a quiet street,\"{{\"\"model\"\":\"\"Redefine\"\",\"\"output_width\"\":80}}\",\n"),
             3 => format!("s{i},topaz,enhance-sync,{img},,\"{{\"\"output_height\"\":64,\"\"output_format\"\":\"\"png\"\"}}\",\n"),
             4 => format!("p{i},photio,upscale,{img},,\"{{\"\"upscale_by\"\":2}}\",\n"),
+            6 if i % 16 == 6 => format!("pe{i},perfect,photo-enhance,{img},,\"{{\"\"scale\"\":2}}\",\n"),
+            6 => format!("pb{i},perfect,background-removal,{img},,,\n"),
+            7 if i % 16 == 7 => format!("dt{i},dzine,txt2img,,a boat number {i},\"{{\"\"style_code\"\":\"\"Style-7feccf2b-f2ad-43a6-89cb-354fb5d928d2\"\",\"\"target_h\"\":128,\"\"generate_slots\"\":[1,1,0,0]}}\",\n"),
+            7 => format!("du{i},dzine,upscale,{img},,\"{{\"\"upscaling_resize\"\":2}}\",\n"),
             _ => format!("a{i},aithriving,img2img,{img},a red bicycle,\"{{\"\"width\"\":320,\"\"height\"\":320}}\",\n"),
         };
         csv.push_str(&row);
@@ -48,12 +52,22 @@ max_attempts = 25
 rate_limits = ["20/1s"]
 concurrency = 4
 max_attempts = 25
+[providers.perfect]
+rate_limits = ["100/1s", "200/5s"]
+max_attempts = 25
+reconcile_grace = "3s"
+[providers.dzine]
+rate_limits = ["40/1s"]
+concurrency = 8
+poll_interval = "300ms"
+max_attempts = 25
+reconcile_grace = "3s"
 "#,
     )
     .unwrap();
 }
 
-/// 200 jobs over three providers with every chaos option on; the process is killed
+/// 200 jobs over all five providers with every chaos option on; the process is killed
 /// with SIGKILL at random moments and restarted, then run to the end.
 #[test]
 fn killed_at_random_moments_it_resumes_without_paying_twice() {
@@ -80,6 +94,10 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
         "photio=20/1s",
         "--limit",
         "aithriving=20/1s",
+        "--limit",
+        "perfect=100/1s,200/5s",
+        "--limit",
+        "dzine=40/1s",
     ]);
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path());
@@ -98,11 +116,18 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
         let mut child = cmd
             .args(["run", "--quiet"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("run{kills}.err"))).unwrap())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
-        if child.try_wait().unwrap().is_some() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(dir.path().join(format!("run{kills}.err")))
+                .unwrap_or_default();
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "a run ended on its own, but not well: {err}"
+            );
             break; // finished before we could kill it
         }
         child.kill().unwrap(); // SIGKILL
@@ -147,8 +172,10 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
         let id = r["id"].as_str().unwrap();
         let n = charges.get(id).copied().unwrap_or(0);
         let dups = r["possible_duplicates"].as_u64().unwrap();
-        if r["provider"] == "topaz" {
-            // Topaz lists every task by the file name we sent: nothing is paid twice.
+        if r["provider"] == "topaz" || r["provider"] == "perfect" {
+            // Topaz lists every task by the file name we sent, Perfect ignores a
+            // repeated request_id: nothing is paid twice, nothing recorded as such.
+            assert_eq!(dups, 0, "{id}: {r}");
             if n != 1 {
                 let entries: Vec<_> = ledger
                     .iter()
@@ -165,8 +192,8 @@ fn killed_at_random_moments_it_resumes_without_paying_twice() {
                 );
             }
         } else {
-            // Photio and AIThriving give no way to know; every extra charge must be
-            // recorded on the job.
+            // Photio, AIThriving and Dzine give no way to know; every extra charge
+            // must be recorded on the job.
             assert!(
                 n >= 1 && n <= 1 + dups,
                 "{id} charged {n} times with {dups} recorded: {r}"

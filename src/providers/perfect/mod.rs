@@ -291,12 +291,30 @@ impl Perfect {
         path_and_query: &str,
         body: Option<&Value>,
     ) -> Result<Answer, ProviderError> {
+        self.call_keyed(api, kind, method, path_and_query, body, None)
+            .await
+    }
+
+    /// [`Perfect::call`] with `X-Request-Id: <submit key>` (on runs: Perfect ignores
+    /// it; the simulator's ledger attributes the task to its job with it).
+    async fn call_keyed(
+        &self,
+        api: &Api,
+        kind: RequestKind,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        request_key: Option<&str>,
+    ) -> Result<Answer, ProviderError> {
         for attempt in 0..2 {
             let (bearer, generation) = self.bearer(api).await?;
             let mut request = api
                 .client()
                 .request(method.clone(), api.url(path_and_query))
                 .header(AUTHORIZATION, bearer);
+            if let Some(key) = request_key {
+                request = request.header("X-Request-Id", key);
+            }
             if let Some(b) = body {
                 request = request.json(b);
             }
@@ -418,7 +436,14 @@ impl Perfect {
         let body = plan.run_body(rid, &files);
         let path = format!("{API}/task/{}", self.slug(plan.feature));
         let answer = self
-            .call(api, RequestKind::Submit, Method::POST, &path, Some(&body))
+            .call_keyed(
+                api,
+                RequestKind::Submit,
+                Method::POST,
+                &path,
+                Some(&body),
+                Some(&job.submit_key),
+            )
             .await?;
         id_text(answer.result.get("task_id")).ok_or_else(|| {
             ProviderError::Unknown(format!(
