@@ -488,3 +488,63 @@ fn volume_300_jobs_all_features() {
     assert_eq!(charged.len(), 300);
     assert_eq!(ledger.iter().filter(|e| e["charged"] == true).count(), 300);
 }
+
+/// `pixbatch styles perfect FEATURE` lists the style groups over every page, and
+/// `--group ID` the styles in one, with ids above 2^53 exact; `balance` says plainly
+/// that Perfect's API does not tell one.
+#[test]
+fn styles_command_lists_groups_and_styles_with_exact_ids() {
+    let sim = Sim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        let mut cmd = pixbatch(dir.path());
+        sim.env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    };
+    let lines = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "{}", text(out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let groups = lines(&cli(&["styles", "perfect", "hair-style", "--json"]));
+    assert_eq!(groups.len(), 25, "both pages of groups");
+    assert!(groups.iter().all(|g| g["kind"] == "group"));
+    let first = groups[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(first, "9007199254740993", "2^53 + 1, not rounded");
+    let styles = lines(&cli(&[
+        "styles",
+        "perfect",
+        "hair-style",
+        "--group",
+        &first,
+        "--json",
+    ]));
+    assert_eq!(styles.len(), 23);
+    assert_eq!(styles[0]["id"], "9007199254740994");
+    assert!(styles.iter().all(|s| s["kind"] == "style"));
+
+    // A style id from the listing works in a manifest as is.
+    let img = dir.path().join("in/face.jpg");
+    std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+    std::fs::write(&img, pixbatch::sim::images::sample_jpeg(96, 128, 4)).unwrap();
+    std::fs::write(
+        dir.path().join("jobs.csv"),
+        format!(
+            "id,provider,operation,input,params\nh1,perfect,hair-style,in/face.jpg,\"{{\"\"style_group_id\"\":{first},\"\"style_id\"\":{}}}\"\n",
+            styles[5]["id"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = cli(&["run", "jobs.csv"]);
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+
+    let balance = cli(&["balance", "perfect"]);
+    assert_eq!(balance.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&balance.stderr).contains("does not tell the balance"),
+        "{}",
+        text(&balance)
+    );
+}
