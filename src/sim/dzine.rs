@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 
 use super::form::{self, FormError};
 use super::images::{self, Fit, Format};
+use super::presign::{self, public_host};
 use super::{header_str, key_ok, lock, unix_ms, Ctx, Reply, Route, Shared, SimConfig};
 
 const API: &str = "/openapi/v1";
@@ -371,17 +372,6 @@ async fn json_body(s: &Shared, req: Request) -> Result<(Map<String, Value>, Stri
         Ok(Value::Object(m)) => Ok((m, host)),
         _ => Err(bad("the request body must be a JSON object")),
     }
-}
-
-fn public_host(s: &Shared, req: &Request) -> String {
-    header_str(req.headers(), "host")
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map_or_else(|| s.local_addr.to_string(), str::to_string)
 }
 
 fn query_pairs(req: &Request) -> HashMap<String, String> {
@@ -1052,14 +1042,7 @@ fn make_outputs(
 }
 
 fn signature(s: &Shared, task: &str, slot: usize, expires_ms: u64) -> String {
-    hex::encode(
-        Sha256::new()
-            .chain_update(s.secret)
-            .chain_update(b"dzine-cdn\n")
-            .chain_update(task.as_bytes())
-            .chain_update(format!("\n{slot}\n{expires_ms}").as_bytes())
-            .finalize(),
-    )
+    presign::signature(s, "dzine-cdn", &slot.to_string(), task, expires_ms)
 }
 
 fn not_found_task(id: &str) -> Reply {

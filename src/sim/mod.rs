@@ -30,6 +30,7 @@ mod limiter;
 mod net;
 mod perfect;
 mod photio;
+mod presign;
 mod topaz;
 
 use std::collections::BTreeMap;

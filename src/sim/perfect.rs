@@ -42,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 use super::form;
 use super::images::{self, Fit, Format};
+use super::presign::{self, public_host, xml_err};
 use super::{header_str, key_ok, lock, unix_ms, Ctx, Reply, Route, Shared, SimConfig};
 
 const API: &str = "/s2s/v1.0";
@@ -334,12 +335,6 @@ fn ok(result: Value) -> Reply {
     Reply::json(StatusCode::OK, &json!({"status": 200, "result": result}))
 }
 
-/// Storage errors look like S3's.
-fn xml_err(status: StatusCode, code: &str, message: &str) -> Reply {
-    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>");
-    Reply::bytes(status, "application/xml", Bytes::from(body))
-}
-
 pub(crate) fn too_many(route: &Route) -> Reply {
     if !route.metered {
         return xml_err(
@@ -388,67 +383,6 @@ pub(crate) fn authorize(s: &Shared, ctx: &Ctx, req: &Request) -> Result<(), Repl
     } else {
         Err(unauthorized())
     }
-}
-
-fn signature(s: &Shared, what: &str, id: &str, expires_ms: u64) -> String {
-    hex::encode(
-        Sha256::new()
-            .chain_update(s.secret)
-            .chain_update(b"perfect\n")
-            .chain_update(what.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(id.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(expires_ms.to_string().as_bytes())
-            .finalize(),
-    )
-}
-
-/// Checks `expires` and `sig` of a presigned URL; the S3-like refusal otherwise.
-fn check_signed(s: &Shared, req: &Request, what: &str, id: &str) -> Result<(), Reply> {
-    let mut expires = None;
-    let mut sig = None;
-    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
-        match k.as_ref() {
-            "expires" => expires = v.parse::<u64>().ok(),
-            "sig" => sig = Some(v.into_owned()),
-            _ => {}
-        }
-    }
-    let (Some(expires), Some(sig)) = (expires, sig) else {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "AccessDenied",
-            "Query-string authentication requires the expires and sig parameters",
-        ));
-    };
-    if sig != signature(s, what, id, expires) {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided.",
-        ));
-    }
-    if unix_ms() > expires {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "AccessDenied",
-            "Request has expired",
-        ));
-    }
-    Ok(())
-}
-
-/// `Host` of the request if it looks like one, else the listening address.
-fn public_host(s: &Shared, req: &Request) -> String {
-    header_str(req.headers(), "host")
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map_or_else(|| s.local_addr.to_string(), str::to_string)
 }
 
 fn slug_of(req: &Request) -> String {
@@ -610,7 +544,7 @@ async fn file_create(s: &Shared, req: Request) -> Reply {
         let expires = unix_ms() + s.config.link_ttl.as_millis() as u64;
         let url = format!(
             "http://{host}/perfect{UPLOAD}{handle}?expires={expires}&sig={}",
-            signature(s, "PUT", &handle, expires)
+            presign::signature(s, "perfect", "PUT", &handle, expires)
         );
         lock(&s.perfect.files).insert(
             file_id.clone(),
@@ -645,7 +579,7 @@ async fn upload(s: &Shared, ctx: &Ctx, req: Request) -> Reply {
             "The specified method is not allowed against this resource.",
         );
     }
-    if let Err(r) = check_signed(s, &req, "PUT", &handle) {
+    if let Err(r) = presign::check(s, &req, "perfect", "PUT", &handle) {
         return r;
     }
     let Some(file_id) = lock(&s.perfect.uploads).get(&handle).cloned() else {
@@ -1151,7 +1085,7 @@ fn status(s: &Shared, req: &Request) -> Reply {
                 "http://{host}/perfect{RESULTS}{}.{}?expires={expires}&sig={}",
                 o.id,
                 o.ext,
-                signature(s, "GET", &o.id, expires)
+                presign::signature(s, "perfect", "GET", &o.id, expires)
             );
             let mut d = json!({"url": url, "dst_id": format!("dst-{}", o.id)});
             if let Some(age) = o.res_age {
@@ -1185,7 +1119,7 @@ fn result_file(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
             "The specified method is not allowed against this resource.",
         );
     }
-    if let Err(r) = check_signed(s, req, "GET", &id) {
+    if let Err(r) = presign::check(s, req, "perfect", "GET", &id) {
         return r;
     }
     let Some((task_id, index)) = lock(&s.perfect.results).get(&id).cloned() else {

@@ -16,10 +16,10 @@ use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::{header, HeaderName, Method, StatusCode};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
 use super::form::{self, parse, Form};
 use super::images::{self, Fit, Format};
+use super::presign::{self, public_host, xml_err};
 use super::{header_str, key_ok, lock, unix_ms, Ctx, Reply, Route, Shared};
 
 /// Keys starting with this go in `Authorization: Bearer` (topaz.txt, "Uncommon").
@@ -276,14 +276,6 @@ fn unauthorized() -> Reply {
     err(StatusCode::UNAUTHORIZED, "Unauthorized")
 }
 
-/// The file host answers like S3.
-fn xml_err(status: StatusCode, code: &str, message: &str) -> Reply {
-    let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    );
-    Reply::bytes(status, "application/xml", Bytes::from(body))
-}
-
 pub(crate) fn too_many(route: &Route) -> Reply {
     if !route.metered {
         return xml_err(
@@ -344,52 +336,9 @@ pub(crate) fn authorize(s: &Shared, ctx: &Ctx, req: &Request) -> Result<(), Repl
     Err(unauthorized())
 }
 
-fn signature(s: &Shared, method: &str, id: &str, expires_ms: u64) -> String {
-    hex::encode(
-        Sha256::new()
-            .chain_update(s.secret)
-            .chain_update(method.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(id.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(expires_ms.to_string().as_bytes())
-            .finalize(),
-    )
-}
-
 fn check_presigned(s: &Shared, ctx: &Ctx, req: &Request, method: &str) -> Result<(), Reply> {
     let id = ctx.route.remote_id.as_deref().unwrap_or("");
-    let mut expires = None;
-    let mut sig = None;
-    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
-        match k.as_ref() {
-            "expires" => expires = v.parse::<u64>().ok(),
-            "sig" => sig = Some(v.into_owned()),
-            _ => {}
-        }
-    }
-    let (Some(expires), Some(sig)) = (expires, sig) else {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "AccessDenied",
-            "Query-string authentication requires the expires and sig parameters",
-        ));
-    };
-    if sig != signature(s, method, id, expires) {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided.",
-        ));
-    }
-    if unix_ms() > expires {
-        return Err(xml_err(
-            StatusCode::FORBIDDEN,
-            "AccessDenied",
-            "Request has expired",
-        ));
-    }
-    Ok(())
+    presign::check(s, req, "topaz", method, id)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -838,18 +787,6 @@ fn cancel(s: &Shared, ctx: &Ctx) -> Reply {
     })
 }
 
-/// `Host` of the request if it looks like one, else the listening address.
-fn public_host(s: &Shared, req: &Request) -> String {
-    header_str(req.headers(), "host")
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map_or_else(|| s.local_addr.to_string(), str::to_string)
-}
-
 fn download(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
     let host = public_host(s, req);
     let ttl = s.config.link_ttl.as_millis() as u64;
@@ -872,7 +809,7 @@ fn download(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
             format!(
                 "http://{host}/topaz/_files/{}?expires={expires}&sig={}",
                 t.process_id,
-                signature(s, method, &t.process_id, expires)
+                presign::signature(s, "topaz", method, &t.process_id, expires)
             )
         };
         Reply::json(
