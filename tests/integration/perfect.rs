@@ -548,3 +548,64 @@ fn styles_command_lists_groups_and_styles_with_exact_ids() {
         text(&balance)
     );
 }
+
+/// Result links expire (Perfect's after 2 hours; here 300 ms). A link that arrives
+/// already stale (its poll answer slowed past the link's life) answers 403; the job
+/// goes back to polling the finished task for fresh links and ends done.
+#[test]
+fn an_expired_result_link_is_renewed_by_polling_again() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "200",
+        "--keep-alive-ms",
+        "3000",
+        "--link-ttl-ms",
+        "300",
+        "--chaos-slow",
+        "0.3",
+        "--slow-ms",
+        "600",
+        "--seed",
+        "3",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    inputs(dir.path());
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    for i in 0..8 {
+        csv.push_str(&format!(
+            "x{i},perfect,photo-enhance,in/photo.png,,\"{{\"\"scale\"\":{}}}\"\n",
+            [1, 2, 4][i % 3]
+        ));
+    }
+    std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.perfect]\npoll_interval = \"300ms\"\nkeep_alive = \"3s\"\nmax_attempts = 30\n",
+    )
+    .unwrap();
+    let out = run(&sim, dir.path(), Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let ledger = perfect_entries(&sim);
+    check_outputs(dir.path(), &ledger);
+    let stale = ledger
+        .iter()
+        .filter(|e| e["endpoint"] == "result" && e["status"] == 403)
+        .count();
+    assert!(stale > 0, "no link expired: the test did not test anything");
+    let mut renewed = 0;
+    for i in 0..8 {
+        let show = pixbatch(dir.path())
+            .args(["show", &format!("x{i}")])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&show.stdout).contains("asking the provider for fresh links") {
+            renewed += 1;
+        }
+    }
+    assert!(
+        renewed > 0,
+        "{stale} stale links, but no job says it renewed one"
+    );
+    let charged = ledger.iter().filter(|e| e["charged"] == true).count();
+    assert_eq!(charged, 8, "renewing a link is not a new task");
+}
