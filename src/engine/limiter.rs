@@ -357,13 +357,6 @@ impl ProviderGate {
         self.adaptive.as_ref().map(AdaptiveRate::rate_per_sec)
     }
 
-    /// How long a task may go unpolled, if the provider drops such tasks.
-    pub fn keep_alive(&self) -> Option<Duration> {
-        self.keep_alive
-            .as_ref()
-            .map(|k| Duration::from_millis(k.keep_alive_ms))
-    }
-
     /// The dispatcher's count of accepted tasks that need polls.
     pub fn set_live_tasks(&self, n: usize) {
         if let Some(k) = &self.keep_alive {

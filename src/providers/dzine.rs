@@ -629,6 +629,22 @@ pub fn classify(code: i64, msg: &str) -> ProviderError {
     }
 }
 
+/// [`classify`], and a "too many requests" inside an HTTP 200 envelope slows the whole
+/// host down as an HTTP 429 would (the gate's pause and adaptive rate never see it
+/// otherwise).
+fn refusal(api: &Api, code: i64, msg: &str) -> ProviderError {
+    let error = classify(code, msg);
+    if let ProviderError::Transient {
+        rate_limited: true,
+        retry_after,
+        ..
+    } = &error
+    {
+        api.slow_down(*retry_after);
+    }
+    error
+}
+
 /// Whether a task status means done, failed or still going (NOTES.md: the document
 /// shows both `succeeded` and `success`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -873,7 +889,7 @@ impl Dzine {
     ) -> Result<Value, ProviderError> {
         match self.call_raw(api, kind, request).await? {
             Envelope::Ok(data) => Ok(data),
-            Envelope::Refused { code, msg } => Err(classify(code, &msg)),
+            Envelope::Refused { code, msg } => Err(refusal(api, code, &msg)),
         }
     }
 
@@ -1141,7 +1157,7 @@ impl Provider for Dzine {
                     charged: true,
                 })
             }
-            Envelope::Refused { code, msg } => Err(classify(code, &msg)),
+            Envelope::Refused { code, msg } => Err(refusal(api, code, &msg)),
             Envelope::Ok(data) => {
                 self.forget(remote_id);
                 let fallback = Plan::from_spec(job.spec).map_or("webp", |p| p.fallback_ext);
@@ -1254,6 +1270,40 @@ impl Provider for Dzine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A "too many requests" in a 200 envelope pauses the host like an HTTP 429.
+    #[test]
+    fn an_enveloped_429_slows_the_gate() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        #[derive(Default)]
+        struct Counting(AtomicUsize);
+        #[async_trait::async_trait]
+        impl crate::api::RequestGate for Counting {
+            async fn admit(&self, _kind: RequestKind) {}
+            fn back_off(&self, _wait: std::time::Duration) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let gate = std::sync::Arc::new(Counting::default());
+        let api = Api::new("http://127.0.0.1:9", reqwest::Client::new(), gate.clone());
+        assert!(matches!(
+            refusal(&api, 429, "Too Many Requests"),
+            ProviderError::Transient {
+                rate_limited: true,
+                ..
+            }
+        ));
+        assert_eq!(gate.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            refusal(&api, 400, "bad"),
+            ProviderError::Permanent(_)
+        ));
+        assert_eq!(
+            gate.0.load(Ordering::SeqCst),
+            1,
+            "only rate limits slow the gate"
+        );
+    }
 
     fn spec(op: &str, inputs: &[&str], prompt: Option<&str>, params: Value) -> JobSpec {
         JobSpec {
