@@ -727,29 +727,19 @@ mod http_tests {
 /// The adapter against the built-in simulator (`crate::sim`).
 #[cfg(test)]
 mod sim_tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use serde_json::json;
 
     use super::*;
-    use crate::api::OpenGate;
-    use crate::sim::SimConfig;
 
     #[tokio::test]
     async fn img2img_against_the_simulator() {
-        let sim = crate::sim::spawn(SimConfig {
-            task_duration: Duration::from_millis(50),
-            limits: Default::default(),
-            ..SimConfig::default()
-        })
-        .await
-        .expect("sim");
-        let api = Api::new(
-            &format!("{}/aithriving", sim.base_url()),
-            reqwest::Client::new(),
-            Arc::new(OpenGate),
-        );
+        let (sim, api) = crate::providers::sim_api(
+            crate::model::ProviderKind::Aithriving,
+            Duration::from_millis(50),
+        )
+        .await;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("in.png");
         let img = image::RgbImage::from_pixel(50, 30, image::Rgb([90, 10, 10]));

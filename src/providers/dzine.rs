@@ -1735,22 +1735,13 @@ mod sim_tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::api::OpenGate;
-    use crate::sim::SimConfig;
 
     async fn sim() -> (crate::sim::SimHandle, Api) {
-        let sim = crate::sim::spawn(SimConfig {
-            task_duration: Duration::from_millis(100),
-            limits: Default::default(),
-            ..SimConfig::default()
-        })
-        .await
-        .expect("sim");
-        let api = Api::new(
-            &format!("{}/dzine/openapi/v1", sim.base_url()),
-            reqwest::Client::new(),
-            Arc::new(OpenGate),
-        );
+        let (sim, api) = crate::providers::sim_api(
+            crate::model::ProviderKind::Dzine,
+            Duration::from_millis(100),
+        )
+        .await;
         (sim, api)
     }
 

@@ -363,3 +363,25 @@ pub fn sim_base_path(kind: ProviderKind) -> &'static str {
         ProviderKind::Aithriving => "/aithriving",
     }
 }
+
+/// For the adapters' own tests: an in-process simulator with no rate limits and an
+/// unlimited `Api` at `kind`'s path on it.
+#[cfg(test)]
+pub(crate) async fn sim_api(
+    kind: ProviderKind,
+    task_duration: Duration,
+) -> (crate::sim::SimHandle, Api) {
+    let sim = crate::sim::spawn(crate::sim::SimConfig {
+        task_duration,
+        limits: Default::default(),
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let api = Api::new(
+        &format!("{}{}", sim.base_url(), sim_base_path(kind)),
+        reqwest::Client::new(),
+        Arc::new(crate::api::OpenGate),
+    );
+    (sim, api)
+}

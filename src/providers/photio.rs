@@ -588,14 +588,11 @@ mod http_tests {
 /// The adapter against the built-in simulator (`crate::sim`).
 #[cfg(test)]
 mod sim_tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use serde_json::json;
 
     use super::*;
-    use crate::api::OpenGate;
-    use crate::sim::SimConfig;
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
@@ -607,18 +604,11 @@ mod sim_tests {
 
     #[tokio::test]
     async fn upscale_against_the_simulator() {
-        let sim = crate::sim::spawn(SimConfig {
-            task_duration: Duration::from_millis(50),
-            limits: Default::default(),
-            ..SimConfig::default()
-        })
-        .await
-        .expect("sim");
-        let api = Api::new(
-            &format!("{}/photio/v1", sim.base_url()),
-            reqwest::Client::new(),
-            Arc::new(OpenGate),
-        );
+        let (sim, api) = crate::providers::sim_api(
+            crate::model::ProviderKind::Photio,
+            Duration::from_millis(50),
+        )
+        .await;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("in.png");
         std::fs::write(&path, png(60, 40)).expect("write");

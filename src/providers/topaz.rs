@@ -1713,28 +1713,19 @@ mod http_tests {
 /// The adapter against the built-in simulator (`crate::sim`).
 #[cfg(test)]
 mod sim_tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use serde_json::json;
 
     use super::*;
-    use crate::api::OpenGate;
-    use crate::sim::{SimConfig, SimHandle};
+    use crate::sim::SimHandle;
 
     async fn start() -> (SimHandle, Api) {
-        let sim = crate::sim::spawn(SimConfig {
-            task_duration: Duration::from_millis(300),
-            limits: Default::default(),
-            ..SimConfig::default()
-        })
-        .await
-        .expect("sim");
-        let api = Api::new(
-            &format!("{}/topaz/image/v1", sim.base_url()),
-            reqwest::Client::new(),
-            Arc::new(OpenGate),
-        );
+        let (sim, api) = crate::providers::sim_api(
+            crate::model::ProviderKind::Topaz,
+            Duration::from_millis(300),
+        )
+        .await;
         (sim, api)
     }
 
