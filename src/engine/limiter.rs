@@ -232,7 +232,10 @@ impl KeepAlive {
 
 /// Additive increase, multiplicative decrease of the request rate, below the
 /// configured limits: halve on a 429, a 5xx or no answer; creep back up while the
-/// provider answers.
+/// provider answers. Like TCP, one halving per congestion event: the failures of the
+/// requests already in flight when the first came back (within `DECREASE_COOLDOWN_MS`)
+/// do not halve again, or a burst of scattered errors would drive the rate to the
+/// floor at once.
 #[derive(Debug)]
 struct AdaptiveRate {
     /// Requests per ms allowed by the tightest configured limit.
@@ -240,7 +243,12 @@ struct AdaptiveRate {
     /// Current rate (requests per ms).
     rate: std::sync::Mutex<f64>,
     last_sent: AtomicU64,
+    /// When the rate was last halved (ms).
+    last_decrease: AtomicU64,
 }
+
+/// How long after a halving further trouble counts as the same event.
+const DECREASE_COOLDOWN_MS: u64 = 1_000;
 
 impl AdaptiveRate {
     fn spacing_ms(&self) -> u64 {
@@ -253,13 +261,18 @@ impl AdaptiveRate {
         }
     }
 
-    fn adjust(&self, healthy: bool) {
+    fn adjust(&self, healthy: bool, now_ms: u64) {
         let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        *rate = if healthy {
-            (*rate + self.ceiling / 100.0).min(self.ceiling)
-        } else {
-            (*rate / 2.0).max(self.ceiling / 64.0)
-        };
+        if healthy {
+            *rate = (*rate + self.ceiling / 100.0).min(self.ceiling);
+            return;
+        }
+        let last = self.last_decrease.load(Ordering::SeqCst);
+        if last != 0 && now_ms < last + DECREASE_COOLDOWN_MS {
+            return;
+        }
+        self.last_decrease.store(now_ms.max(1), Ordering::SeqCst);
+        *rate = (*rate / 2.0).max(self.ceiling / 64.0);
     }
 
     fn rate_per_sec(&self) -> f64 {
@@ -347,6 +360,7 @@ impl ProviderGate {
                 ceiling,
                 rate: std::sync::Mutex::new(ceiling),
                 last_sent: AtomicU64::new(0),
+                last_decrease: AtomicU64::new(0),
             });
         }
         self
@@ -535,7 +549,7 @@ impl RequestGate for ProviderGate {
 
     fn answered(&self, healthy: bool) {
         if let Some(a) = &self.adaptive {
-            a.adjust(healthy);
+            a.adjust(healthy, self.clock.now_ms());
         }
         if healthy {
             self.failures_in_a_row.store(0, Ordering::SeqCst);
@@ -567,7 +581,7 @@ impl RequestGate for ProviderGate {
 
     fn back_off(&self, wait: Duration) {
         if let Some(a) = &self.adaptive {
-            a.adjust(false);
+            a.adjust(false, self.clock.now_ms());
         }
         let until = self.clock.now_ms() + wait.as_millis() as u64;
         self.paused_until.fetch_max(until, Ordering::SeqCst);
@@ -802,7 +816,7 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_rate_halves_on_trouble_and_creeps_back() {
+    fn adaptive_rate_halves_once_per_event_and_creeps_back() {
         let gate = ProviderGate::new(ProviderKind::Dzine, &[spec("10/1s")], Duration::ZERO, None)
             .with_adaptive_rate();
         // 10 per 1 s, plus the 1 % window margin.
@@ -811,7 +825,13 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         gate.back_off(Duration::ZERO);
         assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 2.0));
+        // More trouble right after is the same event (requests already in flight).
         gate.answered(false);
+        assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 2.0));
+        // Trouble after the cooldown halves again.
+        let a = gate.adaptive.as_ref().unwrap();
+        let later = a.last_decrease.load(Ordering::SeqCst) + DECREASE_COOLDOWN_MS;
+        a.adjust(false, later);
         assert!(close(gate.adaptive_rate_per_sec().unwrap(), full / 4.0));
         // +1 % of the ceiling per healthy answer.
         for _ in 0..25 {
@@ -831,10 +851,12 @@ mod tests {
     async fn a_slowed_gate_spaces_its_requests() {
         let gate = ProviderGate::new(ProviderKind::Dzine, &[spec("100/1s")], Duration::ZERO, None)
             .with_adaptive_rate();
-        for _ in 0..4 {
-            gate.answered(false);
+        let a = gate.adaptive.as_ref().unwrap();
+        for event in 1..=4 {
+            a.adjust(false, event * DECREASE_COOLDOWN_MS);
         }
-        // 100/s halved four times: 6.25/s, one request every 160 ms.
+        // 100/s halved four times (four events a cooldown apart): 6.25/s, one
+        // request every 160 ms.
         let t = Instant::now();
         for _ in 0..3 {
             gate.admit(RequestKind::Query).await;

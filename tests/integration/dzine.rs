@@ -526,7 +526,7 @@ fn the_adaptive_rate_backs_off_a_hidden_limit() {
             ),
         )
         .unwrap();
-        let rows: Vec<String> = (0..8)
+        let rows: Vec<String> = (0..12)
             .map(|i| {
                 format!(
                     "r{i},dzine,txt2img,,boat {i},{},",
