@@ -34,6 +34,34 @@ pub enum RequestKind {
 }
 
 impl RequestKind {
+    pub const ALL: [RequestKind; 7] = [
+        RequestKind::Auth,
+        RequestKind::Upload,
+        RequestKind::Submit,
+        RequestKind::Poll,
+        RequestKind::Link,
+        RequestKind::Cleanup,
+        RequestKind::Query,
+    ];
+
+    /// The `kind` label of the request metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Auth => "auth",
+            RequestKind::Upload => "upload",
+            RequestKind::Submit => "submit",
+            RequestKind::Poll => "poll",
+            RequestKind::Link => "link",
+            RequestKind::Cleanup => "cleanup",
+            RequestKind::Query => "query",
+        }
+    }
+
+    /// The position in [`RequestKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Requests that keep already-paid work moving go before new submissions.
     pub fn is_urgent(self) -> bool {
         matches!(
@@ -123,6 +151,8 @@ pub struct Api {
     base_url: String,
     client: reqwest::Client,
     gate: Arc<dyn RequestGate>,
+    /// The run's counters for this provider (none outside a run).
+    metrics: Option<Arc<crate::metrics::ProviderMetrics>>,
 }
 
 impl Api {
@@ -131,7 +161,14 @@ impl Api {
             base_url: base_url.trim_end_matches('/').to_string(),
             client,
             gate,
+            metrics: None,
         }
+    }
+
+    /// Counts this provider's requests, statuses and gate waits into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::ProviderMetrics>) -> Api {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// `base_url` joined with `path` (which starts with `/`).
@@ -147,6 +184,9 @@ impl Api {
     /// in the body): holds every request to the host, as an HTTP 429 does, and slows
     /// an adaptive gate. The adapter still returns a rate-limited `Transient`.
     pub fn slow_down(&self, retry_after: Option<Duration>) {
+        if let Some(m) = &self.metrics {
+            m.rate_limited();
+        }
         self.gate
             .back_off(retry_after.unwrap_or(Duration::from_secs(1)));
     }
@@ -168,15 +208,27 @@ impl Api {
         kind: RequestKind,
         request: RequestBuilder,
     ) -> Result<Response, ProviderError> {
-        self.gate.admit(kind).await;
+        {
+            let _waiting = self.metrics.as_deref().map(|m| m.waiting());
+            self.gate.admit(kind).await;
+        }
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => {
+                if let Some(m) = &self.metrics {
+                    m.request(kind, None);
+                }
                 self.gate.answered(false);
                 return Err(classify_transport_error(kind, &e));
             }
         };
         let status = response.status();
+        if let Some(m) = &self.metrics {
+            m.request(kind, Some(status.as_u16()));
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                m.rate_limited();
+            }
+        }
         self.gate.answered(!status.is_server_error());
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = retry_after(&response);

@@ -57,12 +57,14 @@ pub fn part_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// Streams `url` into `dest` through its `.part` file.
+/// Streams `url` into `dest` through its `.part` file; `received` hears of every
+/// chunk as it arrives (the run's byte counter).
 pub async fn fetch(
     client: &reqwest::Client,
     url: &str,
     dest: &Path,
     max_bytes: u64,
+    received: &(dyn Fn(u64) + Sync),
 ) -> Result<Written, DownloadError> {
     let parsed =
         url::Url::parse(url).map_err(|e| DownloadError::BadUrl(format!("{url:?}: {e}")))?;
@@ -104,6 +106,7 @@ pub async fn fetch(
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| DownloadError::Interrupted(error_chain(&e)))?;
             size += chunk.len() as u64;
+            received(chunk.len() as u64);
             if size > max_bytes {
                 return Err(DownloadError::TooLarge(format!(
                     "more than the {max_bytes}-byte limit"

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod intake;
 pub mod lock;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod providers;

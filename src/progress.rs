@@ -2,6 +2,7 @@
 //! otherwise (cron mails, CI logs), and log lines with every known secret scrubbed.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,23 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::engine::{Progress, ProgressSink};
 use crate::model::JobState;
 use crate::query::human_secs;
+
+/// Set by `--log-format json`: every stderr line is then a JSON log record.
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
+pub fn set_json_lines(on: bool) {
+    JSON_LINES.store(on, Ordering::Relaxed);
+}
+
+/// A message for the person at the terminal: `pixbatch: <message>` on stderr, or a
+/// log record when logs are JSON (so a log shipper reads nothing but JSON).
+pub fn notice(message: &str) {
+    if JSON_LINES.load(Ordering::Relaxed) {
+        tracing::info!("{message}");
+    } else {
+        eprintln!("pixbatch: {message}");
+    }
+}
 
 /// Replaces every secret in `text` with `<redacted>`.
 pub fn scrub(text: &str, secrets: &[String]) -> String {
@@ -52,10 +70,26 @@ pub struct LogWriter {
 
 impl LogWriter {
     pub fn new(secrets: Vec<String>, bar: SharedBar) -> Self {
+        // JSON logs escape quotes, backslashes and newlines (a PEM key has them): scrub
+        // the escaped spelling as well.
+        let mut all = secrets.clone();
+        for s in &secrets {
+            if let Ok(quoted) = serde_json::to_string(s) {
+                let escaped = &quoted[1..quoted.len() - 1];
+                if escaped != s {
+                    all.push(escaped.to_string());
+                }
+            }
+        }
         LogWriter {
-            secrets: Arc::new(secrets),
+            secrets: Arc::new(all),
             bar,
         }
+    }
+
+    /// A log record with every secret, in either spelling, replaced.
+    pub fn clean(&self, text: &str) -> String {
+        scrub(text, &self.secrets)
     }
 }
 
@@ -79,7 +113,7 @@ impl Drop for LineWriter {
         if self.buf.is_empty() {
             return;
         }
-        let text = scrub(&String::from_utf8_lossy(&self.buf), &self.inner.secrets);
+        let text = self.inner.clean(&String::from_utf8_lossy(&self.buf));
         self.inner.bar.with(|bar| match bar {
             Some(b) if !b.is_hidden() => b.suspend(|| {
                 let _ = std::io::stderr().write_all(text.as_bytes());
@@ -176,6 +210,18 @@ impl ProgressSink for Display {
         let due = last.is_none_or(|t| t.elapsed() >= self.every);
         if due {
             *last = Some(Instant::now());
+            if JSON_LINES.load(Ordering::Relaxed) {
+                tracing::info!(
+                    target: "pixbatch::progress",
+                    finished,
+                    total = p.total,
+                    rate_per_sec = p.rate_per_sec,
+                    eta_secs = p.eta_secs,
+                    "{}",
+                    describe(p)
+                );
+                return;
+            }
             eprintln!(
                 "pixbatch: {finished}/{} finished · {}",
                 p.total,
@@ -196,5 +242,20 @@ mod tests {
             &["abcd1234".into(), "".into()],
         );
         assert_eq!(s, "key=<redacted> and <redacted> again, xyz");
+    }
+
+    #[test]
+    fn json_escaped_secrets_are_scrubbed_too() {
+        let secret = "line1\nq\"uote\\".to_string();
+        let w = LogWriter::new(vec![secret.clone()], SharedBar::default());
+        let record = serde_json::json!({ "message": format!("key is {secret}!") }).to_string();
+        assert!(
+            !record.contains(&secret),
+            "the test needs an escaped spelling"
+        );
+        let cleaned = w.clean(&record);
+        let parsed: serde_json::Value = serde_json::from_str(&cleaned).unwrap();
+        assert_eq!(parsed["message"], "key is <redacted>!");
+        assert_eq!(w.clean(&format!("plain {secret}")), "plain <redacted>");
     }
 }

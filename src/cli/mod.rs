@@ -41,6 +41,9 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines as text, or as JSON objects (one per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -143,6 +146,15 @@ pub struct RunArgs {
     /// Print only the summary.
     #[arg(short, long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,14 +202,25 @@ async fn dispatch(cli: Cli) -> i32 {
     };
     let bar = SharedBar::default();
     let secrets = config.secrets();
-    init_logging(cli.verbose, secrets.clone(), bar.clone());
+    init_logging(cli.verbose, cli.log_format, secrets.clone(), bar.clone());
     let db = cli
         .db
         .clone()
         .unwrap_or_else(|| PathBuf::from("pixbatch.db"));
     let out = cli.out.clone().unwrap_or_else(|| PathBuf::from("out"));
     let result = match cli.command {
-        Command::Run(args) => cmd_run(&db, &out, config, &args.manifests, args.quiet, bar).await,
+        Command::Run(args) => {
+            cmd_run(
+                &db,
+                &out,
+                config,
+                &args.manifests,
+                args.quiet,
+                &args.metrics,
+                bar,
+            )
+            .await
+        }
         Command::Enqueue { manifests } => cmd_enqueue(&db, &config, &manifests),
         Command::Validate { manifests } => cmd_validate(&db, &config, &manifests),
         Command::Status { json } => cmd_status(&db, json),
@@ -234,6 +257,11 @@ async fn dispatch(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(Fail(code, message)) => {
             let message = progress::scrub(&message, &secrets);
+            if cli.log_format == LogFormat::Json {
+                // One event (the log writer scrubs again), so a shipper sees one record.
+                tracing::error!(exit_code = code, "{message}");
+                return code;
+            }
             for line in message.lines() {
                 eprintln!("pixbatch: {line}");
             }
@@ -242,7 +270,9 @@ async fn dispatch(cli: Cli) -> i32 {
     }
 }
 
-fn init_logging(verbose: u8, secrets: Vec<String>, bar: SharedBar) {
+/// Log lines go to stderr through `progress::LogWriter`, which scrubs every secret
+/// (in JSON too) and keeps them above the progress bar.
+fn init_logging(verbose: u8, format: LogFormat, secrets: Vec<String>, bar: SharedBar) {
     use std::io::IsTerminal;
     let default = match verbose {
         0 => "pixbatch=info",
@@ -251,12 +281,27 @@ fn init_logging(verbose: u8, secrets: Vec<String>, bar: SharedBar) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let writer = progress::LogWriter::new(secrets, bar);
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(progress::LogWriter::new(secrets, bar))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_writer(writer);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .try_init(),
+        LogFormat::Json => {
+            // Progress lines become log events too, so stderr is all JSON.
+            progress::set_json_lines(true);
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_ansi(false)
+                .with_target(true)
+                .try_init()
+        }
+    };
 }
 
 /// Opens the database (the caller holds `<db>.lock`). sled's own lock on the folder
@@ -301,6 +346,8 @@ mod run;
 
 pub use inspect::REPORT_COLUMNS;
 use inspect::{cmd_list, cmd_report, cmd_show, cmd_status};
+mod observe;
 use manage::{cmd_cancel, cmd_retry};
+pub use observe::MetricsArgs;
 use provider::{cmd_balance, cmd_sim, cmd_styles};
 use run::{cmd_demo, cmd_enqueue, cmd_run, cmd_validate, wait_for_stop_signal};

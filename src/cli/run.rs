@@ -8,6 +8,7 @@ pub(super) async fn cmd_run(
     config: Config,
     manifests: &[PathBuf],
     quiet: bool,
+    metrics: &MetricsArgs,
     bar: SharedBar,
 ) -> Result<i32, Fail> {
     let _lock = lock_for_writing(db, "run")?;
@@ -15,7 +16,7 @@ pub(super) async fn cmd_run(
     if !manifests.is_empty() {
         enqueue_into(&store, &config, manifests, quiet)?;
     }
-    work(store, db, out, config, quiet, bar).await
+    work(store, db, out, config, quiet, metrics, bar).await
 }
 
 /// Runs the engine over `store` until done or interrupted; prints the summary.
@@ -25,12 +26,14 @@ pub(super) async fn work(
     out: &Path,
     config: Config,
     quiet: bool,
+    metrics: &MetricsArgs,
     bar: SharedBar,
 ) -> Result<i32, Fail> {
     std::fs::create_dir_all(out)
         .map_err(|e| Fail(EXIT_ERROR, format!("output folder {}: {e}", out.display())))?;
     let engine = Engine::new(store.clone(), config, out.to_path_buf())
         .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
+    let observer = super::observe::Observer::start(metrics, &engine, &store).await?;
     let stats = engine.stats();
     let started = now_ms();
     let live = {
@@ -61,10 +64,12 @@ pub(super) async fn work(
             }
             presses += 1;
             if presses == 1 {
-                eprintln!("pixbatch: stopping: finishing requests in flight (Ctrl-C again to quit at once)");
+                progress::notice(
+                    "stopping: finishing requests in flight (Ctrl-C again to quit at once)",
+                );
                 let _ = stop_tx.send(StopSignal::Graceful);
             } else {
-                eprintln!("pixbatch: quitting now; the next run resumes");
+                progress::notice("quitting now; the next run resumes");
                 std::process::exit(EXIT_INTERRUPTED);
             }
         }
@@ -73,6 +78,7 @@ pub(super) async fn work(
         Arc::new(Display::new(bar.clone(), quiet, Duration::from_secs(10)));
     let summary = engine.run(stop_rx, Some(display)).await;
     bar.finish();
+    observer.finish(summary.as_ref().ok());
     let summary = summary.map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
     let line = format!(
         "{} done, {} failed, {} cancelled, {} unfinished ({} finished by this run)",
@@ -84,11 +90,13 @@ pub(super) async fn work(
     );
     println!("{line}");
     if summary.interrupted {
-        eprintln!("pixbatch: interrupted; run again to resume");
+        progress::notice("interrupted; run again to resume");
         return Ok(EXIT_INTERRUPTED);
     }
     if summary.failed > 0 {
-        eprintln!("pixbatch: some jobs failed; see `pixbatch list --state failed` and `pixbatch retry --failed`");
+        progress::notice(
+            "some jobs failed; see `pixbatch list --state failed` and `pixbatch retry --failed`",
+        );
         return Ok(EXIT_FAILED_JOBS);
     }
     if summary.unfinished > 0 {
@@ -124,10 +132,10 @@ pub(super) fn enqueue_into(
     match intake::enqueue(manifests, store, config)? {
         Ok(done) => {
             if !quiet {
-                eprintln!(
-                    "pixbatch: {} rows read, {} new jobs enqueued, {} already queued, {} repeated rows",
+                progress::notice(&format!(
+                    "{} rows read, {} new jobs enqueued, {} already queued, {} repeated rows",
                     done.plan.rows, done.added, done.plan.already_queued, done.plan.repeats
-                );
+                ));
             }
             Ok(())
         }
@@ -248,7 +256,7 @@ pub(super) async fn cmd_demo(
     let _lock = lock_for_writing(&db, "demo")?;
     let store = open_store(&db)?;
     enqueue_into(&store, &config, &[manifest], false)?;
-    let code = work(store, &db, out, config, false, bar).await;
+    let code = work(store, &db, out, config, false, &MetricsArgs::default(), bar).await;
     let _ = sim.shutdown().await;
     code
 }

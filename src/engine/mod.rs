@@ -96,6 +96,8 @@ pub struct Lane {
     pub config: ProviderConfig,
     permits: Arc<Semaphore>,
     pub stats: Arc<RunStats>,
+    /// This provider's counters for `--metrics-addr` / `--metrics-file`.
+    pub metrics: Arc<crate::metrics::ProviderMetrics>,
     /// How long an accepted task may go unpolled (config, else the adapter's).
     pub keep_alive: Option<Duration>,
     /// New-work steps (preparing or submitting) running now: they will need polls
@@ -171,6 +173,7 @@ pub struct Engine {
     config: Config,
     lanes: BTreeMap<ProviderKind, Arc<Lane>>,
     stats: Arc<RunStats>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {
@@ -179,6 +182,7 @@ impl Engine {
     /// left as they are for a later run.
     pub fn new(store: Store, config: Config, out_dir: PathBuf) -> Result<Engine, EngineError> {
         let stats = Arc::new(RunStats::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let counts = store.counts()?;
         let mut needed: Vec<ProviderKind> = counts
             .iter()
@@ -216,7 +220,8 @@ impl Engine {
                 gate = gate.with_adaptive_rate();
             }
             let gate = Arc::new(gate);
-            let api = Api::new(&pc.base_url, client, gate.clone());
+            let api =
+                Api::new(&pc.base_url, client, gate.clone()).with_metrics(metrics.provider(kind));
             lanes.insert(
                 kind,
                 Arc::new(Lane {
@@ -227,6 +232,7 @@ impl Engine {
                     permits: Arc::new(Semaphore::new(pc.concurrency)),
                     config: pc,
                     stats: stats.clone(),
+                    metrics: metrics.provider(kind),
                     keep_alive,
                     starting: Default::default(),
                 }),
@@ -241,11 +247,17 @@ impl Engine {
             config,
             lanes,
             stats,
+            metrics,
         })
     }
 
     pub fn stats(&self) -> Arc<RunStats> {
         self.stats.clone()
+    }
+
+    /// The run's counters, and the providers it works (see `metrics`).
+    pub fn metrics(&self) -> (Arc<crate::metrics::Metrics>, Vec<ProviderKind>) {
+        (self.metrics.clone(), self.lanes.keys().copied().collect())
     }
 
     pub fn config(&self) -> &Config {

@@ -200,6 +200,7 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                         job.pending_outputs
                             .push(PendingOutput::Inline { ext: ext.clone() });
                         let rel = download::output_relative_path(&job.spec, index, count, &ext);
+                        env.lane.metrics.downloaded(data.len() as u64);
                         match download::write_bytes(&env.out_dir.join(&rel), &data) {
                             Ok(w) => job.outputs.push(OutputFile {
                                 index: index as u32,
@@ -492,6 +493,7 @@ async fn fetch_one(
         url,
         &env.out_dir.join(rel),
         env.max_download_bytes,
+        &|n| env.lane.metrics.downloaded(n),
     )
     .await
 }
@@ -513,6 +515,7 @@ async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     // Done is durable before the provider's copy is deleted.
     env.store.sync().await?;
     env.lane.stats.record_done();
+    env.lane.metrics.job_done();
     if let Some(remote) = &job.remote_id {
         if let Err(e) = env.lane.adapter.cleanup(&env.lane.api, remote).await {
             tracing::debug!(job = %job.id(), "cleanup of {remote} failed: {e}");
@@ -539,6 +542,7 @@ async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), Sto
     job.finished_ms = Some(now_ms());
     save(env, &mut job)?;
     env.lane.stats.record_failed();
+    env.lane.metrics.job_failed();
     Ok(())
 }
 
@@ -641,6 +645,7 @@ async fn on_error(
                     format!("attempt {} failed: {reason}", job.attempts),
                 )?;
             }
+            env.lane.metrics.retry();
             let mut wait = backoff_delay(job.attempts.max(1), retry_after);
             if phase == Phase::Poll {
                 // A provider that drops unpolled tasks must hear from us in time.

@@ -9,5 +9,6 @@ mod dzine;
 mod lifecycle;
 mod limits;
 mod manifest;
+mod metrics;
 mod perfect;
 mod secrets;
