@@ -19,5 +19,6 @@ pub mod progress;
 pub mod providers;
 pub mod query;
 pub mod rate;
+pub mod report;
 pub mod sim;
 pub mod store;

@@ -200,16 +200,45 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
 
 pub(super) fn cmd_report(
     db: &Path,
+    out_dir: &Path,
     format: ReportFormat,
     output: Option<&Path>,
+    thumbnails: u64,
 ) -> Result<i32, Fail> {
-    let sink: Box<dyn Write> = match output {
-        Some(p) => Box::new(
-            std::fs::File::create(p)
-                .map_err(|e| Fail(EXIT_ERROR, format!("{}: {e}", p.display())))?,
+    // A file is written under a temporary name and renamed when complete, so a
+    // browser or script never reads half a report.
+    let tmp = output.map(|p| {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{}.tmp", std::process::id()));
+        p.with_file_name(name)
+    });
+    let sink: Box<dyn Write> = match &tmp {
+        Some(t) => Box::new(
+            std::fs::File::create(t)
+                .map_err(|e| Fail(EXIT_ERROR, format!("{}: {e}", t.display())))?,
         ),
         None => Box::new(std::io::stdout().lock()),
     };
+    let result = write_report(db, out_dir, format, sink, thumbnails);
+    if let (Some(t), Some(p)) = (&tmp, output) {
+        match &result {
+            Ok(_) => std::fs::rename(t, p)
+                .map_err(|e| Fail(EXIT_ERROR, format!("{}: {e}", p.display())))?,
+            Err(_) => {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+    }
+    result
+}
+
+fn write_report(
+    db: &Path,
+    out_dir: &Path,
+    format: ReportFormat,
+    sink: Box<dyn Write>,
+    thumbnails: u64,
+) -> Result<i32, Fail> {
     let out = std::io::BufWriter::new(sink);
     match format {
         ReportFormat::Jsonl => {
@@ -219,58 +248,34 @@ pub(super) fn cmd_report(
         }
         ReportFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);
-            w.write_record(REPORT_COLUMNS)?;
+            w.write_record(crate::report::CSV_COLUMNS)?;
             ask(db, &Query::Report, &mut |v| {
                 if let Ok(r) = serde_json::from_value::<JobRow>(v) {
-                    w.write_record(report_record(&r))
+                    w.write_record(crate::report::csv_record(&r))
                         .map_err(std::io::Error::other)?;
                 }
                 Ok(())
             })?;
             w.flush()?;
         }
+        ReportFormat::Html => {
+            let opts = crate::report::html::HtmlOptions {
+                out_dir: out_dir.to_path_buf(),
+                max_thumbnail_jobs: thumbnails,
+                source: db.display().to_string(),
+                ..Default::default()
+            };
+            let mut page = crate::report::html::HtmlReport::new(out, opts)?;
+            ask(
+                db,
+                &Query::Report,
+                &mut |v| match serde_json::from_value::<JobRow>(v) {
+                    Ok(r) => page.push(r),
+                    Err(_) => Ok(()),
+                },
+            )?;
+            page.finish()?;
+        }
     }
     Ok(EXIT_OK)
-}
-
-pub const REPORT_COLUMNS: [&str; 17] = [
-    "id",
-    "provider",
-    "operation",
-    "state",
-    "inputs",
-    "outputs",
-    "sha256",
-    "bytes",
-    "remote_id",
-    "attempts",
-    "submissions",
-    "possible_duplicates",
-    "error",
-    "origin",
-    "created",
-    "finished",
-    "duration_s",
-];
-
-pub(super) fn report_record(r: &JobRow) -> Vec<String> {
-    vec![
-        r.id.clone(),
-        r.provider.to_string(),
-        r.operation.clone(),
-        r.state.to_string(),
-        r.inputs.clone(),
-        r.outputs.clone(),
-        r.sha256.clone(),
-        r.bytes.to_string(),
-        r.remote_id.clone().unwrap_or_default(),
-        r.attempts.to_string(),
-        r.submissions.to_string(),
-        r.possible_duplicates.to_string(),
-        r.error.clone().unwrap_or_default(),
-        r.origin.clone(),
-        query::rfc3339(r.created_ms),
-        r.finished_ms.map(query::rfc3339).unwrap_or_default(),
-        r.duration_s.map(|d| format!("{d:.3}")).unwrap_or_default(),
-    ]
 }

@@ -95,13 +95,17 @@ pub enum Command {
         #[arg(required = true)]
         job_ids: Vec<String>,
     },
-    /// Every job as CSV or JSON Lines.
+    /// Every job as CSV, JSON Lines, or an HTML page with input and output previews.
     Report {
         #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
         format: ReportFormat,
-        /// Write to FILE instead of stdout.
+        /// Write to FILE instead of stdout (replaced whole when complete).
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
+        /// HTML: preview the pictures of the first N jobs (the rest are listed
+        /// without previews; each preview adds ~5 KB to the page).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        thumbnails: u64,
     },
     /// List the styles a provider offers, with the ids to put in a manifest's params
     /// (Perfect: the style groups of FEATURE, or with --group the styles in one).
@@ -161,6 +165,8 @@ pub enum LogFormat {
 pub enum ReportFormat {
     Csv,
     Jsonl,
+    /// One self-contained page (previews inlined, no network), for a browser.
+    Html,
 }
 
 /// Parses the arguments and runs; returns the exit code.
@@ -232,7 +238,11 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
         Command::Retry { failed, job_ids } => cmd_retry(&db, failed, &job_ids),
         Command::Cancel { job_ids } => cmd_cancel(&db, &config, &job_ids).await,
-        Command::Report { format, output } => cmd_report(&db, format, output.as_deref()),
+        Command::Report {
+            format,
+            output,
+            thumbnails,
+        } => cmd_report(&db, &out, format, output.as_deref(), thumbnails),
         Command::Styles {
             provider,
             feature,
@@ -344,7 +354,7 @@ mod manage;
 mod provider;
 mod run;
 
-pub use inspect::REPORT_COLUMNS;
+pub use crate::report::CSV_COLUMNS as REPORT_COLUMNS;
 use inspect::{cmd_list, cmd_report, cmd_show, cmd_status};
 mod observe;
 use manage::{cmd_cancel, cmd_retry};

@@ -11,4 +11,5 @@ mod limits;
 mod manifest;
 mod metrics;
 mod perfect;
+mod report_html;
 mod secrets;

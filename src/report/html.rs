@@ -1,0 +1,457 @@
+//! The HTML gallery: one page, no network. Each job's input and output previews side
+//! by side with its state, error and timings, filterable by state and provider.
+//!
+//! The page is written as it streams: the rows go into one JSON array inside a
+//! `<script type="application/json">`, then the totals, then the inline script that
+//! renders a page of cards at a time (100), so a report of 100,000 jobs is a long
+//! JSON text, not 100,000 DOM nodes. Previews are `data:` URIs made by `thumbnail`
+//! for the first `max_thumbnail_jobs` jobs only (the rest are listed with a note), so
+//! the file stays a size a browser opens: ~10 KB per job with previews. A
+//! Content-Security-Policy forbids every fetch: the page cannot reach the network
+//! even for a URL input.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::thumbnail::{self, Thumb};
+use crate::query::{self, JobRow};
+
+const CSS: &str = include_str!("page.css");
+const JS: &str = include_str!("page.js");
+
+/// Rows thumbnailed together (on several threads) before they are written.
+const BATCH: usize = 32;
+/// Previews per side of one job; a job with more inputs or outputs lists the rest.
+const PICS_PER_SIDE: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct HtmlOptions {
+    /// The folder output paths are relative to (`--out`).
+    pub out_dir: PathBuf,
+    /// Jobs (in report order) whose pictures are previewed.
+    pub max_thumbnail_jobs: u64,
+    /// Longest side of a preview, in pixels.
+    pub thumb_side: u32,
+    /// Where the rows came from, for the page's header.
+    pub source: String,
+}
+
+impl Default for HtmlOptions {
+    fn default() -> Self {
+        HtmlOptions {
+            out_dir: PathBuf::from("out"),
+            max_thumbnail_jobs: 1000,
+            thumb_side: 128,
+            source: String::new(),
+        }
+    }
+}
+
+/// One picture on the page.
+#[derive(Debug, Serialize)]
+struct Pic {
+    /// The file name (or URL) shown under the picture.
+    name: String,
+    /// A link to the full picture (`file://` for local files).
+    href: Option<String>,
+    /// The preview (`data:` URI) …
+    src: Option<String>,
+    w: Option<u32>,
+    h: Option<u32>,
+    /// … or why there is none.
+    note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Card {
+    id: String,
+    provider: String,
+    operation: String,
+    state: String,
+    error: Option<String>,
+    origin: String,
+    remote_id: Option<String>,
+    attempts: u32,
+    submissions: u32,
+    possible_duplicates: u32,
+    created: String,
+    started: Option<String>,
+    finished: Option<String>,
+    duration_s: Option<f64>,
+    inputs: Vec<Pic>,
+    outputs: Vec<Pic>,
+    /// Inputs and outputs not shown.
+    more_inputs: usize,
+    more_outputs: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Meta<'a> {
+    generated: String,
+    source: &'a str,
+    out_dir: String,
+    jobs: u64,
+    thumbnail_jobs: u64,
+    max_thumbnail_jobs: u64,
+    /// state → provider → jobs.
+    counts: BTreeMap<String, BTreeMap<String, u64>>,
+    version: &'static str,
+}
+
+/// Writes the page as rows arrive: `push` each row, then `finish`.
+pub struct HtmlReport<W: Write> {
+    out: W,
+    opts: HtmlOptions,
+    batch: Vec<JobRow>,
+    jobs: u64,
+    thumbnail_jobs: u64,
+    counts: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl<W: Write> HtmlReport<W> {
+    pub fn new(mut out: W, mut opts: HtmlOptions) -> io::Result<Self> {
+        opts.out_dir = std::path::absolute(&opts.out_dir).unwrap_or(opts.out_dir);
+        write!(
+            out,
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+             <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
+             img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">\n\
+             <title>pixbatch report</title>\n<style>\n{CSS}</style>\n</head>\n<body>\n\
+             <header>\n<h1>pixbatch report</h1>\n<p id=\"summary\"></p>\n\
+             <nav id=\"chips\"></nav>\n\
+             <form id=\"filters\" onsubmit=\"return false\">\n\
+             <label>State <select id=\"f-state\"><option value=\"\">all</option></select></label>\n\
+             <label>Provider <select id=\"f-provider\"><option value=\"\">all</option></select></label>\n\
+             <label>Search <input id=\"f-q\" type=\"search\" placeholder=\"id, error or file\"></label>\n\
+             <span id=\"pager\"></span>\n</form>\n</header>\n\
+             <noscript><p class=\"noscript\">This report draws its job list with \
+             JavaScript; the same data is in <code>pixbatch report --format csv</code>.</p></noscript>\n\
+             <main id=\"jobs\"></main>\n\
+             <script id=\"jobs-data\" type=\"application/json\">["
+        )?;
+        Ok(HtmlReport {
+            out,
+            opts,
+            batch: Vec::with_capacity(BATCH),
+            jobs: 0,
+            thumbnail_jobs: 0,
+            counts: BTreeMap::new(),
+        })
+    }
+
+    pub fn push(&mut self, row: JobRow) -> io::Result<()> {
+        self.batch.push(row);
+        if self.batch.len() >= BATCH {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> io::Result<()> {
+        let rows = std::mem::take(&mut self.batch);
+        let with_thumbs = self
+            .opts
+            .max_thumbnail_jobs
+            .saturating_sub(self.thumbnail_jobs)
+            .min(rows.len() as u64) as usize;
+        self.thumbnail_jobs += with_thumbs as u64;
+        let cards = cards(&rows, with_thumbs, &self.opts);
+        for (row, card) in rows.iter().zip(cards) {
+            *self
+                .counts
+                .entry(row.state.name().to_string())
+                .or_default()
+                .entry(row.provider.name().to_string())
+                .or_default() += 1;
+            if self.jobs > 0 {
+                self.out.write_all(b",\n")?;
+            }
+            self.jobs += 1;
+            self.out.write_all(script_safe_json(&card)?.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the totals and the script; returns the writer (flushed).
+    pub fn finish(mut self) -> io::Result<W> {
+        self.flush_batch()?;
+        let meta = Meta {
+            generated: query::rfc3339(crate::model::now_ms()),
+            source: &self.opts.source,
+            out_dir: self.opts.out_dir.display().to_string(),
+            jobs: self.jobs,
+            thumbnail_jobs: self.thumbnail_jobs,
+            max_thumbnail_jobs: self.opts.max_thumbnail_jobs,
+            counts: std::mem::take(&mut self.counts),
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        write!(
+            self.out,
+            "]</script>\n<script id=\"meta-data\" type=\"application/json\">{}</script>\n\
+             <script>\n{JS}</script>\n</body>\n</html>\n",
+            script_safe_json(&meta)?
+        )?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// JSON that cannot end the `<script>` element it sits in: `<` only occurs inside
+/// strings, where `\u003c` means the same.
+fn script_safe_json<T: Serialize>(value: &T) -> io::Result<String> {
+    let text = serde_json::to_string(value).map_err(io::Error::other)?;
+    Ok(text.replace('<', "\\u003c"))
+}
+
+/// The cards of `rows`; the first `with_thumbs` get previews, made on a few threads
+/// (decoding a photo takes tens of milliseconds).
+fn cards(rows: &[JobRow], with_thumbs: usize, opts: &HtmlOptions) -> Vec<Card> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    if with_thumbs <= 1 || workers == 1 {
+        return rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| card(r, i < with_thumbs, opts))
+            .collect();
+    }
+    let per = with_thumbs.div_ceil(workers);
+    let (thumbed, plain) = rows.split_at(with_thumbs);
+    let mut out: Vec<Card> = std::thread::scope(|s| {
+        let handles: Vec<_> = thumbed
+            .chunks(per)
+            .map(|chunk| s.spawn(move || chunk.iter().map(|r| card(r, true, opts)).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                // A panic in the image decoder must not lose the rows: list them
+                // without previews.
+                h.join().unwrap_or_else(|_| Vec::new())
+            })
+            .collect()
+    });
+    if out.len() != with_thumbs {
+        out = thumbed.iter().map(|r| card(r, false, opts)).collect();
+    }
+    out.extend(plain.iter().map(|r| card(r, false, opts)));
+    out
+}
+
+fn card(r: &JobRow, thumbs: bool, opts: &HtmlOptions) -> Card {
+    let split = |s: &str| -> Vec<String> {
+        s.split('|')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let inputs = split(&r.inputs);
+    let outputs = split(&r.outputs);
+    let pics = |items: &[String], resolve: &dyn Fn(&str) -> String| -> Vec<Pic> {
+        items
+            .iter()
+            .take(PICS_PER_SIDE)
+            .map(|item| pic(&resolve(item), item, thumbs, opts))
+            .collect()
+    };
+    Card {
+        id: r.id.clone(),
+        provider: r.provider.name().to_string(),
+        operation: r.operation.clone(),
+        state: r.state.name().to_string(),
+        error: r.error.clone(),
+        origin: r.origin.clone(),
+        remote_id: r.remote_id.clone(),
+        attempts: r.attempts,
+        submissions: r.submissions,
+        possible_duplicates: r.possible_duplicates,
+        created: query::rfc3339(r.created_ms),
+        started: r.started_ms.map(query::rfc3339),
+        finished: r.finished_ms.map(query::rfc3339),
+        duration_s: r.duration_s,
+        inputs: pics(&inputs, &|s| s.to_string()),
+        outputs: pics(&outputs, &|s| {
+            opts.out_dir.join(s).to_string_lossy().into_owned()
+        }),
+        more_inputs: inputs.len().saturating_sub(PICS_PER_SIDE),
+        more_outputs: outputs.len().saturating_sub(PICS_PER_SIDE),
+    }
+}
+
+/// `source` is a local path or a URL; `shown` what the job record says.
+fn pic(source: &str, shown: &str, thumbs: bool, opts: &HtmlOptions) -> Pic {
+    let remote = source.starts_with("http://") || source.starts_with("https://");
+    let name = if remote {
+        shown.to_string()
+    } else {
+        Path::new(shown)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| shown.to_string())
+    };
+    let href = if remote {
+        Some(source.to_string())
+    } else {
+        url::Url::from_file_path(source).ok().map(String::from)
+    };
+    let mut p = Pic {
+        name,
+        href,
+        src: None,
+        w: None,
+        h: None,
+        note: None,
+    };
+    if !thumbs {
+        p.note = Some(format!(
+            "no preview: only the first {} jobs have previews (report --thumbnails N)",
+            opts.max_thumbnail_jobs
+        ));
+        return p;
+    }
+    match thumbnail::make(source, opts.thumb_side) {
+        Thumb::Image {
+            data_uri,
+            width,
+            height,
+            ..
+        } => {
+            p.src = Some(data_uri);
+            p.w = Some(width);
+            p.h = Some(height);
+        }
+        Thumb::None { note } => p.note = Some(note),
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{JobState, ProviderKind};
+
+    fn row(id: &str, state: JobState, inputs: &str, outputs: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            provider: ProviderKind::Topaz,
+            operation: "enhance".into(),
+            state,
+            inputs: inputs.into(),
+            outputs: outputs.into(),
+            sha256: String::new(),
+            bytes: 0,
+            remote_id: None,
+            attempts: 0,
+            submissions: 1,
+            possible_duplicates: 0,
+            error: (state == JobState::Failed).then(|| "bad </script><b>x</b>".into()),
+            origin: "jobs.csv:2".into(),
+            created_ms: 1_700_000_000_000,
+            started_ms: Some(1_700_000_001_000),
+            finished_ms: Some(1_700_000_003_500),
+            duration_s: Some(2.5),
+        }
+    }
+
+    /// The JSON array and the totals, read back out of the page.
+    fn data(page: &str) -> (Vec<serde_json::Value>, serde_json::Value) {
+        let grab = |id: &str| {
+            let start = page
+                .find(&format!("<script id=\"{id}\" type=\"application/json\">"))
+                .unwrap();
+            let rest = &page[start..];
+            let open = rest.find('>').unwrap() + 1;
+            let close = rest.find("</script>").unwrap();
+            serde_json::from_str::<serde_json::Value>(&rest[open..close]).unwrap()
+        };
+        let jobs = grab("jobs-data").as_array().unwrap().clone();
+        (jobs, grab("meta-data"))
+    }
+
+    #[test]
+    fn streams_every_row_with_previews_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let out_dir = dir.path().join("out");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let input = dir.path().join("in.png");
+        image::RgbImage::from_pixel(40, 40, image::Rgb([10, 200, 10]))
+            .save(&input)
+            .unwrap();
+        image::RgbImage::from_pixel(80, 80, image::Rgb([10, 10, 200]))
+            .save(out_dir.join("o.png"))
+            .unwrap();
+        let opts = HtmlOptions {
+            out_dir: out_dir.clone(),
+            max_thumbnail_jobs: 50,
+            thumb_side: 32,
+            source: "test".into(),
+        };
+        let mut report = HtmlReport::new(Vec::new(), opts).unwrap();
+        for i in 0..70 {
+            let state = if i % 10 == 3 {
+                JobState::Failed
+            } else {
+                JobState::Done
+            };
+            let outputs = if state == JobState::Done { "o.png" } else { "" };
+            report
+                .push(row(
+                    &format!("j{i}"),
+                    state,
+                    input.to_str().unwrap(),
+                    outputs,
+                ))
+                .unwrap();
+        }
+        let page = String::from_utf8(report.finish().unwrap()).unwrap();
+        // The provider's text cannot close the data script early.
+        assert!(!page.contains("bad </script>"));
+        assert_eq!(page.matches("</script>").count(), 3);
+        let (jobs, meta) = data(&page);
+        assert_eq!(jobs.len(), 70);
+        assert_eq!(meta["jobs"], 70);
+        assert_eq!(meta["thumbnail_jobs"], 50);
+        assert_eq!(meta["counts"]["failed"]["topaz"], 7);
+        assert_eq!(meta["counts"]["done"]["topaz"], 63);
+        for (i, j) in jobs.iter().enumerate() {
+            assert_eq!(j["id"], format!("j{i}"), "rows keep their order");
+            let input = &j["inputs"][0];
+            assert_eq!(input["name"], "in.png");
+            assert!(input["href"].as_str().unwrap().starts_with("file:///"));
+            if i < 50 {
+                assert!(input["src"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("data:image/jpeg;base64,"));
+                assert_eq!(input["w"], 32);
+            } else {
+                assert!(input["src"].is_null());
+                assert!(input["note"].as_str().unwrap().contains("first 50 jobs"));
+            }
+        }
+        let failed = &jobs[3];
+        assert_eq!(failed["state"], "failed");
+        assert_eq!(failed["error"], "bad </script><b>x</b>");
+        assert_eq!(failed["outputs"].as_array().unwrap().len(), 0);
+        assert_eq!(jobs[0]["outputs"][0]["w"], 32);
+        assert_eq!(jobs[0]["duration_s"], 2.5);
+        assert!(page.contains("default-src 'none'"));
+    }
+
+    #[test]
+    fn an_empty_queue_is_a_valid_page() {
+        let page = HtmlReport::new(Vec::new(), HtmlOptions::default())
+            .unwrap()
+            .finish()
+            .unwrap();
+        let (jobs, meta) = data(&String::from_utf8(page).unwrap());
+        assert!(jobs.is_empty());
+        assert_eq!(meta["jobs"], 0);
+    }
+}
