@@ -10,7 +10,7 @@
 //! Content-Security-Policy forbids every fetch: the page cannot reach the network
 //! even for a URL input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,9 @@ const JS: &str = include_str!("page.js");
 const BATCH: usize = 32;
 /// Previews per side of one job; a job with more inputs or outputs lists the rest.
 const PICS_PER_SIDE: usize = 4;
+/// Previews kept for reuse (an input shared by many jobs is decoded once); the
+/// cache is emptied when full.
+const THUMB_CACHE: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct HtmlOptions {
@@ -61,8 +64,10 @@ struct Pic {
     src: Option<String>,
     w: Option<u32>,
     h: Option<u32>,
-    /// … or why there is none.
+    /// … or why there is none (neither: past the preview cap).
     note: Option<String>,
+    /// The full picture's size, "W×H".
+    size: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +114,7 @@ pub struct HtmlReport<W: Write> {
     jobs: u64,
     thumbnail_jobs: u64,
     counts: BTreeMap<String, BTreeMap<String, u64>>,
+    thumbs: HashMap<String, Thumb>,
 }
 
 impl<W: Write> HtmlReport<W> {
@@ -140,6 +146,7 @@ impl<W: Write> HtmlReport<W> {
             jobs: 0,
             thumbnail_jobs: 0,
             counts: BTreeMap::new(),
+            thumbs: HashMap::new(),
         })
     }
 
@@ -159,8 +166,21 @@ impl<W: Write> HtmlReport<W> {
             .saturating_sub(self.thumbnail_jobs)
             .min(rows.len() as u64) as usize;
         self.thumbnail_jobs += with_thumbs as u64;
-        let cards = cards(&rows, with_thumbs, &self.opts);
-        for (row, card) in rows.iter().zip(cards) {
+        let mut wanted: Vec<String> = rows[..with_thumbs]
+            .iter()
+            .flat_map(|r| sources(r, &self.opts))
+            .filter(|s| !self.thumbs.contains_key(s))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        if self.thumbs.len() + wanted.len() > THUMB_CACHE {
+            self.thumbs.clear();
+        }
+        self.thumbs
+            .extend(make_thumbs(wanted, self.opts.thumb_side));
+        for (i, row) in rows.iter().enumerate() {
+            let thumbs = (i < with_thumbs).then_some(&self.thumbs);
+            let card = card(row, thumbs, &self.opts);
             *self
                 .counts
                 .entry(row.state.name().to_string())
@@ -207,57 +227,84 @@ fn script_safe_json<T: Serialize>(value: &T) -> io::Result<String> {
     Ok(text.replace('<', "\\u003c"))
 }
 
-/// The cards of `rows`; the first `with_thumbs` get previews, made on a few threads
-/// (decoding a photo takes tens of milliseconds).
-fn cards(rows: &[JobRow], with_thumbs: usize, opts: &HtmlOptions) -> Vec<Card> {
+/// The files (or URLs) a job's previews are made from: its first inputs, and its
+/// first outputs under the output folder.
+fn sources(r: &JobRow, opts: &HtmlOptions) -> Vec<String> {
+    let (inputs, outputs) = (split(&r.inputs), split(&r.outputs));
+    let mut out: Vec<String> = inputs.into_iter().take(PICS_PER_SIDE).collect();
+    out.extend(
+        outputs
+            .iter()
+            .take(PICS_PER_SIDE)
+            .map(|o| output_path(o, opts)),
+    );
+    out
+}
+
+fn split(s: &str) -> Vec<String> {
+    s.split('|')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn output_path(rel: &str, opts: &HtmlOptions) -> String {
+    opts.out_dir.join(rel).to_string_lossy().into_owned()
+}
+
+/// Previews of `sources`, made on a few threads (decoding a photo takes tens of
+/// milliseconds). A thread that panics in the decoder loses only its previews.
+fn make_thumbs(sources: Vec<String>, side: u32) -> Vec<(String, Thumb)> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 4);
-    if with_thumbs <= 1 || workers == 1 {
-        return rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| card(r, i < with_thumbs, opts))
+    if sources.len() <= 1 || workers == 1 {
+        return sources
+            .into_iter()
+            .map(|s| {
+                let t = thumbnail::make(&s, side);
+                (s, t)
+            })
             .collect();
     }
-    let per = with_thumbs.div_ceil(workers);
-    let (thumbed, plain) = rows.split_at(with_thumbs);
-    let mut out: Vec<Card> = std::thread::scope(|s| {
-        let handles: Vec<_> = thumbed
+    let per = sources.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
             .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(|r| card(r, true, opts)).collect()))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|s| (s.clone(), thumbnail::make(s, side)))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
-                // A panic in the image decoder must not lose the rows: list them
-                // without previews.
-                h.join().unwrap_or_else(|_| Vec::new())
-            })
+            .flat_map(|h| h.join().unwrap_or_default())
             .collect()
-    });
-    if out.len() != with_thumbs {
-        out = thumbed.iter().map(|r| card(r, false, opts)).collect();
-    }
-    out.extend(plain.iter().map(|r| card(r, false, opts)));
-    out
+    })
 }
 
-fn card(r: &JobRow, thumbs: bool, opts: &HtmlOptions) -> Card {
-    let split = |s: &str| -> Vec<String> {
-        s.split('|')
-            .filter(|p| !p.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
+/// A job's card; `thumbs` holds its previews, or is None past the preview cap.
+fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions) -> Card {
     let inputs = split(&r.inputs);
     let outputs = split(&r.outputs);
     let pics = |items: &[String], resolve: &dyn Fn(&str) -> String| -> Vec<Pic> {
         items
             .iter()
             .take(PICS_PER_SIDE)
-            .map(|item| pic(&resolve(item), item, thumbs, opts))
+            .map(|item| {
+                let source = resolve(item);
+                let thumb = thumbs.map(|map| {
+                    map.get(&source).cloned().unwrap_or(Thumb::None {
+                        note: "no preview (the previewer failed)".into(),
+                    })
+                });
+                pic(&source, item, thumb)
+            })
             .collect()
     };
     Card {
@@ -276,16 +323,15 @@ fn card(r: &JobRow, thumbs: bool, opts: &HtmlOptions) -> Card {
         finished: r.finished_ms.map(query::rfc3339),
         duration_s: r.duration_s,
         inputs: pics(&inputs, &|s| s.to_string()),
-        outputs: pics(&outputs, &|s| {
-            opts.out_dir.join(s).to_string_lossy().into_owned()
-        }),
+        outputs: pics(&outputs, &|s| output_path(s, opts)),
         more_inputs: inputs.len().saturating_sub(PICS_PER_SIDE),
         more_outputs: outputs.len().saturating_sub(PICS_PER_SIDE),
     }
 }
 
-/// `source` is a local path or a URL; `shown` what the job record says.
-fn pic(source: &str, shown: &str, thumbs: bool, opts: &HtmlOptions) -> Pic {
+/// `source` is a local path or a URL; `shown` what the job record says; `thumb`
+/// None past the preview cap (the page says so once, not per picture).
+fn pic(source: &str, shown: &str, thumb: Option<Thumb>) -> Pic {
     let remote = source.starts_with("http://") || source.starts_with("https://");
     let name = if remote {
         shown.to_string()
@@ -307,26 +353,23 @@ fn pic(source: &str, shown: &str, thumbs: bool, opts: &HtmlOptions) -> Pic {
         w: None,
         h: None,
         note: None,
+        size: None,
     };
-    if !thumbs {
-        p.note = Some(format!(
-            "no preview: only the first {} jobs have previews (report --thumbnails N)",
-            opts.max_thumbnail_jobs
-        ));
-        return p;
-    }
-    match thumbnail::make(source, opts.thumb_side) {
-        Thumb::Image {
+    match thumb {
+        Some(Thumb::Image {
             data_uri,
             width,
             height,
-            ..
-        } => {
+            source_width,
+            source_height,
+        }) => {
             p.src = Some(data_uri);
             p.w = Some(width);
             p.h = Some(height);
+            p.size = Some(format!("{source_width}×{source_height}"));
         }
-        Thumb::None { note } => p.note = Some(note),
+        Some(Thumb::None { note }) => p.note = Some(note),
+        None => {}
     }
     p
 }
@@ -430,9 +473,10 @@ mod tests {
                     .unwrap()
                     .starts_with("data:image/jpeg;base64,"));
                 assert_eq!(input["w"], 32);
+                assert_eq!(input["size"], "40×40");
             } else {
                 assert!(input["src"].is_null());
-                assert!(input["note"].as_str().unwrap().contains("first 50 jobs"));
+                assert!(input["note"].is_null());
             }
         }
         let failed = &jobs[3];

@@ -106,7 +106,8 @@
       img.alt = side + " " + p.name;
       box.appendChild(img);
     } else {
-      box.appendChild(el("div", "note", p.note || "no preview"));
+      box.appendChild(el("div", "note", p.note ||
+        "no preview: only the first " + meta.max_thumbnail_jobs + " jobs have previews"));
     }
     var cap = el("figcaption");
     if (p.href && /^(file|https?):/.test(p.href)) {
@@ -116,7 +117,7 @@
     } else {
       cap.textContent = p.name;
     }
-    cap.title = p.name;
+    cap.title = p.name + (p.size ? " (" + p.size + ")" : "");
     fig.appendChild(box);
     fig.appendChild(cap);
     return fig;
