@@ -202,7 +202,19 @@ async fn dispatch(cli: Cli) -> i32 {
     let config = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pixbatch: {e}");
+            if cli.log_format == LogFormat::Json {
+                // Logging is not set up yet (it needs the configured secrets to scrub).
+                let record = serde_json::json!({
+                    "timestamp": query::rfc3339(now_ms()),
+                    "level": "ERROR",
+                    "message": e.to_string(),
+                    "exit_code": EXIT_ERROR,
+                    "target": "pixbatch::cli",
+                });
+                eprintln!("{record}");
+            } else {
+                eprintln!("pixbatch: {e}");
+            }
             return EXIT_ERROR;
         }
     };

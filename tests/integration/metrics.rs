@@ -279,4 +279,21 @@ fn json_logs_are_json_lines_without_secrets() {
     }
     // The summary line stays on stdout, for scripts.
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 done, 1 failed"));
+
+    // Errors that end a command are records too: before logging is set up (a bad
+    // config file) and after (an unknown job).
+    for args in [
+        vec!["--log-format", "json", "--config", "missing.toml", "status"],
+        vec!["--log-format", "json", "show", "no-such-job"],
+    ] {
+        let out = pixbatch(dir.path()).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(lines[0])
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stderr}"));
+        assert_eq!(v["level"], "ERROR", "{v}");
+        assert_eq!(v["exit_code"], 1, "{v}");
+    }
 }
