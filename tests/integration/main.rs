@@ -9,5 +9,6 @@ mod dzine;
 mod lifecycle;
 mod limits;
 mod manifest;
+mod ops;
 mod perfect;
 mod secrets;
