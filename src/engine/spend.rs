@@ -467,6 +467,30 @@ pub fn next_submit_key(job: &Job) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreOptions;
+
+    #[test]
+    fn the_ledger_counts_each_submit_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).unwrap();
+        assert!(store
+            .record_spend("a~1", ProviderKind::Topaz, Some(2.0))
+            .unwrap());
+        assert!(!store
+            .record_spend("a~1", ProviderKind::Topaz, Some(9.0))
+            .unwrap());
+        assert!(store
+            .record_spend("a~2", ProviderKind::Topaz, Some(0.5))
+            .unwrap());
+        assert!(store
+            .record_spend("b~1", ProviderKind::Dzine, None)
+            .unwrap());
+        assert!(store.spend_recorded("a~2").unwrap());
+        assert!(!store.spend_recorded("a~3").unwrap());
+        let totals = ledger_totals(&store).unwrap();
+        assert_eq!(totals[&ProviderKind::Topaz], (2.5, 2, 0));
+        assert_eq!(totals[&ProviderKind::Dzine], (0.0, 0, 1));
+    }
 
     #[test]
     fn caps_parse_for_all_or_one_provider() {

@@ -736,3 +736,47 @@ fn completions_and_man_produce_output() {
     );
     assert!(s.contains("wait\\-lock"), "run's options are in the page");
 }
+
+/// Ctrl-C (SIGINT) ends the run gracefully, and `--on-finish` still runs, told so.
+#[test]
+fn on_finish_runs_after_an_interrupted_run() {
+    let sim = Sim::start(&["--task-ms", "5000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_png(&d.join("a.png"), 32, 32, 1);
+    write(
+        d,
+        "jobs.csv",
+        "id,provider,operation,input\ni1,topaz,enhance,a.png\n",
+    );
+    let mut child = cmd(
+        &sim,
+        d,
+        &[
+            "run",
+            "jobs.csv",
+            "--on-finish",
+            "env | grep '^PIXBATCH_' > hook.env",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while calls(&sim, "enhance_async").is_empty() {
+        assert!(Instant::now() < deadline, "the run never submitted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sigint(&child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let env = std::fs::read_to_string(d.join("hook.env")).expect("the hook ran");
+    for line in [
+        "PIXBATCH_EXIT_CODE=130",
+        "PIXBATCH_INTERRUPTED=1",
+        "PIXBATCH_UNFINISHED=1",
+    ] {
+        assert!(env.lines().any(|l| l == line), "no {line} in\n{env}");
+    }
+}
