@@ -120,6 +120,18 @@ pub struct JobDetail {
     pub due_ms: u64,
     pub outputs: Vec<crate::model::OutputFile>,
     pub events: Vec<JobEvent>,
+    /// Earlier versions replaced by `enqueue --update`, oldest first.
+    #[serde(default)]
+    pub versions: Vec<VersionRow>,
+}
+
+/// One earlier version of a job, as it was when replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionRow {
+    pub version: u32,
+    pub job: JobRow,
+    pub prompt: Option<String>,
+    pub params: String,
 }
 
 /// Answers `query` from `store`, handing each answer line to `emit`.
@@ -197,6 +209,16 @@ pub fn answer(
                 due_ms: job.due_ms,
                 outputs: job.outputs.clone(),
                 events: store.events(id)?,
+                versions: store
+                    .versions(id)?
+                    .into_iter()
+                    .map(|(version, old)| VersionRow {
+                        version,
+                        job: JobRow::from_job(&old),
+                        prompt: old.spec.prompt.clone(),
+                        params: old.spec.params_json.clone(),
+                    })
+                    .collect(),
             };
             emit(serde_json::to_value(detail)?)?;
         }

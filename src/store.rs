@@ -10,6 +10,10 @@
 //!   reconciliations, possible duplicate charges).
 //! - `rate_log`: `provider u8 | sent_ms u64 BE | seq` → (): the send time of every
 //!   request in the last window, so a restarted run does not burst past a limit.
+//! - `spend`: submit key (`<job id>~<n>`) → `provider u8 | cost f64 BE` (NaN: not
+//!   known when recorded): every submission started, so a spend cap holds across runs.
+//! - `versions`: `job id | 0x00 | version u32 BE` → versioned `Job`: earlier versions of
+//!   a job replaced by `enqueue --update`, kept for its history.
 //! - `meta`: the database's format version.
 //!
 //! Writes land in sled's memory first. [`Store::sync`] makes everything written so
@@ -79,6 +83,9 @@ pub struct Store {
     counts: sled::Tree,
     events: sled::Tree,
     rate_log: sled::Tree,
+    /// See [`Store::record_spend`] (the spend ledger) and [`Store::replace_with_version`].
+    spend: sled::Tree,
+    versions: sled::Tree,
     group: Arc<GroupFlush>,
 }
 
@@ -124,6 +131,8 @@ impl Store {
             counts: db.open_tree("counts")?,
             events: db.open_tree("events")?,
             rate_log: db.open_tree("rate_log")?,
+            spend: db.open_tree("spend")?,
+            versions: db.open_tree("versions")?,
             db,
             group: Arc::new(GroupFlush {
                 tickets: AtomicU64::new(0),
@@ -428,6 +437,129 @@ impl Store {
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+// ----- spend ledger and job versions ---------------------------------------------
+// Kept apart from the queue's hot paths: one small insert per submission started, and
+// a transaction per job replaced by `enqueue --update`.
+
+/// One submission in the spend ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendEntry {
+    /// The submission's key, `<job id>~<n>`.
+    pub key: String,
+    pub provider: ProviderKind,
+    /// The estimated cost when it was recorded; `None` when nothing could tell it.
+    pub cost: Option<f64>,
+}
+
+impl Store {
+    /// Records that submission `key` of a `provider` job is being started, at `cost`.
+    /// Returns false (and changes nothing) when the key is already recorded: a
+    /// submission retried under the same key is counted once.
+    pub fn record_spend(
+        &self,
+        key: &str,
+        provider: ProviderKind,
+        cost: Option<f64>,
+    ) -> Result<bool> {
+        let mut value = vec![provider.index()];
+        value.extend_from_slice(&cost.unwrap_or(f64::NAN).to_be_bytes());
+        let swapped =
+            self.spend
+                .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        Ok(swapped.is_ok())
+    }
+
+    pub fn spend_recorded(&self, key: &str) -> Result<bool> {
+        Ok(self.spend.contains_key(key.as_bytes())?)
+    }
+
+    /// Every submission recorded, in key order.
+    pub fn spend_entries(&self) -> impl Iterator<Item = Result<SpendEntry>> + '_ {
+        self.spend.iter().map(|item| {
+            let (key, value) = item?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let provider = value.first().and_then(|&i| ProviderKind::from_index(i));
+            match (provider, value.get(1..9)) {
+                (Some(provider), Some(bytes)) => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(bytes);
+                    let cost = f64::from_be_bytes(b);
+                    Ok(SpendEntry {
+                        key,
+                        provider,
+                        cost: (!cost.is_nan()).then_some(cost),
+                    })
+                }
+                _ => Err(StoreError::Corrupt {
+                    key,
+                    reason: "spend record of the wrong shape".into(),
+                }),
+            }
+        })
+    }
+
+    /// Earlier versions of job `id`, oldest first, with their numbers (1, 2, …).
+    pub fn versions(&self, id: &str) -> Result<Vec<(u32, Job)>> {
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.versions.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let mut n = [0u8; 4];
+            match key.get(prefix.len()..) {
+                Some(tail) if tail.len() == 4 => n.copy_from_slice(tail),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        reason: "version key of the wrong shape".into(),
+                    })
+                }
+            }
+            out.push((u32::from_be_bytes(n), decode::<Job>(id, &value)?));
+        }
+        Ok(out)
+    }
+
+    /// Replaces job `new.id()` with `new`, keeping the record it replaces as version
+    /// `old_version` — one transaction, so a crash leaves either both or neither.
+    /// Returns false when there is no job with that id.
+    pub fn replace_with_version(&self, new: &Job, old_version: u32) -> Result<bool> {
+        let id = new.id().as_bytes().to_vec();
+        let mut vkey = id.clone();
+        vkey.push(0);
+        vkey.extend_from_slice(&old_version.to_be_bytes());
+        let record = encode(new)?;
+        let new_ikey = index_key(new);
+        let new_ckey = count_key(new.state, new.spec.provider);
+        let result = (&self.jobs, &self.index, &self.counts, &self.versions).transaction(
+            |(jobs, index, counts, versions)| {
+                let Some(old) = jobs.get(id.as_slice())? else {
+                    return Ok(false);
+                };
+                let old_job: Job =
+                    decode(new.id(), &old).map_err(ConflictableTransactionError::Abort)?;
+                versions.insert(vkey.as_slice(), old.clone())?;
+                jobs.insert(id.as_slice(), record.as_slice())?;
+                index.remove(index_key(&old_job))?;
+                index.insert(new_ikey.as_slice(), &[] as &[u8])?;
+                let old_ckey = count_key(old_job.state, old_job.spec.provider);
+                if old_ckey != new_ckey {
+                    let n = counts.get(old_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
+                    counts.insert(&old_ckey, &n.saturating_sub(1).to_be_bytes())?;
+                    let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
+                    counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
+                }
+                Ok(true)
+            },
+        );
+        match result {
+            Ok(replaced) => Ok(replaced),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 }
 

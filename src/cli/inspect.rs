@@ -186,6 +186,12 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
             o.index, o.path, o.size, o.sha256
         );
     }
+    for v in &d.versions {
+        println!(
+            "version {}  {} ({}), outputs {}",
+            v.version, v.job.state, v.params, v.job.outputs
+        );
+    }
     println!("events:");
     for e in &d.events {
         println!(

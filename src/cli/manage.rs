@@ -1,67 +1,182 @@
 //! `retry` and `cancel`: commands that change jobs outside a run.
 
 use super::*;
+use crate::model::Job;
 
-pub(super) fn cmd_retry(db: &Path, failed: bool, ids: &[String]) -> Result<i32, Fail> {
-    if !failed && ids.is_empty() {
-        return Err(Fail(
-            EXIT_ERROR,
-            "say which jobs: --failed or JOB_ID...".into(),
-        ));
-    }
+pub(super) fn cmd_retry(db: &Path, args: &RetryArgs) -> Result<i32, Fail> {
+    let filter = RetryFilter::from_args(args, now_ms())?;
     let _lock = lock_for_writing(db, "retry")?;
     let store = open_store(db)?;
-    let targets: Vec<String> = if failed {
-        store
-            .ids_in_state(JobState::Failed, None)
-            .collect::<Result<_, _>>()
-            .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?
-    } else {
-        ids.to_vec()
-    };
     let mut n = 0;
-    for id in &targets {
-        let Some(mut job) = store.get(id)? else {
-            eprintln!("pixbatch: no job with id {id:?}");
-            continue;
-        };
-        if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
-            eprintln!(
-                "pixbatch: {id} is {}, not failed or cancelled; left as it is",
-                job.state
+    let mut consider = |job: Job| -> Result<(), Fail> {
+        if !filter.matches(&job) {
+            return Ok(());
+        }
+        if args.dry_run {
+            println!(
+                "{}\t{}\t{}\t{}",
+                job.id(),
+                job.spec.provider,
+                job.state,
+                job.error.as_deref().unwrap_or("")
             );
-            continue;
+            n += 1;
+        } else if requeue(&store, job, "`pixbatch retry`")? {
+            n += 1;
         }
-        let remote_finished = job.remote_id.is_some() && !job.pending_outputs.is_empty();
-        job.attempts = 0;
-        job.error = None;
-        job.finished_ms = None;
-        job.due_ms = 0;
-        if remote_finished {
-            // The provider finished the task: fetch its results again rather than pay again.
-            job.state = JobState::Downloading;
-        } else {
-            if job.remote_id.take().is_some() {
-                job.submissions += 1;
+        Ok(())
+    };
+    if args.job_ids.is_empty() {
+        for state in &filter.states {
+            let ids: Vec<String> = store
+                .ids_in_state(*state, filter.provider)
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                if let Some(job) = store.get(&id)? {
+                    consider(job)?;
+                }
             }
-            job.pending_outputs.clear();
-            job.state = JobState::Queued;
         }
-        job.updated_ms = now_ms();
-        store.save(&job)?;
-        store.add_event(
-            id,
-            &JobEvent {
-                at_ms: now_ms(),
-                kind: EventKind::Requeued,
-                message: format!("requeued by `pixbatch retry` as {}", job.state),
-            },
-        )?;
-        n += 1;
+    } else {
+        for id in &args.job_ids {
+            match store.get(id)? {
+                None => eprintln!("pixbatch: no job with id {id:?}"),
+                Some(job) if !job.state.is_terminal() || job.state == JobState::Done => {
+                    eprintln!(
+                        "pixbatch: {id} is {}, not failed or cancelled; left as it is",
+                        job.state
+                    )
+                }
+                Some(job) => consider(job)?,
+            }
+        }
+    }
+    if args.dry_run {
+        eprintln!("pixbatch: {n} job(s) would be requeued (--dry-run: nothing changed)");
+        return Ok(EXIT_OK);
     }
     store.flush()?;
     println!("{n} job(s) requeued");
     Ok(EXIT_OK)
+}
+
+/// Which jobs `retry` takes: every given condition holds.
+#[derive(Debug)]
+pub(super) struct RetryFilter {
+    pub states: Vec<JobState>,
+    pub provider: Option<ProviderKind>,
+    /// Lower-cased.
+    pub error: Option<String>,
+    pub since_ms: Option<u64>,
+}
+
+impl RetryFilter {
+    pub fn from_args(args: &RetryArgs, now: u64) -> Result<RetryFilter, Fail> {
+        let mut states = args.state.clone();
+        if args.failed {
+            states.push(JobState::Failed);
+        }
+        if let Some(bad) = states
+            .iter()
+            .find(|s| !matches!(s, JobState::Failed | JobState::Cancelled))
+        {
+            return Err(Fail(
+                EXIT_ERROR,
+                format!("retry takes failed or cancelled jobs, not {bad} ones"),
+            ));
+        }
+        let any_filter = args.provider.is_some() || args.error.is_some() || args.since.is_some();
+        if states.is_empty() && args.job_ids.is_empty() && !any_filter {
+            return Err(Fail(
+                EXIT_ERROR,
+                "say which jobs: --failed, --state, --provider, --error, --since or JOB_ID..."
+                    .into(),
+            ));
+        }
+        let explicit = !states.is_empty();
+        if !explicit {
+            // Filters alone pick among the failed jobs; ids may be either.
+            states.push(JobState::Failed);
+            if !args.job_ids.is_empty() {
+                states.push(JobState::Cancelled);
+            }
+        }
+        states.sort();
+        states.dedup();
+        let since_ms = match &args.since {
+            Some(t) => Some(parse_since(t, now).map_err(|e| Fail(EXIT_ERROR, e))?),
+            None => None,
+        };
+        Ok(RetryFilter {
+            states,
+            provider: args.provider,
+            error: args.error.as_ref().map(|e| e.to_lowercase()),
+            since_ms,
+        })
+    }
+
+    pub fn matches(&self, job: &Job) -> bool {
+        self.states.contains(&job.state)
+            && self.provider.is_none_or(|p| p == job.spec.provider)
+            && self.error.as_ref().is_none_or(|needle| {
+                job.error
+                    .as_ref()
+                    .is_some_and(|e| e.to_lowercase().contains(needle.as_str()))
+            })
+            && self
+                .since_ms
+                .is_none_or(|t| job.finished_ms.unwrap_or(job.updated_ms) >= t)
+    }
+}
+
+/// `--since`: an RFC 3339 time, a date (UTC midnight), or a duration before `now`.
+pub(super) fn parse_since(text: &str, now_ms: u64) -> Result<u64, String> {
+    let t = text.trim();
+    let as_time = humantime::parse_rfc3339_weak(t)
+        .or_else(|_| humantime::parse_rfc3339_weak(&format!("{t}T00:00:00")))
+        .ok()
+        .and_then(|st| st.duration_since(std::time::UNIX_EPOCH).ok());
+    if let Some(d) = as_time {
+        return Ok(d.as_millis() as u64);
+    }
+    let ago = humantime::parse_duration(t).map_err(|_| {
+        format!("--since {t:?}: expected a time (2025-05-01T22:00:00Z), a date (2025-05-01) or a duration ago (2h, 30m)")
+    })?;
+    Ok(now_ms.saturating_sub(ago.as_millis() as u64))
+}
+
+/// Puts a failed or cancelled job back in the queue (`why` goes in its history).
+/// Returns false when the job is in another state.
+pub(super) fn requeue(store: &Store, mut job: Job, why: &str) -> Result<bool, Fail> {
+    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
+        return Ok(false);
+    }
+    let remote_finished = job.remote_id.is_some() && !job.pending_outputs.is_empty();
+    job.attempts = 0;
+    job.error = None;
+    job.finished_ms = None;
+    job.due_ms = 0;
+    if remote_finished {
+        // The provider finished the task: fetch its results again rather than pay again.
+        job.state = JobState::Downloading;
+    } else {
+        if job.remote_id.take().is_some() {
+            job.submissions += 1;
+        }
+        job.pending_outputs.clear();
+        job.state = JobState::Queued;
+    }
+    job.updated_ms = now_ms();
+    store.save(&job)?;
+    store.add_event(
+        job.id(),
+        &JobEvent {
+            at_ms: now_ms(),
+            kind: EventKind::Requeued,
+            message: format!("requeued by {why} as {}", job.state),
+        },
+    )?;
+    Ok(true)
 }
 
 pub(super) async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, Fail> {

@@ -24,6 +24,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_ERROR: i32 = 1;
 pub const EXIT_FAILED_JOBS: i32 = 2;
 pub const EXIT_LOCKED: i32 = 3;
+/// `run --max-credits`: the cap stopped new work; what was submitted is finished.
+pub const EXIT_CREDIT_CAP: i32 = 4;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser, Debug)]
@@ -56,11 +58,18 @@ pub enum Command {
     Enqueue {
         #[arg(required = true)]
         manifests: Vec<PathBuf>,
+        /// A row whose id is in the database with other content becomes a new
+        /// version of that job (the old one's files and history are kept).
+        #[arg(long)]
+        update: bool,
     },
-    /// Check every row and print the plan; enqueues nothing.
+    /// Check every row and print the plan and what it will cost; enqueues nothing.
     Validate {
         #[arg(required = true)]
         manifests: Vec<PathBuf>,
+        /// Ask no provider anything (no estimates, no balances).
+        #[arg(long)]
+        offline: bool,
     },
     /// Counts per state and provider, rate, ETA.
     Status {
@@ -83,13 +92,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Put failed (or the given) jobs back in the queue.
-    Retry {
-        /// Every failed job.
-        #[arg(long, conflicts_with = "job_ids")]
-        failed: bool,
-        job_ids: Vec<String>,
-    },
+    /// Put failed or cancelled jobs back in the queue (all filters combine).
+    Retry(RetryArgs),
     /// Cancel jobs (and their remote tasks where the provider can).
     Cancel {
         #[arg(required = true)]
@@ -142,6 +146,43 @@ pub enum Command {
     },
     /// Run the example manifest against the built-in simulator into ./out.
     Demo,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), made from these command definitions.
+    Man,
+    /// Print the effective configuration (defaults <- file <- environment), secrets
+    /// redacted.
+    Config,
+    /// Check each configured provider's base URL and credentials with one cheap call.
+    Doctor,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RetryArgs {
+    /// Every failed job (the same as --state failed).
+    #[arg(long)]
+    pub failed: bool,
+    /// Jobs in this state: failed or cancelled (repeat for both).
+    #[arg(long, value_name = "STATE")]
+    pub state: Vec<JobState>,
+    /// Only this provider's jobs.
+    #[arg(long)]
+    pub provider: Option<ProviderKind>,
+    /// Only jobs whose error contains TEXT (ignoring case).
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+    /// Only jobs that ended at or after TIME: RFC 3339 (2025-05-01T22:00:00Z), a
+    /// date (2025-05-01, UTC), or a duration ago (2h, 30m, 1d).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print the jobs that would be requeued; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// These jobs (the filters apply to them too).
+    pub job_ids: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -152,6 +193,32 @@ pub struct RunArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    // --- cost, reprocessing and cron (docs/operations.md) ---
+    /// Check the manifests and print the plan and its cost, what the database still
+    /// holds, and the spend so far; enqueue and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: ask no provider anything.
+    #[arg(long, requires = "dry_run")]
+    pub offline: bool,
+    /// Stop submitting new work once the estimated spend of this database would pass
+    /// N (each provider in its own unit), or PROVIDER=N for one provider; repeatable.
+    /// Exits 4 when it stopped work.
+    #[arg(long = "max-credits", value_name = "N|PROVIDER=N")]
+    pub max_credits: Vec<String>,
+    /// A row whose id is in the database with other content becomes a new version.
+    #[arg(long)]
+    pub update: bool,
+    /// Put the failed jobs back in the queue first (like `retry --failed`).
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// If another process holds the database, wait up to SECONDS for it (then exit 3).
+    #[arg(long, value_name = "SECONDS")]
+    pub wait_lock: Option<u64>,
+    /// Run CMD with `sh -c` when the run ends, the summary in its environment
+    /// (PIXBATCH_EXIT_CODE, PIXBATCH_DONE, PIXBATCH_FAILED …).
+    #[arg(long, value_name = "CMD")]
+    pub on_finish: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -185,6 +252,8 @@ pub fn main() -> i32 {
     let code = rt.block_on(dispatch(cli));
     // Step tasks that were cut off by Ctrl-C must not hold the exit.
     rt.shutdown_timeout(Duration::from_millis(200));
+    // After the runtime is gone, so the database is closed: the command may read it.
+    run::run_finish_hook(code);
     code
 }
 
@@ -202,6 +271,9 @@ async fn dispatch(cli: Cli) -> i32 {
     let config = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
+            if matches!(cli.command, Command::Doctor | Command::Config) {
+                return doctor::bad_config(&e);
+            }
             if cli.log_format == LogFormat::Json {
                 // Logging is not set up yet (it needs the configured secrets to scrub).
                 let record = serde_json::json!({
@@ -220,27 +292,25 @@ async fn dispatch(cli: Cli) -> i32 {
     };
     let bar = SharedBar::default();
     let secrets = config.secrets();
-    init_logging(cli.verbose, cli.log_format, secrets.clone(), bar.clone());
+    let quiet = matches!(&cli.command, Command::Run(a) if a.quiet);
+    init_logging(
+        cli.verbose,
+        quiet,
+        cli.log_format,
+        secrets.clone(),
+        bar.clone(),
+    );
     let db = cli
         .db
         .clone()
         .unwrap_or_else(|| PathBuf::from("pixbatch.db"));
     let out = cli.out.clone().unwrap_or_else(|| PathBuf::from("out"));
     let result = match cli.command {
-        Command::Run(args) => {
-            cmd_run(
-                &db,
-                &out,
-                config,
-                &args.manifests,
-                args.quiet,
-                &args.metrics,
-                bar,
-            )
-            .await
+        Command::Run(args) => cmd_run(&db, &out, config, &args, bar).await,
+        Command::Enqueue { manifests, update } => cmd_enqueue(&db, &config, &manifests, update),
+        Command::Validate { manifests, offline } => {
+            cmd_validate(&db, &config, &manifests, offline).await
         }
-        Command::Enqueue { manifests } => cmd_enqueue(&db, &config, &manifests),
-        Command::Validate { manifests } => cmd_validate(&db, &config, &manifests),
         Command::Status { json } => cmd_status(&db, json),
         Command::List {
             state,
@@ -248,7 +318,7 @@ async fn dispatch(cli: Cli) -> i32 {
             json,
         } => cmd_list(&db, state, provider, json),
         Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
-        Command::Retry { failed, job_ids } => cmd_retry(&db, failed, &job_ids),
+        Command::Retry(args) => cmd_retry(&db, &args),
         Command::Cancel { job_ids } => cmd_cancel(&db, &config, &job_ids).await,
         Command::Report {
             format,
@@ -274,6 +344,10 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Balance { provider, json } => cmd_balance(&config, provider, json).await,
         Command::Sim { addr, sim } => cmd_sim(&addr, sim).await,
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,
+        Command::Completions { shell } => shell::cmd_completions(shell),
+        Command::Man => shell::cmd_man(),
+        Command::Config => shell::cmd_config(&config),
+        Command::Doctor => doctor::cmd_doctor(&config).await,
     };
     match result {
         Ok(code) => code,
@@ -294,9 +368,11 @@ async fn dispatch(cli: Cli) -> i32 {
 
 /// Log lines go to stderr through `progress::LogWriter`, which scrubs every secret
 /// (in JSON too) and keeps them above the progress bar.
-fn init_logging(verbose: u8, format: LogFormat, secrets: Vec<String>, bar: SharedBar) {
+fn init_logging(verbose: u8, quiet: bool, format: LogFormat, secrets: Vec<String>, bar: SharedBar) {
     use std::io::IsTerminal;
     let default = match verbose {
+        // `run --quiet`: warnings and errors only, besides the summary.
+        0 if quiet => "pixbatch=warn",
         0 => "pixbatch=info",
         1 => "pixbatch=debug",
         _ => "pixbatch=trace",
@@ -361,10 +437,12 @@ fn lock_fail(e: LockError) -> Fail {
     }
 }
 
+mod doctor;
 mod inspect;
 mod manage;
 mod provider;
 mod run;
+mod shell;
 
 pub use crate::report::CSV_COLUMNS as REPORT_COLUMNS;
 use inspect::{cmd_list, cmd_report, cmd_show, cmd_status};

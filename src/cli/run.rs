@@ -6,17 +6,128 @@ pub(super) async fn cmd_run(
     db: &Path,
     out: &Path,
     config: Config,
-    manifests: &[PathBuf],
-    quiet: bool,
-    metrics: &MetricsArgs,
+    args: &RunArgs,
     bar: SharedBar,
 ) -> Result<i32, Fail> {
-    let _lock = lock_for_writing(db, "run")?;
-    let store = open_store(db)?;
-    if !manifests.is_empty() {
-        enqueue_into(&store, &config, manifests, quiet)?;
+    let started = now_ms();
+    let result = run_inner(db, out, config, args, bar).await;
+    if let Some(command) = &args.on_finish {
+        set_finish_hook(FinishHook::new(command, db, out, started, &result));
     }
-    work(store, db, out, config, quiet, metrics, bar).await
+    result.map(|o| o.code)
+}
+
+async fn run_inner(
+    db: &Path,
+    out: &Path,
+    config: Config,
+    args: &RunArgs,
+    bar: SharedBar,
+) -> Result<Outcome, Fail> {
+    let mut caps = engine::spend::Caps::default();
+    for value in &args.max_credits {
+        caps.add(value).map_err(|e| Fail(EXIT_ERROR, e))?;
+    }
+    if args.dry_run {
+        let code = dry_run(
+            db,
+            &config,
+            &args.manifests,
+            args.update,
+            args.offline,
+            &caps,
+        )
+        .await?;
+        return Ok(Outcome::nothing(code));
+    }
+    let _lock = lock_waiting(db, "run", args.wait_lock, args.quiet).await?;
+    let store = open_store(db)?;
+    if !args.manifests.is_empty() {
+        enqueue_into(&store, &config, &args.manifests, args.quiet, args.update)?;
+    }
+    if args.retry_failed {
+        let failed: Vec<String> = store
+            .ids_in_state(JobState::Failed, None)
+            .collect::<Result<_, _>>()?;
+        let mut n = 0;
+        for id in &failed {
+            if let Some(job) = store.get(id)? {
+                n += u64::from(super::manage::requeue(&store, job, "`run --retry-failed`")?);
+            }
+        }
+        store.flush()?;
+        if !args.quiet && n > 0 {
+            progress::notice(&format!("{n} failed job(s) requeued"));
+        }
+    }
+    let gate = Arc::new(engine::spend::SpendGate::new(caps, &config));
+    let options = WorkOptions {
+        quiet: args.quiet,
+        metrics: &args.metrics,
+        gate,
+    };
+    work(store, db, out, config, options, bar).await
+}
+
+/// What a run ended with, for the exit code and `--on-finish`.
+pub(super) struct Outcome {
+    pub code: i32,
+    pub summary: Option<engine::RunSummary>,
+    pub spend: Vec<engine::spend::ProviderSpend>,
+    pub line: String,
+}
+
+impl Outcome {
+    fn nothing(code: i32) -> Outcome {
+        Outcome {
+            code,
+            summary: None,
+            spend: Vec::new(),
+            line: String::new(),
+        }
+    }
+}
+
+/// Takes the database for a run: at once (exit 3 naming the holder), or waiting
+/// up to `wait` seconds for whoever holds it.
+async fn lock_waiting(
+    db: &Path,
+    command: &str,
+    wait: Option<u64>,
+    quiet: bool,
+) -> Result<DbLock, Fail> {
+    let Some(secs) = wait else {
+        return lock_for_writing(db, command);
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut told = false;
+    loop {
+        match DbLock::try_acquire(db, command) {
+            Ok(lock) => return Ok(lock),
+            Err(e @ LockError::Io { .. }) => return Err(lock_fail(e)),
+            Err(e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Fail(
+                        EXIT_LOCKED,
+                        format!("{e}; gave up after waiting {secs} s (--wait-lock)"),
+                    ));
+                }
+                if !told && !quiet {
+                    progress::notice(&format!("{e}; waiting up to {secs} s for it (--wait-lock)"));
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// How a run shows itself and what it may spend: the parts of `work` that `run` sets
+/// from its flags and `demo` leaves at their defaults.
+pub(super) struct WorkOptions<'a> {
+    pub quiet: bool,
+    pub metrics: &'a MetricsArgs,
+    pub gate: Arc<engine::spend::SpendGate>,
 }
 
 /// Runs the engine over `store` until done or interrupted; prints the summary.
@@ -25,14 +136,19 @@ pub(super) async fn work(
     db: &Path,
     out: &Path,
     config: Config,
-    quiet: bool,
-    metrics: &MetricsArgs,
+    options: WorkOptions<'_>,
     bar: SharedBar,
-) -> Result<i32, Fail> {
+) -> Result<Outcome, Fail> {
+    let WorkOptions {
+        quiet,
+        metrics,
+        gate,
+    } = options;
     std::fs::create_dir_all(out)
         .map_err(|e| Fail(EXIT_ERROR, format!("output folder {}: {e}", out.display())))?;
     let engine = Engine::new(store.clone(), config, out.to_path_buf())
-        .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?;
+        .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?
+        .with_spend_gate(gate.clone());
     let observer = super::observe::Observer::start(metrics, &engine, &store).await?;
     let stats = engine.stats();
     let started = now_ms();
@@ -89,20 +205,76 @@ pub(super) async fn work(
         summary.finished_this_run
     );
     println!("{line}");
-    if summary.interrupted {
-        progress::notice("interrupted; run again to resume");
-        return Ok(EXIT_INTERRUPTED);
+    let spend = gate.report();
+    if !gate.caps().is_empty() {
+        // The spend is part of the summary when a cap was asked for.
+        let parts: Vec<String> = spend
+            .iter()
+            .filter(|s| s.cap.is_some())
+            .map(|s| {
+                format!(
+                    "{} {} of {} {} ({} this run){}",
+                    s.kind,
+                    crate::cost::amount(s.spent),
+                    crate::cost::amount(s.cap.unwrap_or(0.0)),
+                    s.unit,
+                    crate::cost::amount(s.spent_this_run),
+                    if s.stopped.is_some() {
+                        ", cap reached"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        if !parts.is_empty() {
+            println!("estimated spend: {}", parts.join("; "));
+        }
     }
-    if summary.failed > 0 {
+    let code = exit_code(&summary, &gate);
+    match code {
+        EXIT_INTERRUPTED => progress::notice("interrupted; run again to resume"),
+        EXIT_CREDIT_CAP => {
+            for s in gate.stopped() {
+                progress::notice(&format!(
+                    "{}: stopped submitting new work: {}",
+                    s.kind,
+                    s.stopped.as_deref().unwrap_or("")
+                ));
+            }
+            progress::notice(
+                "the credit cap (--max-credits) held back new work; jobs already submitted were finished; raise the cap and run again to go on",
+            );
+        }
+        _ => {}
+    }
+    if summary.failed > 0 && code != EXIT_INTERRUPTED {
         progress::notice(
             "some jobs failed; see `pixbatch list --state failed` and `pixbatch retry --failed`",
         );
-        return Ok(EXIT_FAILED_JOBS);
     }
-    if summary.unfinished > 0 {
-        return Ok(EXIT_ERROR);
+    Ok(Outcome {
+        code,
+        summary: Some(summary),
+        spend,
+        line,
+    })
+}
+
+/// SPEC §1's codes, and 4 for a run the credit cap stopped. Interrupted wins; then
+/// the cap (work remains that only a higher cap will do); then failed jobs.
+fn exit_code(summary: &engine::RunSummary, gate: &engine::spend::SpendGate) -> i32 {
+    if summary.interrupted {
+        EXIT_INTERRUPTED
+    } else if !gate.stopped().is_empty() && summary.unfinished > 0 {
+        EXIT_CREDIT_CAP
+    } else if summary.failed > 0 {
+        EXIT_FAILED_JOBS
+    } else if summary.unfinished > 0 {
+        EXIT_ERROR
+    } else {
+        EXIT_OK
     }
-    Ok(EXIT_OK)
 }
 
 /// Resolves on Ctrl-C or SIGTERM; false if signals cannot be watched.
@@ -128,7 +300,12 @@ pub(super) fn enqueue_into(
     config: &Config,
     manifests: &[PathBuf],
     quiet: bool,
+    update: bool,
 ) -> Result<(), Fail> {
+    let mut updated = 0;
+    if update {
+        updated = apply_updates(store, config, manifests)?;
+    }
     match intake::enqueue(manifests, store, config)? {
         Ok(done) => {
             if !quiet {
@@ -136,11 +313,25 @@ pub(super) fn enqueue_into(
                     "{} rows read, {} new jobs enqueued, {} already queued, {} repeated rows",
                     done.plan.rows, done.added, done.plan.already_queued, done.plan.repeats
                 ));
+                if updated > 0 {
+                    progress::notice(&format!(
+                        "{updated} job(s) became a new version (`pixbatch show ID` tells the history)"
+                    ));
+                }
             }
             Ok(())
         }
         Err(errors) => {
             print_row_errors(&errors);
+            if !update
+                && errors
+                    .iter()
+                    .any(|e| e.reason.contains("with different content"))
+            {
+                eprintln!(
+                    "pixbatch: to turn changed rows into new versions of their jobs, add --update"
+                );
+            }
             Err(Fail(
                 EXIT_ERROR,
                 format!("{} problem(s) found; nothing was enqueued", errors.len()),
@@ -149,33 +340,329 @@ pub(super) fn enqueue_into(
     }
 }
 
-pub(super) fn cmd_enqueue(db: &Path, config: &Config, manifests: &[PathBuf]) -> Result<i32, Fail> {
+/// `--update`: checks every row first (a manifest with any bad row changes
+/// nothing), then replaces the jobs whose rows changed with a new version.
+fn apply_updates(store: &Store, config: &Config, manifests: &[PathBuf]) -> Result<u64, Fail> {
+    let found = crate::versions::find(manifests, store)?;
+    let checked = intake::check(manifests, Some(store), config)?;
+    let mut errors: Vec<_> = checked
+        .errors
+        .into_iter()
+        .filter(|e| !found.is_update(&e.origin))
+        .collect();
+    errors.extend(found.errors.iter().cloned());
+    if !errors.is_empty() {
+        errors
+            .sort_by(|a, b| (&a.origin.file, a.origin.line).cmp(&(&b.origin.file, b.origin.line)));
+        print_row_errors(&errors);
+        return Err(Fail(
+            EXIT_ERROR,
+            format!(
+                "{} problem(s) found; nothing was enqueued or updated",
+                errors.len()
+            ),
+        ));
+    }
+    Ok(crate::versions::apply(store, &found.updates)?)
+}
+
+pub(super) fn cmd_enqueue(
+    db: &Path,
+    config: &Config,
+    manifests: &[PathBuf],
+    update: bool,
+) -> Result<i32, Fail> {
     let _lock = lock_for_writing(db, "enqueue")?;
     let store = open_store(db)?;
-    enqueue_into(&store, config, manifests, false)?;
+    enqueue_into(&store, config, manifests, false, update)?;
     Ok(EXIT_OK)
 }
 
-pub(super) fn cmd_validate(db: &Path, config: &Config, manifests: &[PathBuf]) -> Result<i32, Fail> {
-    // Compare with the database too when it exists and no one is using it.
+/// Opens the database for reading if it exists and no one is using it.
+fn open_if_free(db: &Path, command: &str) -> Result<Option<(DbLock, Store)>, Fail> {
     let lock = db
         .exists()
-        .then(|| DbLock::try_acquire(db, "validate").ok())
+        .then(|| DbLock::try_acquire(db, command).ok())
         .flatten();
-    let store = match &lock {
-        Some(_) => Some(open_store(db)?),
-        None => None,
-    };
-    let checked = intake::check(manifests, store.as_ref(), config)?;
+    match lock {
+        Some(lock) => Ok(Some((lock, open_store(db)?))),
+        None => Ok(None),
+    }
+}
+
+pub(super) async fn cmd_validate(
+    db: &Path,
+    config: &Config,
+    manifests: &[PathBuf],
+    offline: bool,
+) -> Result<i32, Fail> {
+    // Compare with the database too when it exists and no one is using it.
+    let opened = open_if_free(db, "validate")?;
+    let store = opened.as_ref().map(|(_, s)| s);
+    let checked = intake::check(manifests, store, config)?;
     print_row_errors(&checked.errors);
     print_plan(&checked.plan, config);
-    if checked.errors.is_empty() {
-        Ok(EXIT_OK)
-    } else {
-        Err(Fail(
+    if !checked.errors.is_empty() {
+        return Err(Fail(
             EXIT_ERROR,
             format!("{} bad row(s)", checked.errors.len()),
-        ))
+        ));
+    }
+    // Nothing is asked of a provider about a manifest with bad rows.
+    let costs = plan_costs(
+        config,
+        &checked.plan,
+        manifests,
+        store,
+        None,
+        false,
+        offline,
+    )
+    .await?;
+    print_costs(&costs, "the new jobs");
+    Ok(EXIT_OK)
+}
+
+/// `run --dry-run`: validate, plus what the database holds, the spend so far and the
+/// cap. Enqueues nothing and sends no paid request.
+async fn dry_run(
+    db: &Path,
+    config: &Config,
+    manifests: &[PathBuf],
+    update: bool,
+    offline: bool,
+    caps: &engine::spend::Caps,
+) -> Result<i32, Fail> {
+    let opened = open_if_free(db, "dry-run")?;
+    if opened.is_none() && db.exists() {
+        eprintln!(
+            "pixbatch: the database is in use ({}); the preview leaves it out",
+            lock::current_holder(db)
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "another process".into())
+        );
+    }
+    let store = opened.as_ref().map(|(_, s)| s);
+    let mut plan = Plan::default();
+    let mut updates = None;
+    if !manifests.is_empty() {
+        let found = match (update, store) {
+            (true, Some(s)) => Some(crate::versions::find(manifests, s)?),
+            _ => None,
+        };
+        let checked = intake::check(manifests, store, config)?;
+        let mut errors: Vec<_> = checked
+            .errors
+            .into_iter()
+            .filter(|e| !found.as_ref().is_some_and(|f| f.is_update(&e.origin)))
+            .collect();
+        if let Some(f) = &found {
+            errors.extend(f.errors.iter().cloned());
+        }
+        print_row_errors(&errors);
+        print_plan(&checked.plan, config);
+        if !errors.is_empty() {
+            return Err(Fail(EXIT_ERROR, format!("{} bad row(s)", errors.len())));
+        }
+        if let Some(f) = &found {
+            if !f.updates.is_empty() {
+                println!(
+                    "{} row(s) would become a new version of their job (--update)",
+                    f.updates.len()
+                );
+            }
+        }
+        plan = checked.plan;
+        updates = found;
+    }
+    let costs = plan_costs(
+        config,
+        &plan,
+        manifests,
+        store,
+        updates.as_ref(),
+        true,
+        offline,
+    )
+    .await?;
+    print_costs(
+        &costs,
+        "the new jobs and those in the database not yet submitted",
+    );
+    let totals = match store {
+        Some(store) => engine::spend::ledger_totals(store)?,
+        None => Default::default(),
+    };
+    {
+        for (kind, (spent, priced, unpriced)) in &totals {
+            let unit = crate::providers::cost_unit(*kind);
+            let mut line = format!(
+                "spent so far   {kind:<11} ≈ {} {unit} over {priced} submission(s)",
+                crate::cost::amount(*spent)
+            );
+            if *unpriced > 0 {
+                line.push_str(&format!(" and {unpriced} without a known price"));
+            }
+            println!("{line}");
+        }
+        let mut kinds: Vec<ProviderKind> = costs.keys().chain(totals.keys()).copied().collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in &kinds {
+            let Some(cap) = caps.of(*kind) else { continue };
+            let spent = totals.get(kind).map_or(0.0, |t| t.0);
+            let room = (cap - spent).max(0.0);
+            let unit = crate::providers::cost_unit(*kind);
+            let line = costs.get(kind).cloned().unwrap_or(crate::cost::CostLine {
+                jobs: 0,
+                credits: Some(0.0),
+                unit,
+                how: String::new(),
+                balance: None,
+            });
+            let verdict = match line.credits {
+                Some(c) if c <= room + 1e-9 => "the work fits".to_string(),
+                Some(c) => format!(
+                    "the work needs ≈ {}: the run will stop submitting before the end",
+                    crate::cost::amount(c)
+                ),
+                None => "the work's cost is unknown: the run will not start it".to_string(),
+            };
+            println!(
+                "--max-credits  {kind:<11} {} {}: {} left; {verdict}",
+                crate::cost::amount(cap),
+                line.unit,
+                crate::cost::amount(room)
+            );
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// The credits the plan's jobs (and, with `pending`, the database's jobs not yet
+/// submitted) will cost, per provider.
+async fn plan_costs(
+    config: &Config,
+    plan: &Plan,
+    manifests: &[PathBuf],
+    store: Option<&Store>,
+    updates: Option<&crate::versions::Found>,
+    pending: bool,
+    offline: bool,
+) -> Result<std::collections::BTreeMap<ProviderKind, crate::cost::CostLine>, Fail> {
+    let mut pending_jobs = Vec::new();
+    if let (true, Some(store)) = (pending, store) {
+        for state in [JobState::Queued, JobState::RetryWait, JobState::Preparing] {
+            for id in store.ids_in_state(state, None) {
+                if let Some(job) = store.get(&id?)? {
+                    pending_jobs.push(job);
+                }
+            }
+        }
+    }
+    let mut kinds: Vec<ProviderKind> = plan.providers.keys().copied().collect();
+    kinds.extend(pending_jobs.iter().map(|j| j.spec.provider));
+    kinds.extend(
+        updates
+            .iter()
+            .flat_map(|f| f.updates.iter().map(|u| u.spec.provider)),
+    );
+    kinds.sort();
+    kinds.dedup();
+    let mut estimators = if offline {
+        Default::default()
+    } else {
+        crate::cost::estimators(config, &kinds).await
+    };
+    let grouped: Vec<ProviderKind> = estimators
+        .iter()
+        .filter(|(_, e)| e.is_ok())
+        .map(|(k, _)| *k)
+        .collect();
+    let mut collector = crate::cost::Collector::new(grouped);
+    for (kind, p) in &plan.providers {
+        if !collector.groups(*kind) {
+            collector.add_count(*kind, p.new_jobs);
+        }
+    }
+    if kinds.iter().any(|k| collector.groups(*k)) && !manifests.is_empty() {
+        // A second pass, only for the providers priced per parameter set.
+        let mut tracker = crate::manifest::DuplicateTracker::new();
+        let mut failure = None;
+        for path in manifests {
+            let mut on_row = |row: Result<
+                (crate::model::Origin, crate::model::JobSpec),
+                crate::manifest::RowError,
+            >| {
+                let Ok((origin, spec)) = row else { return };
+                if failure.is_some() || !collector.groups(spec.provider) {
+                    return;
+                }
+                if !matches!(
+                    tracker.check(&origin, &spec),
+                    Ok(crate::manifest::RowStatus::New)
+                ) {
+                    return;
+                }
+                let known = match store.map(|s| s.get(&spec.id)) {
+                    None | Some(Ok(None)) => false,
+                    Some(Ok(Some(_))) => true,
+                    Some(Err(e)) => {
+                        failure = Some(e);
+                        return;
+                    }
+                };
+                if !known {
+                    collector.add(&spec);
+                }
+            };
+            crate::manifest::read_manifest(path, &mut on_row)?;
+        }
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+    }
+    for u in updates.iter().flat_map(|f| f.updates.iter()) {
+        collector.add(&u.spec);
+    }
+    for job in &pending_jobs {
+        collector.add(&job.spec);
+    }
+    Ok(crate::cost::price(config, &collector, &mut estimators, !offline).await)
+}
+
+fn print_costs(
+    costs: &std::collections::BTreeMap<ProviderKind, crate::cost::CostLine>,
+    what: &str,
+) {
+    if costs.values().all(|c| c.jobs == 0) {
+        return;
+    }
+    println!("cost of {what}:");
+    for (kind, c) in costs {
+        if c.jobs == 0 && c.balance.is_none() {
+            continue;
+        }
+        let mut line = match c.credits {
+            Some(x) => format!(
+                "  {kind:<11} {:>8} jobs  ≈ {} {}  ({})",
+                c.jobs,
+                crate::cost::amount(x),
+                c.unit,
+                c.how
+            ),
+            None => format!(
+                "  {kind:<11} {:>8} jobs  {} unknown: {}",
+                c.jobs, c.unit, c.how
+            ),
+        };
+        if let Some(b) = c.balance {
+            line.push_str(&format!("; balance {} {}", crate::cost::amount(b), c.unit));
+            if c.credits.is_some_and(|x| x > b) {
+                line.push_str(" — too low for these jobs");
+            }
+        }
+        println!("{line}");
     }
 }
 
@@ -255,8 +742,120 @@ pub(super) async fn cmd_demo(
     );
     let _lock = lock_for_writing(&db, "demo")?;
     let store = open_store(&db)?;
-    enqueue_into(&store, &config, &[manifest], false)?;
-    let code = work(store, &db, out, config, false, &MetricsArgs::default(), bar).await;
+    enqueue_into(&store, &config, &[manifest], false, false)?;
+    let gate = Arc::new(engine::spend::SpendGate::uncapped(&config));
+    let metrics = MetricsArgs::default();
+    let options = WorkOptions {
+        quiet: false,
+        metrics: &metrics,
+        gate,
+    };
+    let outcome = work(store, &db, out, config, options, bar).await;
     let _ = sim.shutdown().await;
-    code
+    outcome.map(|o| o.code)
+}
+
+// ----- --on-finish ------------------------------------------------------------------
+
+/// The command `--on-finish` runs, with the run's summary as environment variables.
+/// It runs after the async runtime has shut down (`cli::main`), when the database
+/// is closed and unlocked, so it may run `pixbatch report` or `status` itself.
+pub(super) struct FinishHook {
+    command: String,
+    env: Vec<(String, String)>,
+}
+
+static FINISH_HOOK: std::sync::Mutex<Option<FinishHook>> = std::sync::Mutex::new(None);
+
+fn set_finish_hook(hook: FinishHook) {
+    if let Ok(mut slot) = FINISH_HOOK.lock() {
+        *slot = Some(hook);
+    }
+}
+
+impl FinishHook {
+    fn new(
+        command: &str,
+        db: &Path,
+        out: &Path,
+        started_ms: u64,
+        result: &Result<Outcome, Fail>,
+    ) -> FinishHook {
+        let mut env: Vec<(String, String)> = vec![
+            ("PIXBATCH_DB".into(), db.display().to_string()),
+            ("PIXBATCH_OUT".into(), out.display().to_string()),
+            ("PIXBATCH_STARTED".into(), query::rfc3339(started_ms)),
+            (
+                "PIXBATCH_DURATION_S".into(),
+                (now_ms().saturating_sub(started_ms) / 1000).to_string(),
+            ),
+        ];
+        let (summary, spend, line, error) = match result {
+            Ok(o) => (
+                o.summary.clone(),
+                o.spend.clone(),
+                o.line.clone(),
+                String::new(),
+            ),
+            Err(Fail(_, message)) => (None, Vec::new(), String::new(), message.clone()),
+        };
+        let s = summary.unwrap_or_default();
+        let flag = |b: bool| if b { "1" } else { "0" }.to_string();
+        env.extend([
+            ("PIXBATCH_DONE".into(), s.done.to_string()),
+            ("PIXBATCH_FAILED".into(), s.failed.to_string()),
+            ("PIXBATCH_CANCELLED".into(), s.cancelled.to_string()),
+            ("PIXBATCH_UNFINISHED".into(), s.unfinished.to_string()),
+            (
+                "PIXBATCH_FINISHED_THIS_RUN".into(),
+                s.finished_this_run.to_string(),
+            ),
+            ("PIXBATCH_INTERRUPTED".into(), flag(s.interrupted)),
+            (
+                "PIXBATCH_CREDIT_CAP_REACHED".into(),
+                flag(spend.iter().any(|p| p.stopped.is_some())),
+            ),
+            (
+                "PIXBATCH_CREDITS_SPENT".into(),
+                spend
+                    .iter()
+                    .map(|p| format!("{}={}", p.kind, crate::cost::amount(p.spent)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "PIXBATCH_CREDITS_THIS_RUN".into(),
+                spend
+                    .iter()
+                    .filter(|p| p.started_this_run > 0)
+                    .map(|p| format!("{}={}", p.kind, crate::cost::amount(p.spent_this_run)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("PIXBATCH_SUMMARY".into(), line),
+            ("PIXBATCH_ERROR".into(), error),
+        ]);
+        FinishHook {
+            command: command.to_string(),
+            env,
+        }
+    }
+}
+
+/// Runs the `--on-finish` command, if one was set, with the exit code added. Its
+/// failure is reported but does not change pixbatch's exit code.
+pub(super) fn run_finish_hook(code: i32) {
+    let hook = FINISH_HOOK.lock().ok().and_then(|mut h| h.take());
+    let Some(hook) = hook else { return };
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&hook.command)
+        .envs(hook.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("PIXBATCH_EXIT_CODE", code.to_string())
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => progress::notice(&format!("--on-finish command ended with {s}")),
+        Err(e) => progress::notice(&format!("--on-finish command could not start: {e}")),
+    }
 }

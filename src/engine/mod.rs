@@ -11,6 +11,7 @@
 
 pub mod limiter;
 pub mod retry;
+pub mod spend;
 mod step;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -174,6 +175,8 @@ pub struct Engine {
     lanes: BTreeMap<ProviderKind, Arc<Lane>>,
     stats: Arc<RunStats>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Consulted before each job's new work starts (`run --max-credits`).
+    spend: Arc<spend::SpendGate>,
 }
 
 impl Engine {
@@ -242,6 +245,7 @@ impl Engine {
             return Err(EngineError::Setup(problems.join("\n")));
         }
         Ok(Engine {
+            spend: Arc::new(spend::SpendGate::uncapped(&config)),
             store,
             out_dir,
             config,
@@ -249,6 +253,12 @@ impl Engine {
             stats,
             metrics,
         })
+    }
+
+    /// Replaces the default gate (which records spend and never refuses).
+    pub fn with_spend_gate(mut self, gate: Arc<spend::SpendGate>) -> Engine {
+        self.spend = gate;
+        self
     }
 
     pub fn stats(&self) -> Arc<RunStats> {
@@ -275,6 +285,7 @@ impl Engine {
             authenticate(lane).await?;
             self.check_balance(lane).await?;
         }
+        self.spend.load(&self.store, &self.lanes).await?;
         let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
         let wake = Arc::new(Notify::new());
         let mut tasks: JoinSet<Result<(), StoreError>> = JoinSet::new();
@@ -332,6 +343,9 @@ impl Engine {
                     if is_new_work(state) && remote_in_flight >= lane.config.max_in_flight {
                         continue;
                     }
+                    if is_new_work(state) && self.spend.is_stopped(lane.kind) {
+                        continue;
+                    }
                     let busy = claimed.lock().map(|c| c.len()).unwrap_or(0);
                     let ids = self.store.due(state, lane.kind, now, free + busy)?;
                     for id in ids {
@@ -351,6 +365,18 @@ impl Engine {
                         if !fresh {
                             continue;
                         }
+                        if is_new_work(state) && self.spend.caps_provider(lane.kind) {
+                            // In queue order, so the cap stops at the same job every time.
+                            let admission = self.spend.admit_in_order(lane, &self.store, &id);
+                            if !matches!(admission, Ok(spend::Admission::Go)) {
+                                if let Ok(mut c) = claimed.lock() {
+                                    c.remove(&id);
+                                }
+                                admission?;
+                                next_wake = next_wake.min(now + 20);
+                                break;
+                            }
+                        }
                         let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
                             if let Ok(mut c) = claimed.lock() {
                                 c.remove(&id);
@@ -369,12 +395,14 @@ impl Engine {
                         let claimed = claimed.clone();
                         let wake = wake.clone();
                         let max_download_bytes = self.config.engine.max_download_bytes;
+                        let spend = self.spend.clone();
                         tasks.spawn(async move {
                             let env = step::StepEnv {
                                 lane: &lane,
                                 store: &store,
                                 out_dir: &out_dir,
                                 max_download_bytes,
+                                spend: &spend,
                             };
                             let result = step::run(&env, &id).await;
                             if new_work {
@@ -414,6 +442,8 @@ impl Engine {
                 .counts()?
                 .iter()
                 .filter(|((s, p), _)| !s.is_terminal() && self.lanes.contains_key(p))
+                // New work the spend cap holds back is not waited for.
+                .filter(|((s, p), _)| !(is_new_work(*s) && self.spend.is_stopped(*p)))
                 .map(|(_, n)| n)
                 .sum();
             if unfinished == 0 && tasks.is_empty() {

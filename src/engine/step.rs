@@ -33,6 +33,7 @@ pub(crate) struct StepEnv<'a> {
     pub store: &'a Store,
     pub out_dir: &'a Path,
     pub max_download_bytes: u64,
+    pub spend: &'a crate::engine::spend::SpendGate,
 }
 
 /// Which part of the life an error happened in: it decides where the job goes.
@@ -105,6 +106,10 @@ fn save(env: &StepEnv<'_>, job: &mut Job) -> Result<(), StoreError> {
 }
 
 async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    // The spend cap: a refused job stays as it is, for a later run.
+    if !env.spend.admit(env.lane, env.store, &job).await? {
+        return Ok(());
+    }
     let now = now_ms();
     job.started_ms.get_or_insert(now);
     if job.submissions == 0 {
@@ -279,6 +284,7 @@ async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             job.possible_duplicates += 1;
             job.submissions += 1;
             job.submit_intent_ms = now_ms();
+            env.spend.note_resubmission(env.store, &job)?;
             event(
                 env,
                 &job,

@@ -24,6 +24,9 @@ pub const SIDE_STEP: i64 = 64;
 /// The document gives no input size limit; this only keeps a stray huge file out of
 /// memory (the result is at most 1536x1536).
 pub const MAX_INPUT_BYTES: u64 = 50_000_000;
+/// "The service uses 0.4-2 credits per successful result": the upper bound, for
+/// cost previews and `--max-credits` (an img2img job has one result).
+pub const MAX_CREDITS_PER_RESULT: f64 = 2.0;
 
 const KNOWN_PARAMS: &[&str] = &[
     "prompt",
@@ -290,6 +293,26 @@ impl Provider for Aithriving {
 
     async fn authenticate(&self, _api: &Api) -> Result<(), ProviderError> {
         util::secret_header("AITHRIVING_API_KEY", &self.api_key).map(|_| ())
+    }
+
+    /// The API has no free call: an empty request is refused as incomplete (not
+    /// charged: "You will not be charged for failed results") once the key passes,
+    /// and with 401/403 when it does not.
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        let key = util::secret_header("AITHRIVING_API_KEY", &self.api_key)?;
+        let request = api
+            .client()
+            .post(api.url("/api/generate/basic/imageToImage"))
+            .header(reqwest::header::AUTHORIZATION, key)
+            .multipart(Form::new());
+        let response = api.send(RequestKind::Query, request).await?;
+        let status = response.status();
+        if matches!(status.as_u16(), 401 | 403 | 404 | 405) {
+            return Err(util::http_error(RequestKind::Query, response).await);
+        }
+        Ok(format!(
+            "key accepted (an empty request was answered HTTP {status}, refused as incomplete, not charged)"
+        ))
     }
 
     async fn submit(

@@ -1265,6 +1265,13 @@ impl Provider for Dzine {
             unit: "tokens".into(),
         }))
     }
+
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        match self.balance(api).await? {
+            Some(b) => Ok(format!("key accepted; balance {} {}", b.amount, b.unit)),
+            None => Ok("key accepted".into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -256,6 +256,28 @@ pub trait Provider: Send + Sync {
         Ok(None)
     }
 
+    /// Whether [`Provider::estimate_cost`] asks the provider (Topaz's `/estimate`).
+    fn can_estimate(&self) -> bool {
+        false
+    }
+
+    /// What `spec` would cost, in [`cost_unit`], as the provider estimates it (one
+    /// request; `Ok(None)` when the provider cannot tell).
+    async fn estimate_cost(
+        &self,
+        _api: &Api,
+        _spec: &JobSpec,
+    ) -> Result<Option<f64>, ProviderError> {
+        Ok(None)
+    }
+
+    /// The cheapest request that proves the base URL and the credentials work
+    /// (`pixbatch doctor`): an auth call, a balance or a status list. Says what it saw.
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        self.authenticate(api).await?;
+        Ok("credentials present (no request made)".into())
+    }
+
     /// Housekeeping once the job's outputs are durably in place (e.g. delete the
     /// remote status). Failures are logged, never fail the job.
     async fn cleanup(&self, _api: &Api, _remote_id: &str) -> Result<(), ProviderError> {
@@ -338,6 +360,23 @@ pub fn requests_per_job(spec: &JobSpec) -> u32 {
         ProviderKind::Photio | ProviderKind::Aithriving => 1,
         ProviderKind::Perfect => perfect::requests_per_job(spec),
         ProviderKind::Dzine => dzine::requests_per_job(spec),
+    }
+}
+
+/// What a provider's prices count (`pixbatch validate`, `--max-credits`).
+pub fn cost_unit(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Dzine => "tokens",
+        _ => "credits",
+    }
+}
+
+/// The most a job can cost by its provider's document, where the document says so
+/// and no API tells (AIThriving: "0.4-2 credits per successful result").
+pub fn documented_max_cost(spec: &JobSpec) -> Option<f64> {
+    match spec.provider {
+        ProviderKind::Aithriving => Some(aithriving::MAX_CREDITS_PER_RESULT),
+        _ => None,
     }
 }
 

@@ -214,6 +214,25 @@ impl Provider for Photio {
         util::secret_header("PHOTIO_API_KEY", &self.api_key).map(|_| ())
     }
 
+    /// The API has no free call: an upscale without an image is refused as invalid
+    /// (400, nothing to charge) once the key passes, and with 401/403 when not.
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        let key = util::secret_header("PHOTIO_API_KEY", &self.api_key)?;
+        let request = api
+            .client()
+            .post(api.url("/inference/upscale"))
+            .header("X-Photio-Key", key)
+            .json(&serde_json::json!({}));
+        let response = api.send(RequestKind::Query, request).await?;
+        let status = response.status();
+        if matches!(status.as_u16(), 401 | 403 | 404 | 405) {
+            return Err(util::http_error(RequestKind::Query, response).await);
+        }
+        Ok(format!(
+            "key accepted (an upscale without an image was answered HTTP {status}, not charged)"
+        ))
+    }
+
     async fn submit(
         &self,
         api: &Api,

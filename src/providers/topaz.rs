@@ -649,6 +649,27 @@ fn find_submission(list: &[ListedStatus], submit_key: &str) -> Option<String> {
 
 #[async_trait]
 impl Provider for Topaz {
+    fn can_estimate(&self) -> bool {
+        true
+    }
+
+    async fn estimate_cost(&self, api: &Api, spec: &JobSpec) -> Result<Option<f64>, ProviderError> {
+        Ok(self.estimate(api, spec).await?.credits.map(|c| c as f64))
+    }
+
+    /// `GET /status` lists the account's tasks: free, and it needs the key.
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        let request = self.request(api, reqwest::Method::GET, "/status")?;
+        let response = api.send(RequestKind::Query, request).await?;
+        if !response.status().is_success() {
+            return Err(self.error(RequestKind::Query, response).await);
+        }
+        Ok(format!(
+            "key accepted (GET /status answered HTTP {})",
+            response.status()
+        ))
+    }
+
     fn kind(&self) -> ProviderKind {
         ProviderKind::Topaz
     }

@@ -10,6 +10,7 @@ mod lifecycle;
 mod limits;
 mod manifest;
 mod metrics;
+mod ops;
 mod perfect;
 mod report_html;
 mod secrets;

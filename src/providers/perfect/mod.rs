@@ -834,6 +834,22 @@ impl Provider for Perfect {
         Some(self.keep_alive)
     }
 
+    /// With the RSA key pair, the token request itself; with a console API key (no
+    /// auth call), the first page of the hair-style groups.
+    async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
+        if matches!(self.mode, auth::Mode::Rsa { .. }) {
+            self.bearer(api).await?;
+            return Ok("client id and key accepted (POST /client/auth gave a token)".into());
+        }
+        let query = StyleQuery {
+            feature: Some("hair-style".into()),
+            limit: Some(1),
+            ..Default::default()
+        };
+        self.styles(api, &query).await?;
+        Ok("API key accepted (the hair-style groups were listed)".into())
+    }
+
     async fn styles(
         &self,
         api: &Api,
