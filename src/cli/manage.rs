@@ -237,3 +237,90 @@ pub(super) async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Re
     eprintln!("pixbatch: {n} job(s) cancelled");
     Ok(EXIT_OK)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{JobSpec, Origin};
+
+    fn job(state: JobState, provider: ProviderKind, error: &str, finished_ms: u64) -> Job {
+        let spec = JobSpec {
+            id: "x".into(),
+            provider,
+            operation: "enhance".into(),
+            inputs: vec![],
+            prompt: None,
+            params_json: "{}".into(),
+            output: None,
+        };
+        let mut j = Job::new(
+            spec,
+            Origin {
+                file: "m".into(),
+                line: 2,
+            },
+            0,
+        );
+        j.state = state;
+        j.error = Some(error.into());
+        j.finished_ms = Some(finished_ms);
+        j
+    }
+
+    #[test]
+    fn since_reads_times_dates_and_durations() {
+        let now = 1_700_000_000_000;
+        assert_eq!(parse_since("2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_since("2023-11-14", now), Ok(1_699_920_000_000));
+        assert_eq!(
+            parse_since("2023-11-14T22:13:20Z", now),
+            Ok(1_700_000_000_000)
+        );
+        assert!(parse_since("yesterday-ish", now).is_err());
+    }
+
+    #[test]
+    fn retry_filters_combine() {
+        let args = |f: &dyn Fn(&mut RetryArgs)| {
+            let mut a = RetryArgs::default();
+            f(&mut a);
+            RetryFilter::from_args(&a, 10_000).map_err(|Fail(_, m)| m)
+        };
+        assert!(args(&|_| {}).is_err(), "no selector at all");
+        assert!(args(&|a| a.state = vec![JobState::Done]).is_err());
+        let f = args(&|a| {
+            a.error = Some("NSFW".into());
+            a.provider = Some(ProviderKind::Aithriving);
+            a.since = Some("5s".into());
+        })
+        .unwrap();
+        assert_eq!(f.states, vec![JobState::Failed]);
+        assert!(f.matches(&job(
+            JobState::Failed,
+            ProviderKind::Aithriving,
+            "nsfw content",
+            6_000
+        )));
+        assert!(!f.matches(&job(
+            JobState::Failed,
+            ProviderKind::Aithriving,
+            "nsfw content",
+            4_000
+        )));
+        assert!(!f.matches(&job(JobState::Failed, ProviderKind::Photio, "nsfw", 6_000)));
+        assert!(!f.matches(&job(
+            JobState::Cancelled,
+            ProviderKind::Aithriving,
+            "nsfw",
+            6_000
+        )));
+        assert!(!f.matches(&job(
+            JobState::Failed,
+            ProviderKind::Aithriving,
+            "timeout",
+            6_000
+        )));
+        let ids = args(&|a| a.job_ids = vec!["x".into()]).unwrap();
+        assert!(ids.matches(&job(JobState::Cancelled, ProviderKind::Topaz, "", 0)));
+    }
+}

@@ -267,6 +267,18 @@ impl<E: std::fmt::Display> From<E> for Fail {
 }
 
 async fn dispatch(cli: Cli) -> i32 {
+    // These need no configuration: a broken config file must not hide them.
+    let standalone = match &cli.command {
+        Command::Completions { shell } => Some(shell::cmd_completions(*shell)),
+        Command::Man => Some(shell::cmd_man()),
+        _ => None,
+    };
+    if let Some(result) = standalone {
+        return result.unwrap_or_else(|Fail(code, message)| {
+            eprintln!("pixbatch: {message}");
+            code
+        });
+    }
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
@@ -344,8 +356,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Balance { provider, json } => cmd_balance(&config, provider, json).await,
         Command::Sim { addr, sim } => cmd_sim(&addr, sim).await,
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,
-        Command::Completions { shell } => shell::cmd_completions(shell),
-        Command::Man => shell::cmd_man(),
+        Command::Completions { .. } | Command::Man => Ok(EXIT_OK),
         Command::Config => shell::cmd_config(&config),
         Command::Doctor => doctor::cmd_doctor(&config).await,
     };
