@@ -10,6 +10,7 @@ pub mod control;
 pub mod demo;
 pub mod download;
 pub mod engine;
+pub mod failpoint;
 pub mod intake;
 pub mod lock;
 pub mod manifest;

@@ -11,3 +11,4 @@ mod limits;
 mod manifest;
 mod perfect;
 mod secrets;
+mod storage;
