@@ -40,7 +40,7 @@ pub(crate) struct StepEnv<'a> {
 /// The disk is full: retrying only spins, so ask the run to stop with the reason.
 fn halt_out_of_space(env: &StepEnv<'_>, job: &Job, error: &DownloadError) {
     let reason = format!(
-        "job {}: no space left on device ({error}); free some space and run again: the next run carries on",
+        "job {}: the disk is full: {error}; free some space and run again: the next run carries on",
         job.id()
     );
     tracing::error!("{reason}");

@@ -11,4 +11,5 @@ mod limits;
 mod manifest;
 mod perfect;
 mod secrets;
+mod soak;
 mod storage;
