@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::api::error_chain;
+use crate::failpoint;
 use crate::model::JobSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +30,27 @@ pub enum DownloadError {
     /// The URL is not something we fetch.
     #[error("refusing to download {0}")]
     BadUrl(String),
-    /// Writing the file failed (disk full, permissions …).
+    /// Writing the file failed (disk full, permissions …). `out_of_space`: the disk
+    /// or the quota is full, which no retry of this job will fix.
     #[error("writing {path}: {message}")]
-    Io { path: String, message: String },
+    Io {
+        path: String,
+        message: String,
+        out_of_space: bool,
+    },
+}
+
+impl DownloadError {
+    /// The disk (or quota) is full: the run should stop rather than retry.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            DownloadError::Io {
+                out_of_space: true,
+                ..
+            }
+        )
+    }
 }
 
 /// Size and SHA-256 of a file written into place.
@@ -45,6 +64,7 @@ fn io_err(path: &Path, e: std::io::Error) -> DownloadError {
     DownloadError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
+        out_of_space: failpoint::is_out_of_space(&e),
     }
 }
 
@@ -113,7 +133,12 @@ pub async fn fetch(
                 )));
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).map_err(|e| io_err(&part, e))?;
+            failpoint::io("download-write")
+                .and_then(|()| file.write_all(&chunk))
+                .map_err(|e| io_err(&part, e))?;
+            if size == chunk.len() as u64 {
+                failpoint::hit("mid-download");
+            }
         }
         if let Some(len) = expected {
             if len != size {
@@ -134,6 +159,7 @@ pub async fn fetch(
         let _ = std::fs::remove_file(&part);
         return Err(e);
     }
+    failpoint::hit("before-rename");
     put_in_place(&part, dest)?;
     Ok(Written {
         size,
@@ -149,13 +175,16 @@ pub fn write_bytes(dest: &Path, data: &[u8]) -> Result<Written, DownloadError> {
     let part = part_path(dest);
     let result = (|| {
         let mut file = std::fs::File::create(&part)?;
+        failpoint::io("download-write")?;
         file.write_all(data)?;
+        failpoint::hit("mid-download");
         file.sync_all()
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&part);
         return Err(io_err(&part, e));
     }
+    failpoint::hit("before-rename");
     put_in_place(&part, dest)?;
     Ok(Written {
         size: data.len() as u64,
@@ -168,6 +197,7 @@ fn put_in_place(part: &Path, dest: &Path) -> Result<(), DownloadError> {
         let _ = std::fs::remove_file(part);
         io_err(dest, e)
     })?;
+    failpoint::hit("mid-rename");
     // Make the rename itself durable.
     if let Some(parent) = dest.parent() {
         if let Ok(dir) = std::fs::File::open(parent) {

@@ -11,6 +11,7 @@ pub mod cost;
 pub mod demo;
 pub mod download;
 pub mod engine;
+pub mod failpoint;
 pub mod intake;
 pub mod lock;
 pub mod manifest;

@@ -87,6 +87,16 @@ pub struct Store {
     spend: sled::Tree,
     versions: sled::Tree,
     group: Arc<GroupFlush>,
+    /// `<db>/pixbatch-jobs`: the number of jobs the database held at its last
+    /// blocking flush (jobs are never deleted), so an open can tell a log that sled
+    /// silently cut short after damage.
+    jobs_mark: Arc<std::path::PathBuf>,
+}
+
+const JOBS_MARK: &str = "pixbatch-jobs";
+
+fn read_jobs_mark(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Group commit: callers take a ticket after their writes; one flush covers every
@@ -101,18 +111,49 @@ struct GroupFlush {
 
 impl Store {
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store> {
+        let open_error = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        if path.is_file() {
+            return Err(open_error(
+                "is a file, not a database folder (--db names a folder)".into(),
+            ));
+        }
+        // sled writes `conf` first thing; a folder with files but without it is not a
+        // database, and sled would quietly start an empty one among those files.
+        let has_files = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some());
+        if has_files && !path.join("conf").exists() {
+            return Err(open_error(
+                "the folder holds files but no database (no sled `conf`); is --db right?".into(),
+            ));
+        }
+        let existed = path.join("conf").exists();
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(options.cache_bytes)
             .open()
-            .map_err(|e| StoreError::Open {
-                path: path.display().to_string(),
-                message: e.to_string(),
+            .map_err(|e| {
+                open_error(match e {
+                    sled::Error::Corruption { .. } => format!(
+                        "the database is corrupt ({e}); restore a copy or start again with another --db"
+                    ),
+                    e => e.to_string(),
+                })
             })?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
+            // sled takes a damaged log for a torn tail and quietly drops what follows
+            // the damage, everything at worst: a database that once had its format
+            // (written and flushed at creation) and has lost it lost its records too.
+            None if existed => {
+                return Err(open_error(
+                    "the database is damaged: sled recovered none of its records; restore a copy or start again with another --db".into(),
+                ));
+            }
             None => {
                 meta.insert("format", &[FORMAT_VERSION])?;
+                db.flush()?;
             }
             Some(v) => {
                 let found = v.first().copied().unwrap_or(0);
@@ -124,8 +165,9 @@ impl Store {
                 }
             }
         }
+        let jobs_mark = path.join(JOBS_MARK);
         let (done, _) = watch::channel((0, 0, None));
-        Ok(Store {
+        let store = Store {
             jobs: db.open_tree("jobs")?,
             index: db.open_tree("index")?,
             counts: db.open_tree("counts")?,
@@ -140,7 +182,17 @@ impl Store {
                 done,
                 started: std::sync::Once::new(),
             }),
-        })
+            jobs_mark: Arc::new(jobs_mark),
+        };
+        if let Some(marked) = read_jobs_mark(&store.jobs_mark) {
+            let held = store.total_jobs()?;
+            if held < marked {
+                return Err(open_error(format!(
+                    "the database is damaged: it holds {held} jobs but {marked} were enqueued into it (sled dropped the records after damage to its log); restore a copy or start again with another --db"
+                )));
+            }
+        }
+        Ok(store)
     }
 
     // ----- durability -------------------------------------------------------------
@@ -202,6 +254,13 @@ impl Store {
         self.db
             .flush()
             .map_err(|e| StoreError::Flush(e.to_string()))?;
+        let held = self.total_jobs()?;
+        if read_jobs_mark(&self.jobs_mark).is_none_or(|m| m < held) {
+            let part = self.jobs_mark.with_extension("part");
+            std::fs::write(&part, held.to_string())
+                .and_then(|()| std::fs::rename(&part, &*self.jobs_mark))
+                .map_err(|e| StoreError::Flush(format!("{}: {e}", self.jobs_mark.display())))?;
+        }
         Ok(())
     }
 
@@ -244,6 +303,8 @@ impl Store {
     /// Writes a job's new version, moving its index entry and state count in the
     /// same atomic transaction. Not yet durable: see [`Store::sync`].
     pub fn save(&self, job: &Job) -> Result<()> {
+        // Test hook: a full or failing disk under the database (see `failpoint`).
+        crate::failpoint::io("store-write").map_err(|e| StoreError::Sled(e.to_string()))?;
         let id = job.id().as_bytes().to_vec();
         let record = encode(job)?;
         let new_ikey = index_key(job);

@@ -44,6 +44,21 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Setup(String),
+    /// A step of this job could not write the database: the run stops.
+    #[error("job {job}: {source}{}", disk_full_hint(&source.to_string()))]
+    Job { job: String, source: StoreError },
+    /// A step asked the whole run to stop (the disk is full): the reason names the job.
+    #[error("{0}")]
+    Halted(String),
+}
+
+/// The next move, when a database error says the disk is full.
+fn disk_full_hint(message: &str) -> &'static str {
+    if message.contains("No space left on device") || message.contains("Disk quota exceeded") {
+        "; free some space and run again: the next run carries on"
+    } else {
+        ""
+    }
 }
 
 /// Counters shared by a run's lanes, for progress lines and the summary.
@@ -288,8 +303,11 @@ impl Engine {
         self.spend.load(&self.store, &self.lanes).await?;
         let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
         let wake = Arc::new(Notify::new());
-        let mut tasks: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut tasks: JoinSet<Result<(), EngineError>> = JoinSet::new();
         let mut interrupted = false;
+        // Set by a step that cannot go on (no space left): stop as on Ctrl-C, then fail.
+        let halt: Arc<Mutex<Option<String>>> = Arc::default();
+        let mut halted = None;
         let mut last_progress = 0u64;
         let mut last_prune = now_ms();
 
@@ -299,7 +317,7 @@ impl Engine {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tasks.abort_all();
-                        return Err(e.into());
+                        return Err(e);
                     }
                     Err(e) if e.is_panic() => {
                         tasks.abort_all();
@@ -309,6 +327,11 @@ impl Engine {
                 }
             }
             if *stop.borrow() != StopSignal::Run {
+                interrupted = true;
+                break;
+            }
+            if let Some(reason) = halt.lock().ok().and_then(|mut h| h.take()) {
+                halted = Some(reason);
                 interrupted = true;
                 break;
             }
@@ -394,6 +417,7 @@ impl Engine {
                         let out_dir = self.out_dir.clone();
                         let claimed = claimed.clone();
                         let wake = wake.clone();
+                        let halt = halt.clone();
                         let max_download_bytes = self.config.engine.max_download_bytes;
                         let spend = self.spend.clone();
                         tasks.spawn(async move {
@@ -403,8 +427,15 @@ impl Engine {
                                 out_dir: &out_dir,
                                 max_download_bytes,
                                 spend: &spend,
+                                halt: &halt,
                             };
-                            let result = step::run(&env, &id).await;
+                            let result =
+                                step::run(&env, &id)
+                                    .await
+                                    .map_err(|source| EngineError::Job {
+                                        job: id.clone(),
+                                        source,
+                                    });
                             if new_work {
                                 lane.starting.fetch_sub(1, Ordering::SeqCst);
                             }
@@ -470,7 +501,11 @@ impl Engine {
                 }
             }
         }
-        self.store.sync().await?;
+        let synced = self.store.sync().await;
+        if let Some(reason) = halted {
+            return Err(EngineError::Halted(reason));
+        }
+        synced?;
         if let Some(p) = &progress {
             p.update(&self.progress(started)?);
         }

@@ -34,6 +34,20 @@ pub(crate) struct StepEnv<'a> {
     pub out_dir: &'a Path,
     pub max_download_bytes: u64,
     pub spend: &'a crate::engine::spend::SpendGate,
+    /// Where a step that cannot go on (no space left) asks the run to stop.
+    pub halt: &'a std::sync::Mutex<Option<String>>,
+}
+
+/// The disk is full: retrying only spins, so ask the run to stop with the reason.
+fn halt_out_of_space(env: &StepEnv<'_>, job: &Job, error: &DownloadError) {
+    let reason = format!(
+        "job {}: the disk is full: {error}; free some space and run again: the next run carries on",
+        job.id()
+    );
+    tracing::error!("{reason}");
+    if let Ok(mut h) = env.halt.lock() {
+        h.get_or_insert(reason);
+    }
 }
 
 /// Which part of the life an error happened in: it decides where the job goes.
@@ -161,7 +175,11 @@ async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), Store
 }
 
 async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
+    crate::failpoint::hit("after-submit-intent");
     let outcome = env.lane.adapter.submit(&env.lane.api, &context(&job)).await;
+    if outcome.is_ok() {
+        crate::failpoint::hit("after-submit-sent");
+    }
     match outcome {
         Ok(SubmitOutcome::Accepted {
             remote_id,
@@ -222,6 +240,9 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                 }
             }
             if let Some(e) = write_error {
+                if e.is_out_of_space() {
+                    halt_out_of_space(env, &job, &e);
+                }
                 // The answer was paid for and is gone: only a new submission brings it back.
                 return lose_remote(env, job, &format!("could not write the result: {e}"), true)
                     .await;
@@ -448,6 +469,15 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                     sha256: w.sha256,
                 });
                 save(env, &mut job)?;
+            }
+            Err(e) if e.is_out_of_space() => {
+                // Not the job's fault, and no retry will fix it: keep the job where
+                // it is (the next run downloads again) and stop the run.
+                halt_out_of_space(env, &job, &e);
+                event(env, &job, EventKind::Retry, e.to_string())?;
+                job.error = Some(e.to_string());
+                job.due_ms = now_ms();
+                return save(env, &mut job);
             }
             Err(e) => {
                 let err = match e {

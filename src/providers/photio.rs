@@ -267,7 +267,7 @@ impl Provider for Photio {
         let response = api.send(RequestKind::Submit, request).await?;
         if !response.status().is_success() {
             let status = response.status();
-            let body = util::read_prefix(response, 64 * 1024).await;
+            let body = util::read_error_body(response, 64 * 1024).await?;
             // Error answers may carry the usual `{"status_code", "body": "<message>"}`.
             let mut e = match serde_json::from_slice::<Value>(&body) {
                 Ok(v @ Value::Object(_)) if matches!(v.get("body"), Some(Value::String(_))) => {

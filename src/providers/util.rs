@@ -890,8 +890,40 @@ pub fn classify_http_error(kind: RequestKind, status: StatusCode, body: &[u8]) -
 /// Reads (a bounded prefix of) an error answer and classifies it.
 pub async fn http_error(kind: RequestKind, response: Response) -> ProviderError {
     let status = response.status();
-    let body = read_prefix(response, 64 * 1024).await;
-    classify_http_error(kind, status, &body)
+    match read_error_body(response, 64 * 1024).await {
+        Ok(body) => classify_http_error(kind, status, &body),
+        Err(e) => e,
+    }
+}
+
+/// At most `limit` bytes of an error answer's body. A body that breaks off (or
+/// stalls) is an incomplete answer: its status refused the request, but whether for
+/// good cannot be told without the reason, so it is a transient error, never a
+/// permanent failure of the job (found by the soak: a reset in the middle of
+/// Perfect's "InvalidTaskId" answer failed the job with a bare "HTTP 400").
+pub async fn read_error_body(response: Response, limit: usize) -> Result<Vec<u8>, ProviderError> {
+    let status = response.status();
+    let mut out = Vec::new();
+    let mut stream = response.bytes_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            let room = limit.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let cut = match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(())) => return Ok(out),
+        Ok(Err(e)) => e,
+        Err(_) => "no more of it within 10 s".to_string(),
+    };
+    Err(ProviderError::transient(format!(
+        "HTTP {status} answer cut off before its reason ({cut})"
+    )))
 }
 
 /// At most `limit` bytes of a body, within a few seconds; whatever arrived on error.
@@ -1232,5 +1264,43 @@ mod tests {
         assert_eq!(suggest("zzzzzz", &["output_width"]), None);
         assert_eq!(redact_url("https://h/p?X-Amz-Signature=s"), "https://h/p?…");
         assert_eq!(fold_operation(" Enhance_Gen "), "enhance-gen");
+    }
+}
+
+#[cfg(test)]
+mod cut_answers {
+    use super::*;
+
+    fn answer(status: u16, parts: Vec<std::io::Result<&'static [u8]>>) -> Response {
+        let stream = futures_util::stream::iter(
+            parts
+                .into_iter()
+                .map(|p| p.map(Bytes::from_static))
+                .collect::<Vec<_>>(),
+        );
+        let http = axum::http::Response::builder()
+            .status(status)
+            .body(reqwest::Body::wrap_stream(stream))
+            .unwrap();
+        Response::from(http)
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_cut_off_is_transient_not_a_refusal() {
+        let whole = answer(400, vec![Ok(br#"{"error":"bad size"}"#)]);
+        let e = http_error(RequestKind::Submit, whole).await;
+        assert!(
+            matches!(&e, ProviderError::Permanent(r) if r.contains("bad size")),
+            "{e:?}"
+        );
+        let cut = answer(
+            400,
+            vec![Ok(br#"{"error_co"#), Err(std::io::Error::other("reset"))],
+        );
+        let e = http_error(RequestKind::Submit, cut).await;
+        assert!(
+            matches!(&e, ProviderError::Transient { reason, .. } if reason.contains("cut off")),
+            "{e:?}"
+        );
     }
 }

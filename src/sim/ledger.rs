@@ -46,6 +46,10 @@ pub struct LedgerEntry {
     pub retry_after_s: Option<u64>,
     /// SHA-256 (hex) of the full image this request served or would have served.
     pub output_sha256: Option<String>,
+    /// This answer told the client its task was dropped for not being polled in time
+    /// (Perfect's keep-alive); recorded on the first answer after the drop.
+    #[serde(default)]
+    pub dropped: bool,
 }
 
 /// `GET /_sim/stats`.
@@ -59,6 +63,9 @@ pub struct Stats {
     pub charges: BTreeMap<String, u64>,
     /// Injected faults by name (`429`, `5xx`, `slow`, `reset`, `truncate`).
     pub faults: BTreeMap<String, u64>,
+    /// Tasks dropped for want of a poll, per provider (Perfect only).
+    #[serde(default)]
+    pub dropped_tasks: BTreeMap<String, u64>,
 }
 
 pub(crate) const FAULT_NAMES: [&str; 5] = ["429", "5xx", "slow", "reset", "truncate"];
@@ -121,6 +128,9 @@ impl Ledger {
             }
             if let Some(f) = &e.fault {
                 *s.faults.entry(f.clone()).or_default() += 1;
+            }
+            if e.dropped {
+                *s.dropped_tasks.entry(e.provider.clone()).or_default() += 1;
             }
         }
         s

@@ -696,6 +696,7 @@ pub(crate) struct ReplyInner {
     pub(crate) remote_id: Option<String>,
     pub(crate) request_key: Option<String>,
     pub(crate) output_sha256: Option<String>,
+    pub(crate) dropped: bool,
 }
 
 impl Reply {
@@ -712,6 +713,7 @@ impl Reply {
             remote_id: None,
             request_key: None,
             output_sha256: None,
+            dropped: false,
         }))
     }
 
@@ -730,6 +732,12 @@ impl Reply {
         if let Ok(v) = HeaderValue::from_str(value) {
             self.headers.insert(name, v);
         }
+        self
+    }
+
+    /// The answer reports a task dropped for want of a poll (ledger `dropped`).
+    pub(crate) fn dropped(mut self) -> Self {
+        self.0.dropped = true;
         self
     }
 
@@ -940,6 +948,7 @@ async fn pipeline(s: Arc<Shared>, provider: Provider, req: Request) -> Response 
         fault: None,
         retry_after_s: None,
         output_sha256: None,
+        dropped: false,
     };
     let ctx = Ctx {
         arrived,
@@ -1015,6 +1024,7 @@ async fn deliver(
         entry.request_key = reply.request_key.clone();
     }
     entry.output_sha256 = reply.output_sha256.clone();
+    entry.dropped = reply.dropped;
     let fault = match fault {
         Some(Fault::Truncate)
             if !(reply.status.is_success()

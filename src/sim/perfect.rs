@@ -1052,17 +1052,20 @@ fn status(s: &Shared, req: &Request) -> Reply {
     };
     let key = Some(t.ledger_key.clone());
     // Dropped if, while it was still running, the client went quiet for too long.
+    let mut just_dropped = false;
     if !t.dropped && t.last_contact + keep_alive < now.min(t.finish_at) {
         t.dropped = true;
+        just_dropped = true;
     }
     if t.dropped {
-        return err(
+        let reply = err(
             StatusCode::BAD_REQUEST,
             "InvalidTaskId",
             "the task was dropped: not polled in time",
         )
         .remote(&task_id)
         .key(key);
+        return if just_dropped { reply.dropped() } else { reply };
     }
     t.last_contact = now;
     let interval = polling_interval_ms(s);

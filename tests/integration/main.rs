@@ -14,3 +14,5 @@ mod ops;
 mod perfect;
 mod report_html;
 mod secrets;
+mod soak;
+mod storage;

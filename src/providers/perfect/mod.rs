@@ -330,7 +330,7 @@ impl Perfect {
                 return Err(self.error_of(kind, status, &body));
             }
             if !status.is_success() {
-                let body = util::read_prefix(response, 64 * 1024).await;
+                let body = util::read_error_body(response, 64 * 1024).await?;
                 return Err(self.error_of(kind, status, &body));
             }
             let v: Value = Api::read_json(kind, response, MAX_SMALL_JSON).await?;
