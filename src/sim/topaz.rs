@@ -1023,8 +1023,10 @@ mod tests {
 
     #[tokio::test]
     async fn async_full_cycle() {
+        // Long enough that a loaded machine (a status answer can take 200 ms when
+        // every core is busy) still sees each of the three statuses.
         let (h, base) = start(SimConfig {
-            task_duration: Duration::from_millis(300),
+            task_duration: Duration::from_millis(1500),
             ..config()
         })
         .await;
