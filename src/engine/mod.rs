@@ -9,6 +9,7 @@
 //! falls due. Nothing here knows a provider's details; the lane holds the adapter,
 //! its `Api` and its rate-limit gate.
 
+pub mod cancel;
 pub mod limiter;
 pub mod retry;
 mod step;
@@ -171,6 +172,9 @@ pub struct Engine {
     config: Config,
     lanes: BTreeMap<ProviderKind, Arc<Lane>>,
     stats: Arc<RunStats>,
+    /// Jobs a step (or a cancel) is working on; shared with [`cancel::Canceller`].
+    claimed: Arc<Mutex<HashSet<String>>>,
+    wake: Arc<Notify>,
 }
 
 impl Engine {
@@ -241,7 +245,19 @@ impl Engine {
             config,
             lanes,
             stats,
+            claimed: Arc::default(),
+            wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// Cancels jobs while this engine runs (the control socket's `cancel`).
+    pub fn canceller(&self) -> cancel::Canceller {
+        cancel::Canceller {
+            store: self.store.clone(),
+            lanes: self.lanes.clone(),
+            claimed: self.claimed.clone(),
+            wake: self.wake.clone(),
+        }
     }
 
     pub fn stats(&self) -> Arc<RunStats> {
@@ -263,8 +279,8 @@ impl Engine {
             authenticate(lane).await?;
             self.check_balance(lane).await?;
         }
-        let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let wake = Arc::new(Notify::new());
+        let claimed = self.claimed.clone();
+        let wake = self.wake.clone();
         let mut tasks: JoinSet<Result<(), StoreError>> = JoinSet::new();
         let mut interrupted = false;
         let mut last_progress = 0u64;

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod answers;
 mod crash;
 mod demo;
 mod dzine;

@@ -626,6 +626,31 @@ pub fn parse_status(
     }
 }
 
+/// A refused upload to the presigned storage. Always worth another try (a new slot
+/// is asked for), and a "slow down" (429, or S3's 503 `SlowDown`) is the storage's
+/// wait, not the job's failure: it uses up no attempt.
+pub fn upload_refusal(
+    role: &str,
+    url: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> ProviderError {
+    let reason = format!(
+        "perfect: uploading the {role} to {} answered HTTP {status}: {}",
+        util::redact_url(url),
+        excerpt(body)
+    );
+    let slow_down = status == StatusCode::TOO_MANY_REQUESTS
+        || (status == StatusCode::SERVICE_UNAVAILABLE
+            && String::from_utf8_lossy(body).contains("SlowDown"));
+    ProviderError::Transient {
+        reason,
+        retry_after,
+        rate_limited: slow_down,
+    }
+}
+
 /// The image extension a result URL's path ends with, if it is one we know.
 fn ext_of_url(url: &str) -> Option<&'static str> {
     let path = url.split(['?', '#']).next()?;
@@ -764,13 +789,15 @@ impl Provider for Perfect {
                 })?;
             if !response.status().is_success() {
                 let status = response.status();
+                let retry_after = crate::api::retry_after(&response);
                 let body = util::read_prefix(response, 4096).await;
-                return Err(ProviderError::transient(format!(
-                    "perfect: uploading the {} to {} answered HTTP {status}: {}",
+                return Err(upload_refusal(
                     role.name,
-                    util::redact_url(&slot.url),
-                    excerpt(&body)
-                )));
+                    &slot.url,
+                    status,
+                    retry_after,
+                    &body,
+                ));
             }
             refs.push((role.ref_key.to_string(), slot.file_id));
         }
