@@ -561,6 +561,7 @@ pub fn http_client(pc: &ProviderConfig) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
         .read_timeout(pc.timeout)
+        .redirect(crate::download::redirect_policy())
         .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("{}: HTTP client: {e}", pc.kind))

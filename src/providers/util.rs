@@ -367,11 +367,25 @@ async fn fetch_url(
     Ok(Bytes::from(out))
 }
 
-/// A URL without its query string (presigned URLs carry credentials there).
+/// A URL without what may be a credential: the query string (presigned URLs carry
+/// their signature there), a user name and password, and the fragment.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?…"),
-        None => url.to_string(),
+    let (base, had_query) = match url.split_once(['?', '#']) {
+        Some((base, _)) => (base, true),
+        None => (url, false),
+    };
+    let base = match url::Url::parse(base) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => base.to_string(),
+    };
+    if had_query {
+        format!("{base}?…")
+    } else {
+        base
     }
 }
 
