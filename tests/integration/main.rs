@@ -12,3 +12,4 @@ mod limits;
 mod manifest;
 mod perfect;
 mod secrets;
+mod security;
