@@ -10,6 +10,8 @@ pub mod control;
 pub mod demo;
 pub mod download;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intake;
 pub mod lock;
 pub mod manifest;

@@ -901,6 +901,21 @@ pub fn classify_http_error(kind: RequestKind, status: StatusCode, body: &[u8]) -
     }
 }
 
+/// Parses a JSON answer body, as [`Api::read_json`] does, for the adapters' pure
+/// readers (bytes in, a result out: what the property tests and fuzz targets drive).
+pub fn parse_json(
+    kind: RequestKind,
+    status: StatusCode,
+    body: &[u8],
+) -> Result<Value, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ProviderError::bad_answer(
+            kind,
+            format!("unexpected answer (HTTP {status}): {e}: {}", excerpt(body)),
+        )
+    })
+}
+
 /// Reads (a bounded prefix of) an error answer and classifies it.
 pub async fn http_error(kind: RequestKind, response: Response) -> ProviderError {
     let status = response.status();
