@@ -555,14 +555,14 @@ pub fn read_envelope(status: StatusCode, body: &[u8]) -> Result<Envelope, String
         .as_ref()
         .and_then(|v| v.get("msg"))
         .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .map(|m| excerpt(m.as_bytes()));
+        .map(|m| excerpt(m.as_bytes()).trim().to_string())
+        .filter(|m| !m.is_empty());
     if !status.is_success() {
         let msg = msg
             .or_else(|| util::error_message(body))
             .unwrap_or_else(|| {
-                let e = excerpt(body);
+                // A body of blanks and control characters says nothing: name the status.
+                let e = excerpt(body).trim().to_string();
                 if e.is_empty() {
                     status.canonical_reason().unwrap_or("error").to_string()
                 } else {
@@ -714,7 +714,9 @@ pub fn parse_progress(data: &Value, fallback_ext: &str) -> Result<PollOutcome, S
                 .iter()
                 .filter_map(Value::as_str)
                 .map(str::trim)
-                .filter(|u| !u.is_empty())
+                // Empty slots were not asked for; anything but an http(s) link cannot
+                // be fetched (and is not fetched: downloads take http(s) only).
+                .filter(|u| util::is_url(u))
                 .map(|url| PendingOutput::Url {
                     url: url.to_string(),
                     ext: ext_of_url(url).unwrap_or(fallback_ext).to_string(),
@@ -722,7 +724,8 @@ pub fn parse_progress(data: &Value, fallback_ext: &str) -> Result<PollOutcome, S
                 .collect();
             if outputs.is_empty() {
                 PollOutcome::Failed {
-                    reason: "dzine reported success but every result slot is empty".into(),
+                    reason: "dzine reported success but no result slot holds an http(s) link"
+                        .into(),
                     permanent: true,
                 }
             } else {
@@ -1559,6 +1562,22 @@ mod tests {
             requests_per_job(&spec("txt2img", &[], Some("x"), json!({}))),
             6
         );
+    }
+
+    /// Found by the `dzine` fuzz target: an error status whose body is only blanks
+    /// and control characters gave a message of one space.
+    #[test]
+    fn blank_error_bodies_and_messages_name_the_status() {
+        for body in [&b"\0\0 \0\0\0\0"[..], b"   ", b"\x01\x02"] {
+            match read_envelope(StatusCode::BAD_GATEWAY, body) {
+                Ok(Envelope::Refused { code: 502, msg }) => assert_eq!(msg, "Bad Gateway"),
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+        match read_envelope(StatusCode::OK, br#"{"code":500,"msg":"\u0001 "}"#) {
+            Ok(Envelope::Refused { code: 500, msg }) => assert_eq!(msg, "error code 500"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
