@@ -383,19 +383,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
+/// Whether `url` names this machine (127.0.0.0/8, ::1, `localhost`): the only hosts
+/// plain http may go to. A name that merely starts with one (`127.0.0.1.example.com`,
+/// `localhost.example.com`) is not.
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
 /// Plain http only to loopback: credentials must not cross a network in clear.
 pub fn check_base_url(base: &str) -> Result<(), String> {
     let url = url::Url::parse(base).map_err(|e| format!("base URL {base:?} is not a URL: {e}"))?;
     match url.scheme() {
         "https" => Ok(()),
         "http" => {
-            let loopback = match url.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-                None => false,
-            };
-            if loopback {
+            if is_loopback(&url) {
                 Ok(())
             } else {
                 Err(format!(
@@ -470,8 +476,34 @@ concurrency = 2
         assert!(check_base_url("http://api.topazlabs.com/image/v1").is_err());
         assert!(check_base_url("http://10.0.0.1/x").is_err());
         assert!(check_base_url("ftp://127.0.0.1/x").is_err());
+        // Names that only look local, and other schemes.
+        for bad in [
+            "http://127.0.0.1.nip.io/x",
+            "http://localhost.example.com/x",
+            "http://example.com/127.0.0.1",
+            "http://169.254.169.254/latest",
+            "http://[::ffff:10.0.0.1]/x",
+            "file:///etc/passwd",
+            "ws://127.0.0.1/x",
+            "127.0.0.1:8080/x",
+            "",
+        ] {
+            assert!(check_base_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_base_url("http://LOCALHOST:9/x").is_ok());
+        assert!(check_base_url("http://127.8.9.10/x").is_ok());
+        // The environment variable and the file are both checked, naming the culprit.
         let env = |k: &str| (k == "PIXBATCH_PHOTIO_URL").then(|| "http://example.com".to_string());
         assert!(Config::load(None, &env).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[providers.dzine]\nbase_url = \"http://dzine.example/openapi/v1\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&path), &no_env).unwrap_err().to_string();
+        assert!(e.contains("dzine.example") && e.contains("https"), "{e}");
     }
 
     #[test]

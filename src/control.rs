@@ -3,6 +3,11 @@
 //! `status`, `list`, `show` and `report` from another terminal ask the run instead
 //! of opening it. One JSON `Query` line in, JSON answer lines out, then the
 //! connection closes; an error is a line `{"error": "..."}`.
+//!
+//! `cancel` is the one query that changes jobs: the run cancels them itself (see
+//! `engine::cancel`), since no other process may write its database. Only the user
+//! the run belongs to is answered (the peer's uid is checked), on top of the
+//! socket's mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +15,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::engine::cancel::Canceller;
 use crate::query::{self, LiveInfo, Query, QueryError};
 use crate::store::Store;
 
@@ -27,11 +33,12 @@ impl Drop for ControlServer {
 }
 
 /// Starts answering at `path`. `live` is called for each `status` to add the run's
-/// own figures.
+/// own figures; `canceller` answers `cancel` (without one, `cancel` is refused).
 pub fn serve(
     path: &Path,
     store: Store,
     live: Arc<dyn Fn() -> LiveInfo + Send + Sync>,
+    canceller: Option<Canceller>,
 ) -> std::io::Result<ControlServer> {
     // A socket left by a killed run is stale: we hold the database lock, so no one
     // else is serving it.
@@ -46,10 +53,15 @@ pub fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            if !same_user(&stream) {
+                tracing::warn!("control socket: refused a connection from another user");
+                continue;
+            }
             let store = store.clone();
             let live = live.clone();
+            let canceller = canceller.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, store, live).await {
+                if let Err(e) = handle(stream, store, live, canceller).await {
                     tracing::debug!("control connection: {e}");
                 }
             });
@@ -61,10 +73,18 @@ pub fn serve(
     })
 }
 
+/// Whether the peer runs as the user this process runs as.
+fn same_user(stream: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    stream.peer_cred().is_ok_and(|c| c.uid() == me)
+}
+
 async fn handle(
     stream: UnixStream,
     store: Store,
     live: Arc<dyn Fn() -> LiveInfo + Send + Sync>,
+    canceller: Option<Canceller>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -79,6 +99,24 @@ async fn handle(
             return Ok(());
         }
     };
+    if let Query::Cancel { ids } = &query {
+        // One answer per job, a failure included, so one busy job does not hide
+        // what happened to the others.
+        for id in ids {
+            let answer = match &canceller {
+                Some(c) => c.cancel(id).await,
+                None => Err("this process does not cancel jobs".to_string()),
+            };
+            let answer = answer.unwrap_or_else(|message| query::CancelAnswer {
+                id: id.clone(),
+                cancelled: false,
+                message,
+            });
+            let line = serde_json::to_string(&answer)?;
+            write.write_all(format!("{line}\n").as_bytes()).await?;
+        }
+        return write.shutdown().await;
+    }
     let info = matches!(query, Query::Status).then(|| live());
     // The store is synchronous; answer on a blocking thread and stream lines back.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);

@@ -86,18 +86,28 @@ pub async fn fetch(
     max_bytes: u64,
     received: &(dyn Fn(u64) + Sync),
 ) -> Result<Written, DownloadError> {
+    let shown = crate::providers::util::redact_url(url);
     let parsed =
-        url::Url::parse(url).map_err(|e| DownloadError::BadUrl(format!("{url:?}: {e}")))?;
+        url::Url::parse(url).map_err(|e| DownloadError::BadUrl(format!("{shown}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(DownloadError::BadUrl(format!(
-            "{url:?}: only http(s) URLs are fetched"
+            "{shown}: only http(s) URLs are fetched"
         )));
     }
-    let response = client
-        .get(parsed)
-        .send()
-        .await
-        .map_err(|e| DownloadError::Interrupted(error_chain(&e)))?;
+    // Every provider documents https result links; a plain one to another machine
+    // could be altered on the way (as the provider URLs, only loopback may be http).
+    if parsed.scheme() == "http" && !crate::config::is_loopback(&parsed) {
+        return Err(DownloadError::BadUrl(format!(
+            "{shown}: plain http to a host that is not loopback; result links must be https"
+        )));
+    }
+    let response = client.get(parsed).send().await.map_err(|e| {
+        if e.is_redirect() {
+            DownloadError::BadUrl(format!("{shown}: {}", error_chain(&e)))
+        } else {
+            DownloadError::Interrupted(error_chain(&e))
+        }
+    })?;
     let status = response.status();
     if !status.is_success() {
         return Err(DownloadError::Status {
@@ -164,6 +174,33 @@ pub async fn fetch(
     Ok(Written {
         size,
         sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+/// How the HTTP clients follow redirects: at most 10, and never to plain http on
+/// another machine from https or from loopback (that would undo the https-only rule
+/// for result links and provider URLs behind the caller's back).
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        // A chain that began on plain http to another machine (an input URL the user
+        // gave) may go on so; one that began on https or on loopback may not.
+        let began_plain_remote = attempt
+            .previous()
+            .first()
+            .is_some_and(|u| u.scheme() == "http" && !crate::config::is_loopback(u));
+        let downgrade = attempt.url().scheme() == "http"
+            && !crate::config::is_loopback(attempt.url())
+            && !began_plain_remote;
+        if downgrade {
+            let to = crate::providers::util::redact_url(attempt.url().as_str());
+            attempt.error(format!(
+                "refusing a redirect from https to plain http ({to})"
+            ))
+        } else if attempt.previous().len() >= 10 {
+            attempt.error("more than 10 redirects")
+        } else {
+            attempt.follow()
+        }
     })
 }
 
@@ -255,7 +292,18 @@ pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &st
             (p.parent().map(Path::to_path_buf).unwrap_or_default(), stem)
         }
     };
-    let ext = sanitize_component(ext.trim_start_matches('.'));
+    // An extension comes from the provider's answer: keep it short and plain.
+    let ext: String = ext
+        .trim_start_matches('.')
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect();
+    let ext = if ext.is_empty() {
+        "bin".to_string()
+    } else {
+        ext
+    };
     let name = if count > 1 {
         format!("{stem}_{index}.{ext}")
     } else {
@@ -277,17 +325,46 @@ fn safe_relative(s: &str) -> PathBuf {
     out
 }
 
+/// The longest file or folder name written, in bytes: below the 255 of common file
+/// systems, with room for the `_<index>.<ext>` and `.part` suffixes.
+pub const MAX_NAME_BYTES: usize = 200;
+
+/// One path component made safe: no separators or control characters, never `.` or
+/// `..`, never a name Windows reserves (the folder may be shared with Windows), and
+/// at most [`MAX_NAME_BYTES`]: a longer name keeps its start and ends with a hash of
+/// the whole, so two long names stay two files and a rerun finds the same one.
 fn sanitize_component(s: &str) -> String {
     let cleaned: String = s
         .chars()
         .filter(|c| !c.is_control() && *c != '/' && *c != '\\')
-        .take(200)
         .collect();
     if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
-        "_".into()
+        return "_".into();
+    }
+    let cleaned = if is_windows_reserved(&cleaned) {
+        format!("_{cleaned}")
     } else {
         cleaned
+    };
+    if cleaned.len() <= MAX_NAME_BYTES {
+        return cleaned;
     }
+    let hash = hex::encode(&Sha256::digest(s.as_bytes())[..8]);
+    let mut cut = MAX_NAME_BYTES - hash.len() - 1;
+    while !cleaned.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{hash}", &cleaned[..cut])
+}
+
+/// `CON`, `PRN`, `AUX`, `NUL`, `COM1`…`COM9`, `LPT1`…`LPT9`, with any extension.
+fn is_windows_reserved(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name).trim_end();
+    let upper = stem.to_ascii_uppercase();
+    matches!(upper.as_str(), "CON" | "PRN" | "AUX" | "NUL")
+        || ((upper.starts_with("COM") || upper.starts_with("LPT"))
+            && upper.len() == 4
+            && matches!(upper.as_bytes()[3], b'1'..=b'9'))
 }
 
 #[cfg(test)]
@@ -342,6 +419,271 @@ mod tests {
         }
         let p = output_relative_path(&spec("..", None), 0, 1, "../x");
         assert_eq!(p.components().count(), 1, "{p:?}");
+    }
+
+    /// Lexically inside the folder: relative, only normal components, each a name a
+    /// file system takes, with no NUL or control character.
+    fn assert_contained(p: &Path, what: &str) {
+        assert!(p.is_relative(), "{what}: {p:?}");
+        assert!(p.components().count() >= 1, "{what}: {p:?}");
+        for c in p.components() {
+            let Component::Normal(name) = c else {
+                panic!("{what}: {p:?} has the component {c:?}");
+            };
+            let name = name.to_string_lossy();
+            assert!(name.len() <= 255, "{what}: a {}-byte name", name.len());
+            assert!(name != "." && name != "..", "{what}: {p:?}");
+            assert!(!name.chars().any(char::is_control), "{what}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn long_names_are_shortened_with_a_hash_and_stay_distinct() {
+        let long_a = "a".repeat(300);
+        let long_b = format!("{}b", "a".repeat(299));
+        let pa = output_relative_path(&spec("x", Some(&long_a)), 0, 1, "png");
+        let pb = output_relative_path(&spec("x", Some(&long_b)), 0, 1, "png");
+        assert_contained(&pa, "long a");
+        assert_contained(&pb, "long b");
+        assert_ne!(pa, pb, "two long names must not collide");
+        // Stable: a rerun finds the same file.
+        assert_eq!(
+            pa,
+            output_relative_path(&spec("x", Some(&long_a)), 0, 1, "png")
+        );
+        // Multi-byte characters are cut on a character boundary.
+        let wide = "é".repeat(200) + "/" + &"日".repeat(150);
+        let p = output_relative_path(&spec("x", Some(&wide)), 3, 5, "webp");
+        assert_contained(&p, "wide");
+        assert_eq!(p.components().count(), 2);
+        assert!(p.to_string_lossy().ends_with("_3.webp"), "{p:?}");
+        // A 255-byte single name still has room for its suffixes.
+        let p = output_relative_path(&spec("x", Some(&"z".repeat(255))), 12, 20, "jpeg");
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.len() + ".part".len() <= 255, "{name}");
+    }
+
+    #[test]
+    fn windows_reserved_names_are_prefixed() {
+        for (out, want) in [
+            ("CON", "_CON.png"),
+            ("x/nul", "x/_nul.png"),
+            ("com1.tar", "_com1.tar.png"),
+            ("LPT9", "_LPT9.png"),
+            ("COM0", "COM0.png"),
+            ("console", "console.png"),
+            ("aux/", "_aux/j.png"),
+        ] {
+            assert_eq!(
+                output_relative_path(&spec("j", Some(out)), 0, 1, "png"),
+                PathBuf::from(want),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_extensions_are_reduced_to_plain_ones() {
+        for (ext, want) in [
+            ("../../x", "x"),
+            ("", "bin"),
+            (".jpg", "jpg"),
+            ("p/n\\g", "png"),
+            ("\0", "bin"),
+            ("j\0pg", "jpg"),
+        ] {
+            assert_eq!(
+                output_relative_path(&spec("j", None), 0, 1, ext),
+                PathBuf::from(format!("j.{want}")),
+                "{ext:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Whatever the id, output and extension (the manifest's checks aside), the
+        /// path stays inside the output folder and every name is one a file system
+        /// takes.
+        #[test]
+        fn no_output_path_leaves_the_folder(
+            id in "(\\PC|[./\\\\\0:]){0,300}",
+            output in proptest::option::of("(\\PC|[./\\\\\0:~]|\\.\\.|/){0,400}"),
+            ext in "(\\PC|[./\\\\\0]){0,40}",
+            index in 0usize..100,
+            count in 1usize..100,
+        ) {
+            let p = output_relative_path(&spec(&id, output.as_deref()), index, count, &ext);
+            assert_contained(&p, &format!("{id:?} {output:?} {ext:?}"));
+            let out = Path::new("/srv/out");
+            proptest::prop_assert!(out.join(&p).starts_with(out));
+        }
+    }
+
+    /// A loopback server answering each connection with the next raw response.
+    async fn raw_server(responses: Vec<Vec<u8>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for response in responses {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = sock.write_all(&response).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn answer(headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 200 OK\r\n{headers}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn chunked(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in body.chunks(700) {
+            out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(redirect_policy())
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap()
+    }
+
+    fn nothing_left(dir: &Path) {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// The cap holds however the server announces the body: chunked, delimited by the
+    /// connection's end, announced too large, or announced smaller than it is; the
+    /// partial file is removed and the error says why.
+    #[tokio::test]
+    async fn the_size_cap_holds_whatever_the_length_header_says() {
+        let big = vec![7u8; 5000];
+        let cap = 1000;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "chunked",
+                answer("Transfer-Encoding: chunked\r\n", &chunked(&big)),
+            ),
+            ("until close", answer("Connection: close\r\n", &big)),
+            (
+                "announced too large",
+                answer("Content-Length: 5000\r\n", &big),
+            ),
+        ];
+        for (what, response) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("r.png");
+            let base = raw_server(vec![response]).await;
+            let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, DownloadError::TooLarge(m) if m.contains("1000-byte limit")),
+                "{what}: {e}"
+            );
+            nothing_left(dir.path());
+        }
+
+        // Announced smaller than sent: only the announced bytes are read.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.png");
+        let base = raw_server(vec![answer("Content-Length: 10\r\n", &big)]).await;
+        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+            .await
+            .unwrap();
+        assert_eq!(w.size, 10);
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 10);
+
+        // Announced larger than sent: cut off, nothing kept.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.png");
+        let base = raw_server(vec![answer("Content-Length: 900\r\n", &big[..300])]).await;
+        let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DownloadError::Interrupted(_)), "{e}");
+        nothing_left(dir.path());
+
+        // Exactly the cap is fine.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.png");
+        let base = raw_server(vec![answer(
+            "Transfer-Encoding: chunked\r\n",
+            &chunked(&big[..1000]),
+        )])
+        .await;
+        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+            .await
+            .unwrap();
+        assert_eq!(w.size, 1000);
+    }
+
+    #[tokio::test]
+    async fn only_https_or_loopback_http_is_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.png");
+        for url in [
+            "file:///etc/passwd",
+            "ftp://127.0.0.1/x.png",
+            "data:image/png;base64,AAAA",
+            "not a url",
+            "//example.com/x.png",
+            "http://192.0.2.1/x.png?X-Amz-Signature=secret-sig",
+            "http://user:hunter2@example.com/x.png",
+            "http://127.0.0.1.nip.io/x.png",
+        ] {
+            let e = fetch(&client(), url, &dest, 1000).await.unwrap_err();
+            assert!(matches!(e, DownloadError::BadUrl(_)), "{url}: {e}");
+            let msg = e.to_string();
+            assert!(
+                !msg.contains("secret-sig") && !msg.contains("hunter2"),
+                "{msg}"
+            );
+        }
+        nothing_left(dir.path());
+
+        // A redirect from loopback to plain http elsewhere is refused before any
+        // connection is made (192.0.2.1 is a documentation address: it would hang).
+        let base = raw_server(vec![
+            b"HTTP/1.1 302 Found\r\nLocation: http://192.0.2.1/x.png\r\nContent-Length: 0\r\n\r\n"
+                .to_vec(),
+        ])
+        .await;
+        let e = fetch(&client(), &format!("{base}/r.png"), &dest, 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, DownloadError::BadUrl(m) if m.contains("refusing a redirect")),
+            "{e}"
+        );
+        nothing_left(dir.path());
     }
 
     #[test]

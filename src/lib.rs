@@ -12,6 +12,8 @@ pub mod demo;
 pub mod download;
 pub mod engine;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intake;
 pub mod lock;
 pub mod manifest;

@@ -125,7 +125,14 @@ pub fn detect_format(path: &Path) -> Result<ManifestFormat, ManifestError> {
         return Ok(ManifestFormat::Csv);
     }
     let first = first_non_ws_byte(path)?;
-    Ok(match (ext.as_deref(), first) {
+    Ok(format_for(ext.as_deref(), first))
+}
+
+/// The format for a (lower-case) extension and the first byte that is not
+/// whitespace (after a BOM).
+fn format_for(ext: Option<&str>, first: Option<u8>) -> ManifestFormat {
+    match (ext, first) {
+        (Some("csv"), _) => ManifestFormat::Csv,
         (Some("json"), Some(b'{')) => ManifestFormat::JsonLines,
         (Some("json"), _) => ManifestFormat::JsonArray,
         (Some("jsonl" | "ndjson"), Some(b'[')) => ManifestFormat::JsonArray,
@@ -133,7 +140,67 @@ pub fn detect_format(path: &Path) -> Result<ManifestFormat, ManifestError> {
         (_, Some(b'[')) => ManifestFormat::JsonArray,
         (_, Some(b'{')) => ManifestFormat::JsonLines,
         _ => ManifestFormat::Csv,
-    })
+    }
+}
+
+/// [`read_manifest`] of a manifest held in memory, as if it were the file `name` with
+/// relative inputs resolved against `base` (the fuzz targets and property tests read
+/// through this; the format is chosen from `name`'s extension and the content, as
+/// for a file).
+pub fn read_manifest_bytes(
+    name: &Path,
+    bytes: &[u8],
+    base: &Path,
+    on_row: &mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
+) -> Result<u64, ManifestError> {
+    let ext = name
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    let bytes = bytes.strip_prefix(&BOM[..]).unwrap_or(bytes);
+    check_encoding(name, bytes)?;
+    let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
+    let mut ctx = Ctx {
+        path: name,
+        file: name.display().to_string(),
+        base: base.to_path_buf(),
+        validate: &providers::validate,
+        on_row,
+        rows: 0,
+    };
+    match format_for(ext.as_deref(), first) {
+        ManifestFormat::Csv => read_csv(bytes, &mut ctx)?,
+        ManifestFormat::JsonArray => read_json_array(bytes, &mut ctx)?,
+        ManifestFormat::JsonLines => read_json_lines(bytes, &mut ctx)?,
+    }
+    Ok(ctx.rows)
+}
+
+/// Refuses a UTF-16 or UTF-32 manifest (a spreadsheet's "Unicode text") with a clear
+/// message, rather than one error per garbled column name: its byte-order mark, or
+/// the NUL bytes between ASCII characters, give it away.
+fn check_encoding(path: &Path, head: &[u8]) -> Result<(), ManifestError> {
+    let utf32 = head.starts_with(&[0xFF, 0xFE, 0, 0]) || head.starts_with(&[0, 0, 0xFE, 0xFF]);
+    let utf16_bom = head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]);
+    let utf16_bare = head.len() >= 4
+        && ((head[0] != 0 && head[1] == 0 && head[2] != 0 && head[3] == 0)
+            || (head[0] == 0 && head[1] != 0 && head[2] == 0 && head[3] != 0));
+    let wide = if utf32 {
+        Some("UTF-32")
+    } else if utf16_bom || utf16_bare {
+        Some("UTF-16")
+    } else {
+        None
+    };
+    match wide {
+        Some(enc) => Err(ManifestError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the manifest looks {enc}-encoded; save it as UTF-8 (CSV UTF-8 in a spreadsheet)"
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// [`read_manifest`] with the provider check passed in (tests use their own).
@@ -151,6 +218,11 @@ fn read_with(
         _ => Path::new("."),
     };
     let base = std::path::absolute(dir).map_err(io_err)?;
+    let mut head = Vec::with_capacity(7);
+    File::open(path)
+        .and_then(|f| f.take(7).read_to_end(&mut head))
+        .map_err(io_err)?;
+    check_encoding(path, head.strip_prefix(&BOM[..]).unwrap_or(&head))?;
     let format = detect_format(path)?;
     let reader = open_skipping_bom(path)?;
     let mut ctx = Ctx {

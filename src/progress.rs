@@ -40,6 +40,44 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
     out
 }
 
+/// Replaces the default panic message with one scrubbed of `secrets`: a panic's
+/// message can carry any value the code had in hand (a header, a URL, a config).
+pub fn install_panic_hook(secrets: Vec<String>) {
+    std::panic::set_hook(Box::new(move |info| {
+        let text = panic_report(info.payload(), info.location(), &secrets);
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }));
+}
+
+/// The text the panic hook prints: where, what (scrubbed), and the backtrace when
+/// `RUST_BACKTRACE` asks for one (scrubbed too).
+pub fn panic_report(
+    payload: &(dyn std::any::Any + Send),
+    location: Option<&std::panic::Location<'_>>,
+    secrets: &[String],
+) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string());
+    let thread = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let at = location
+        .map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let mut text = format!(
+        "pixbatch: internal error (a bug; please report it): thread '{thread}' panicked{at}:\n{message}\n"
+    );
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        text.push_str(&format!("{backtrace}\n"));
+    }
+    scrub(&text, secrets)
+}
+
 /// The bar, shared with the log writer so log lines print above it.
 #[derive(Clone, Default)]
 pub struct SharedBar(Arc<Mutex<Option<ProgressBar>>>);
@@ -257,5 +295,33 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&cleaned).unwrap();
         assert_eq!(parsed["message"], "key is <redacted>!");
         assert_eq!(w.clean(&format!("plain {secret}")), "plain <redacted>");
+    }
+
+    #[test]
+    fn panic_reports_are_scrubbed() {
+        let secrets = vec!["sk-live-123456".to_string()];
+        let owned: Box<dyn std::any::Any + Send> =
+            Box::new("bad header Bearer sk-live-123456 in request".to_string());
+        let text = panic_report(owned.as_ref(), None, &secrets);
+        assert!(!text.contains("sk-live-123456"), "{text}");
+        assert!(
+            text.contains("bad header Bearer <redacted> in request"),
+            "{text}"
+        );
+        let fixed: Box<dyn std::any::Any + Send> = Box::new("key sk-live-123456");
+        let text = panic_report(
+            fixed.as_ref(),
+            Some(std::panic::Location::caller()),
+            &secrets,
+        );
+        assert!(
+            text.contains("key <redacted>") && text.contains("progress.rs"),
+            "{text}"
+        );
+        // A real panic, caught, goes through the same function.
+        let caught = std::panic::catch_unwind(|| panic!("token sk-live-123456 leaked"))
+            .expect_err("it panicked");
+        let text = panic_report(caught.as_ref(), None, &secrets);
+        assert!(text.contains("token <redacted> leaked"), "{text}");
     }
 }

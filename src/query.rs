@@ -20,6 +20,21 @@ pub enum Query {
         id: String,
     },
     Report,
+    /// Cancel jobs: only a running process answers it (over its control socket); the
+    /// command itself cancels directly when no run holds the database.
+    Cancel {
+        ids: Vec<String>,
+    },
+}
+
+/// What `cancel` did to one job (one answer line per job).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CancelAnswer {
+    pub id: String,
+    /// False when the job was unknown or had already ended.
+    pub cancelled: bool,
+    /// What happened, including at the provider.
+    pub message: String,
 }
 
 /// Live figures a running engine adds to `status`.
@@ -226,6 +241,11 @@ pub fn answer(
             for job in store.all_jobs() {
                 emit(serde_json::to_value(JobRow::from_job(&job?))?)?;
             }
+        }
+        Query::Cancel { .. } => {
+            return Err(QueryError::Remote(
+                "cancel changes jobs: it is answered by a running process only".into(),
+            ))
         }
     }
     Ok(())

@@ -179,22 +179,69 @@ pub(super) fn requeue(store: &Store, mut job: Job, why: &str) -> Result<bool, Fa
     Ok(true)
 }
 
+/// Cancels jobs: directly when no run holds the database, else through the run's
+/// control socket, so the running process cancels them (and their remote tasks)
+/// itself.
 pub(super) async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, Fail> {
-    let _lock = lock_for_writing(db, "cancel")?;
+    match DbLock::acquire_within(db, "cancel", Duration::from_secs(5)) {
+        Ok(lock) => cancel_directly(db, config, ids, lock).await,
+        Err(e @ (LockError::Held { .. } | LockError::HeldUnknown { .. })) => {
+            cancel_through_run(db, ids, e)
+        }
+        Err(e) => Err(lock_fail(e)),
+    }
+}
+
+fn cancel_through_run(db: &Path, ids: &[String], held: LockError) -> Result<i32, Fail> {
+    let query = Query::Cancel { ids: ids.to_vec() };
+    let mut n = 0;
+    let asked = crate::control::ask(&lock::socket_path(db), &query, &mut |v| {
+        let answer: query::CancelAnswer = serde_json::from_value(v)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        if answer.cancelled {
+            n += 1;
+            println!("{}: {}", answer.id, answer.message);
+        } else {
+            eprintln!("pixbatch: {}: {}", answer.id, answer.message);
+        }
+        Ok(())
+    });
+    match asked {
+        Ok(()) => {
+            eprintln!("pixbatch: {n} job(s) cancelled by the running process");
+            Ok(EXIT_OK)
+        }
+        Err(query::QueryError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Err(Fail(
+                EXIT_LOCKED,
+                format!("{held}, and it does not take requests on its control socket ({e})"),
+            ))
+        }
+        Err(e) => Err(Fail(EXIT_ERROR, e.to_string())),
+    }
+}
+
+async fn cancel_directly(
+    db: &Path,
+    config: &Config,
+    ids: &[String],
+    _lock: DbLock,
+) -> Result<i32, Fail> {
     let store = open_store(db)?;
     let mut n = 0;
     for id in ids {
-        let Some(mut job) = store.get(id)? else {
+        let Some(job) = store.get(id)? else {
             eprintln!("pixbatch: no job with id {id:?}");
             continue;
         };
-        if job.state.is_terminal() {
-            eprintln!("pixbatch: {id} is already {}", job.state);
-            continue;
-        }
-        let mut note = "cancelled by `pixbatch cancel`".to_string();
-        if let (Some(remote), true) = (job.remote_id.clone(), job.state.has_remote_task()) {
-            let pc = config.provider(job.spec.provider);
+        let pc = config.provider(job.spec.provider);
+        let mut remote = None;
+        if job.remote_id.is_some() && job.state.has_remote_task() {
             match crate::providers::build(&pc) {
                 Ok(adapter) => {
                     let gate = Arc::new(engine::limiter::ProviderGate::new(
@@ -203,35 +250,26 @@ pub(super) async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Re
                         config.engine.rate_margin,
                         Some(store.clone()),
                     ));
-                    let api = crate::api::Api::new(&pc.base_url, reqwest::Client::new(), gate);
-                    match adapter.cancel(&api, &remote).await {
-                        Ok(true) => note.push_str(&format!("; remote task {remote} cancelled")),
-                        Ok(false) => note.push_str(&format!(
-                            "; remote task {remote} could not be cancelled at the provider"
-                        )),
-                        Err(e) => {
-                            note.push_str(&format!("; cancelling remote task {remote} failed: {e}"))
-                        }
-                    }
+                    let client = engine::http_client(&pc).map_err(|e| Fail(EXIT_ERROR, e))?;
+                    let api = crate::api::Api::new(&pc.base_url, client, gate);
+                    remote = Some((adapter, api));
                 }
-                Err(e) => note.push_str(&format!("; remote task {remote} left running: {e}")),
+                Err(e) => eprintln!("pixbatch: {id}: the remote task cannot be cancelled: {e}"),
             }
         }
-        job.state = JobState::Cancelled;
-        job.finished_ms = Some(now_ms());
-        job.updated_ms = now_ms();
-        job.error = Some(note.clone());
-        store.save(&job)?;
-        store.add_event(
-            id,
-            &JobEvent {
-                at_ms: now_ms(),
-                kind: EventKind::Cancelled,
-                message: note.clone(),
-            },
-        )?;
-        println!("{id}: {note}");
-        n += 1;
+        let answer = engine::cancel::cancel_job(
+            &store,
+            job,
+            remote.as_ref().map(|(a, api)| (a.as_ref(), api)),
+            "`pixbatch cancel`",
+        )
+        .await?;
+        if answer.cancelled {
+            println!("{id}: {}", answer.message);
+            n += 1;
+        } else {
+            eprintln!("pixbatch: {id} is {}", answer.message);
+        }
     }
     store.flush()?;
     eprintln!("pixbatch: {n} job(s) cancelled");

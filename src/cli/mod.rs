@@ -312,6 +312,12 @@ async fn dispatch(cli: Cli) -> i32 {
         secrets.clone(),
         bar.clone(),
     );
+    progress::install_panic_hook(secrets.clone());
+    // Test builds only: a way to check the panic hook on the real binary.
+    #[cfg(debug_assertions)]
+    if let Ok(message) = std::env::var("PIXBATCH_DEBUG_PANIC") {
+        panic!("{message}");
+    }
     let db = cli
         .db
         .clone()

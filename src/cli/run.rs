@@ -162,15 +162,17 @@ pub(super) async fn work(
                 + stats.failed.load(std::sync::atomic::Ordering::Relaxed),
         })
     };
-    let _control = match crate::control::serve(&lock::socket_path(db), store.clone(), live) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::warn!(
-                "status queries from other processes will not work: control socket: {e}"
-            );
-            None
-        }
-    };
+    let canceller = Some(engine.canceller());
+    let _control =
+        match crate::control::serve(&lock::socket_path(db), store.clone(), live, canceller) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    "status queries from other processes will not work: control socket: {e}"
+                );
+                None
+            }
+        };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(StopSignal::Run);
     tokio::spawn(async move {
         let mut presses = 0;

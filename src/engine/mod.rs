@@ -9,6 +9,7 @@
 //! falls due. Nothing here knows a provider's details; the lane holds the adapter,
 //! its `Api` and its rate-limit gate.
 
+pub mod cancel;
 pub mod limiter;
 pub mod retry;
 pub mod spend;
@@ -192,6 +193,9 @@ pub struct Engine {
     metrics: Arc<crate::metrics::Metrics>,
     /// Consulted before each job's new work starts (`run --max-credits`).
     spend: Arc<spend::SpendGate>,
+    /// Jobs a step (or a cancel) is working on; shared with [`cancel::Canceller`].
+    claimed: Arc<Mutex<HashSet<String>>>,
+    wake: Arc<Notify>,
 }
 
 impl Engine {
@@ -267,6 +271,8 @@ impl Engine {
             lanes,
             stats,
             metrics,
+            claimed: Arc::default(),
+            wake: Arc::new(Notify::new()),
         })
     }
 
@@ -274,6 +280,16 @@ impl Engine {
     pub fn with_spend_gate(mut self, gate: Arc<spend::SpendGate>) -> Engine {
         self.spend = gate;
         self
+    }
+
+    /// Cancels jobs while this engine runs (the control socket's `cancel`).
+    pub fn canceller(&self) -> cancel::Canceller {
+        cancel::Canceller {
+            store: self.store.clone(),
+            lanes: self.lanes.clone(),
+            claimed: self.claimed.clone(),
+            wake: self.wake.clone(),
+        }
     }
 
     pub fn stats(&self) -> Arc<RunStats> {
@@ -301,8 +317,8 @@ impl Engine {
             self.check_balance(lane).await?;
         }
         self.spend.load(&self.store, &self.lanes).await?;
-        let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let wake = Arc::new(Notify::new());
+        let claimed = self.claimed.clone();
+        let wake = self.wake.clone();
         let mut tasks: JoinSet<Result<(), EngineError>> = JoinSet::new();
         let mut interrupted = false;
         // Set by a step that cannot go on (no space left): stop as on Ctrl-C, then fail.
@@ -622,6 +638,7 @@ pub fn http_client(pc: &ProviderConfig) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
         .read_timeout(pc.timeout)
+        .redirect(crate::download::redirect_policy())
         .user_agent(concat!("pixbatch/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("{}: HTTP client: {e}", pc.kind))

@@ -298,6 +298,10 @@ async fn reconcile(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                     job.submit_key()
                 ),
             )?;
+            // The new intent time is durable before the request: a run killed after
+            // sending it must wait out the grace from this send, not the first one.
+            save(env, &mut job)?;
+            env.store.sync().await?;
             submit(env, job).await
         }
         Ok(Reconciliation::Unknowable) => {

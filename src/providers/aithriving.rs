@@ -264,6 +264,26 @@ pub fn parse_answer(v: &Value) -> Result<(OutputData, Option<i64>), ProviderErro
     })
 }
 
+/// Reads a successful answer's body ([`parse_answer`]).
+pub fn read_answer(
+    status: reqwest::StatusCode,
+    body: &[u8],
+) -> Result<(OutputData, Option<i64>), ProviderError> {
+    let v = util::parse_json(RequestKind::Submit, status, body)?;
+    parse_answer(&v)
+}
+
+/// An error answer, with a hint for credential problems.
+pub fn read_refusal(status: reqwest::StatusCode, body: &[u8]) -> ProviderError {
+    let mut e = util::classify_http_error(RequestKind::Submit, status, body);
+    if matches!(status.as_u16(), 401 | 403) {
+        if let ProviderError::Permanent(reason) = &mut e {
+            reason.push_str(" (check AITHRIVING_API_KEY)");
+        }
+    }
+    e
+}
+
 /// The AIThriving adapter.
 pub struct Aithriving {
     api_key: String,
@@ -349,18 +369,13 @@ impl Provider for Aithriving {
             .header("X-Request-Id", job.submit_key.as_str())
             .multipart(form);
         let response = api.send(RequestKind::Submit, request).await?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let mut e = util::http_error(RequestKind::Submit, response).await;
-            if matches!(status.as_u16(), 401 | 403) {
-                if let ProviderError::Permanent(reason) = &mut e {
-                    reason.push_str(" (check AITHRIVING_API_KEY)");
-                }
-            }
-            return Err(e);
+        let status = response.status();
+        if !status.is_success() {
+            let body = util::read_prefix(response, 64 * 1024).await;
+            return Err(read_refusal(status, &body));
         }
-        let v: Value = Api::read_json(RequestKind::Submit, response, MAX_JSON_ANSWER).await?;
-        let (output, seed) = parse_answer(&v)?;
+        let body = Api::read_bytes(RequestKind::Submit, response, MAX_JSON_ANSWER).await?;
+        let (output, seed) = read_answer(status, &body)?;
         if let Some(seed) = seed {
             tracing::debug!(job = %job.spec.id, seed, "aithriving: generated");
         }

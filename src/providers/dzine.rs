@@ -555,14 +555,14 @@ pub fn read_envelope(status: StatusCode, body: &[u8]) -> Result<Envelope, String
         .as_ref()
         .and_then(|v| v.get("msg"))
         .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .map(|m| excerpt(m.as_bytes()));
+        .map(|m| excerpt(m.as_bytes()).trim().to_string())
+        .filter(|m| !m.is_empty());
     if !status.is_success() {
         let msg = msg
             .or_else(|| util::error_message(body))
             .unwrap_or_else(|| {
-                let e = excerpt(body);
+                // A body of blanks and control characters says nothing: name the status.
+                let e = excerpt(body).trim().to_string();
                 if e.is_empty() {
                     status.canonical_reason().unwrap_or("error").to_string()
                 } else {
@@ -714,7 +714,9 @@ pub fn parse_progress(data: &Value, fallback_ext: &str) -> Result<PollOutcome, S
                 .iter()
                 .filter_map(Value::as_str)
                 .map(str::trim)
-                .filter(|u| !u.is_empty())
+                // Empty slots were not asked for; anything but an http(s) link cannot
+                // be fetched (and is not fetched: downloads take http(s) only).
+                .filter(|u| util::is_url(u))
                 .map(|url| PendingOutput::Url {
                     url: url.to_string(),
                     ext: ext_of_url(url).unwrap_or(fallback_ext).to_string(),
@@ -722,7 +724,8 @@ pub fn parse_progress(data: &Value, fallback_ext: &str) -> Result<PollOutcome, S
                 .collect();
             if outputs.is_empty() {
                 PollOutcome::Failed {
-                    reason: "dzine reported success but every result slot is empty".into(),
+                    reason: "dzine reported success but no result slot holds an http(s) link"
+                        .into(),
                     permanent: true,
                 }
             } else {
@@ -825,6 +828,111 @@ pub fn select_face(
             .cloned()
             .ok_or_else(|| ProviderError::permanent("no face")),
     }
+}
+
+/// Reads an upload answer's data: the uploaded file's `file_path` URL.
+pub fn parse_upload(data: &Value) -> Result<String, ProviderError> {
+    data.get("file_path")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|p| util::is_url(p))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ProviderError::transient(format!(
+                "upload answer without a file_path URL: {}",
+                excerpt(data.to_string().as_bytes())
+            ))
+        })
+}
+
+/// Reads a `create_task_*` answer's data: the `task_id` (text or number). Without
+/// one the submission's outcome is unknown.
+pub fn parse_task_id(data: &Value) -> Result<String, ProviderError> {
+    match data.get("task_id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(ProviderError::bad_answer(
+            RequestKind::Submit,
+            format!(
+                "accepted without a task_id: {}",
+                excerpt(data.to_string().as_bytes())
+            ),
+        )),
+    }
+}
+
+/// Reads a `get_token_balance` answer's data.
+pub fn parse_balance(data: &Value) -> Result<Balance, ProviderError> {
+    let amount = match data.get("balance") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse().ok().filter(|x: &f64| x.is_finite()),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        ProviderError::transient(format!(
+            "balance answer without a balance: {}",
+            excerpt(data.to_string().as_bytes())
+        ))
+    })?;
+    Ok(Balance {
+        amount,
+        unit: "tokens".into(),
+    })
+}
+
+/// One page of `style/list`: each style with its base model, how many the page
+/// listed (entries without a code included), and the `total` if given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StylePage {
+    pub styles: Vec<(String, StyleEntry)>,
+    pub listed: usize,
+    pub total: Option<u64>,
+}
+
+/// Reads a `style/list` answer's data; entries without a `style_code` are skipped.
+pub fn parse_style_page(data: &Value) -> Result<StylePage, ProviderError> {
+    let list = data.get("list").and_then(Value::as_array).ok_or_else(|| {
+        ProviderError::transient(format!(
+            "style list answer without a list: {}",
+            excerpt(data.to_string().as_bytes())
+        ))
+    })?;
+    let mut styles = Vec::new();
+    for item in list {
+        let Some(code) = item.get("style_code").and_then(Value::as_str) else {
+            continue;
+        };
+        let base = item
+            .get("base_model")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let mut detail = vec![("base_model".to_string(), base.clone())];
+        if let Some(si) = item.get("style_intensity").and_then(Value::as_object) {
+            for (k, v) in si {
+                detail.push((format!("style_intensity.{k}"), v.to_string()));
+            }
+        }
+        if let Some(c) = item.get("cover_url").and_then(Value::as_str) {
+            detail.push(("cover_url".to_string(), c.to_string()));
+        }
+        let entry = StyleEntry {
+            kind: "style",
+            id: code.to_string(),
+            title: item
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            detail,
+        };
+        styles.push((base, entry));
+    }
+    Ok(StylePage {
+        styles,
+        listed: list.len(),
+        total: data.get("total").and_then(Value::as_u64),
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -956,17 +1064,7 @@ impl Dzine {
             .request(api, Method::POST, "/file/upload")?
             .multipart(Form::new().part("file", part));
         let data = self.call(api, RequestKind::Upload, request).await?;
-        data.get("file_path")
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|p| util::is_url(p))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                ProviderError::transient(format!(
-                    "upload answer without a file_path URL: {}",
-                    excerpt(data.to_string().as_bytes())
-                ))
-            })
+        parse_upload(&data)
     }
 
     /// `POST /face_detect` on an image URL, then the face selection. The ref keeps
@@ -1110,19 +1208,7 @@ impl Provider for Dzine {
             .header("X-Request-Id", job.submit_key.as_str())
             .json(&Value::Object(body));
         let data = self.call(api, RequestKind::Submit, request).await?;
-        let task_id = match data.get("task_id") {
-            Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(ProviderError::bad_answer(
-                    RequestKind::Submit,
-                    format!(
-                        "accepted without a task_id: {}",
-                        excerpt(data.to_string().as_bytes())
-                    ),
-                ))
-            }
-        };
+        let task_id = parse_task_id(&data)?;
         Ok(SubmitOutcome::Accepted {
             remote_id: task_id,
             first_poll_after: None,
@@ -1185,60 +1271,28 @@ impl Provider for Dzine {
                 &format!("/style/list?page_no={page}&page_size={STYLE_PAGE_SIZE}"),
             )?;
             let data = self.call(api, RequestKind::Query, request).await?;
-            let list = data.get("list").and_then(Value::as_array).ok_or_else(|| {
-                ProviderError::transient(format!(
-                    "style list answer without a list: {}",
-                    excerpt(data.to_string().as_bytes())
-                ))
-            })?;
+            let page = parse_style_page(&data)?;
             let mut fresh = 0;
-            for item in list {
-                let Some(code) = item.get("style_code").and_then(Value::as_str) else {
-                    continue;
-                };
+            for (base, entry) in page.styles {
                 // A server numbering pages from 1 would hand page 1 twice: stop there.
-                if !seen.insert(code.to_string()) {
+                if !seen.insert(entry.id.clone()) {
                     continue;
                 }
                 fresh += 1;
-                let base = item
-                    .get("base_model")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
                 if wanted
                     .as_deref()
                     .is_some_and(|w| !base.eq_ignore_ascii_case(w))
                 {
                     continue;
                 }
-                let mut detail = vec![("base_model".to_string(), base)];
-                if let Some(si) = item.get("style_intensity").and_then(Value::as_object) {
-                    for (k, v) in si {
-                        detail.push((format!("style_intensity.{k}"), v.to_string()));
-                    }
-                }
-                if let Some(c) = item.get("cover_url").and_then(Value::as_str) {
-                    detail.push(("cover_url".to_string(), c.to_string()));
-                }
-                out.push(StyleEntry {
-                    kind: "style",
-                    id: code.to_string(),
-                    title: item
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    detail,
-                });
+                out.push(entry);
                 if query.limit.is_some_and(|l| out.len() >= l) {
                     return Ok(out);
                 }
             }
-            let total = data.get("total").and_then(Value::as_u64);
             if fresh == 0
-                || list.len() < STYLE_PAGE_SIZE
-                || total.is_some_and(|t| seen.len() as u64 >= t)
+                || page.listed < STYLE_PAGE_SIZE
+                || page.total.is_some_and(|t| seen.len() as u64 >= t)
             {
                 break;
             }
@@ -1249,21 +1303,7 @@ impl Provider for Dzine {
     async fn balance(&self, api: &Api) -> Result<Option<Balance>, ProviderError> {
         let request = self.request(api, Method::GET, "/get_token_balance")?;
         let data = self.call(api, RequestKind::Query, request).await?;
-        let amount = match data.get("balance") {
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .ok_or_else(|| {
-            ProviderError::transient(format!(
-                "balance answer without a balance: {}",
-                excerpt(data.to_string().as_bytes())
-            ))
-        })?;
-        Ok(Some(Balance {
-            amount,
-            unit: "tokens".into(),
-        }))
+        parse_balance(&data).map(Some)
     }
 
     async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
@@ -1529,6 +1569,22 @@ mod tests {
             requests_per_job(&spec("txt2img", &[], Some("x"), json!({}))),
             6
         );
+    }
+
+    /// Found by the `dzine` fuzz target: an error status whose body is only blanks
+    /// and control characters gave a message of one space.
+    #[test]
+    fn blank_error_bodies_and_messages_name_the_status() {
+        for body in [&b"\0\0 \0\0\0\0"[..], b"   ", b"\x01\x02"] {
+            match read_envelope(StatusCode::BAD_GATEWAY, body) {
+                Ok(Envelope::Refused { code: 502, msg }) => assert_eq!(msg, "Bad Gateway"),
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+        match read_envelope(StatusCode::OK, br#"{"code":500,"msg":"\u0001 "}"#) {
+            Ok(Envelope::Refused { code: 500, msg }) => assert_eq!(msg, "error code 500"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! recorded as a possible duplicate charge by the engine).
 
 use async_trait::async_trait;
+use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
 use super::util::{self, Params};
@@ -183,6 +184,29 @@ pub fn parse_answer(v: &Value) -> Result<OutputData, ProviderError> {
     }
 }
 
+/// Reads a successful answer's body ([`parse_answer`]).
+pub fn read_answer(status: StatusCode, body: &[u8]) -> Result<OutputData, ProviderError> {
+    let v = util::parse_json(RequestKind::Submit, status, body)?;
+    parse_answer(&v)
+}
+
+/// An error answer. It may carry the usual `{"status_code", "body": "<message>"}`.
+pub fn read_refusal(status: StatusCode, body: &[u8]) -> ProviderError {
+    let mut e = match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) if matches!(v.get("body"), Some(Value::String(_))) => {
+            let msg = v.get("body").and_then(Value::as_str).unwrap_or_default();
+            util::classify_http_error(RequestKind::Submit, status, msg.as_bytes())
+        }
+        _ => util::classify_http_error(RequestKind::Submit, status, body),
+    };
+    if matches!(status.as_u16(), 401 | 403) {
+        if let ProviderError::Permanent(reason) = &mut e {
+            reason.push_str(" (check PHOTIO_API_KEY)");
+        }
+    }
+    e
+}
+
 /// The Photio adapter.
 pub struct Photio {
     api_key: String,
@@ -265,26 +289,13 @@ impl Provider for Photio {
             .header("X-Request-Id", job.submit_key.as_str())
             .json(&Value::Object(body));
         let response = api.send(RequestKind::Submit, request).await?;
-        if !response.status().is_success() {
-            let status = response.status();
+        let status = response.status();
+        if !status.is_success() {
             let body = util::read_error_body(response, 64 * 1024).await?;
-            // Error answers may carry the usual `{"status_code", "body": "<message>"}`.
-            let mut e = match serde_json::from_slice::<Value>(&body) {
-                Ok(v @ Value::Object(_)) if matches!(v.get("body"), Some(Value::String(_))) => {
-                    let msg = v.get("body").and_then(Value::as_str).unwrap_or_default();
-                    util::classify_http_error(RequestKind::Submit, status, msg.as_bytes())
-                }
-                _ => util::classify_http_error(RequestKind::Submit, status, &body),
-            };
-            if matches!(status.as_u16(), 401 | 403) {
-                if let ProviderError::Permanent(reason) = &mut e {
-                    reason.push_str(" (check PHOTIO_API_KEY)");
-                }
-            }
-            return Err(e);
+            return Err(read_refusal(status, &body));
         }
-        let v: Value = Api::read_json(RequestKind::Submit, response, MAX_JSON_ANSWER).await?;
-        let output = parse_answer(&v)?;
+        let body = Api::read_bytes(RequestKind::Submit, response, MAX_JSON_ANSWER).await?;
+        let output = read_answer(status, &body)?;
         Ok(SubmitOutcome::Finished {
             remote_id: None,
             outputs: vec![output],

@@ -718,44 +718,11 @@ impl Provider for Topaz {
         if plan.endpoint == Endpoint::EnhanceSync {
             let content_type = util::header_str(&response, "content-type");
             let data = Api::read_bytes(RequestKind::Submit, response, MAX_SYNC_ANSWER).await?;
-            let ext = match ImageFormat::sniff(&data) {
-                Some(f) => f.ext(),
-                None => {
-                    // The answer is not an image: the outcome of the paid request is
-                    // not known (reconciliation asks the status list).
-                    return Err(ProviderError::bad_answer(
-                        RequestKind::Submit,
-                        format!(
-                            "the synchronous answer is not an image ({}): {}",
-                            content_type.as_deref().unwrap_or("no content type"),
-                            excerpt(&data)
-                        ),
-                    ));
-                }
-            };
-            return Ok(SubmitOutcome::Finished {
-                remote_id: header_id,
-                outputs: vec![OutputData::Bytes {
-                    data,
-                    ext: ext.to_string(),
-                }],
-            });
+            return read_sync_answer(content_type.as_deref(), data, header_id);
         }
 
         let body = Api::read_bytes(RequestKind::Submit, response, MAX_SMALL_JSON).await?;
-        let from_json = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| field_str(&v, "process_id").map(|s| s.into_owned()));
-        match from_json.or(header_id) {
-            Some(remote_id) => Ok(SubmitOutcome::Accepted {
-                remote_id,
-                first_poll_after: None,
-            }),
-            None => Err(ProviderError::bad_answer(
-                RequestKind::Submit,
-                format!("accepted without a process_id: {}", excerpt(&body)),
-            )),
-        }
+        read_accepted(&body, header_id)
     }
 
     async fn poll(
@@ -781,10 +748,10 @@ impl Provider for Topaz {
         if !response.status().is_success() {
             return Err(self.error(RequestKind::Poll, response).await);
         }
-        let v: Value = Api::read_json(RequestKind::Poll, response, MAX_SMALL_JSON).await?;
+        let status = response.status();
+        let body = Api::read_bytes(RequestKind::Poll, response, MAX_SMALL_JSON).await?;
         let fallback_ext = Plan::from_spec(job.spec).map_or("jpg", |p| p.ext);
-        parse_status(&v, remote_id, fallback_ext)
-            .map_err(|e| ProviderError::bad_answer(RequestKind::Poll, e))
+        read_status(status, &body, remote_id, fallback_ext)
     }
 
     async fn output_url(
@@ -820,8 +787,9 @@ impl Provider for Topaz {
             }
             _ => return Err(self.error(RequestKind::Link, response).await),
         }
-        let v: Value = Api::read_json(RequestKind::Link, response, MAX_SMALL_JSON).await?;
-        parse_download(&v).map_err(|e| ProviderError::bad_answer(RequestKind::Link, e))
+        let status = response.status();
+        let body = Api::read_bytes(RequestKind::Link, response, MAX_SMALL_JSON).await?;
+        read_download(status, &body)
     }
 
     async fn reconcile(
@@ -844,16 +812,7 @@ impl Provider for Topaz {
             );
             return Ok(Reconciliation::Unknowable);
         };
-        let list: Vec<ListedStatus> = serde_json::from_slice(&body).map_err(|e| {
-            ProviderError::bad_answer(
-                RequestKind::Query,
-                format!("unexpected status list: {e}: {}", excerpt(&body)),
-            )
-        })?;
-        Ok(match find_submission(&list, &job.submit_key) {
-            Some(remote_id) => Reconciliation::Found { remote_id },
-            None => Reconciliation::NotSubmitted,
-        })
+        read_status_list(&body, &job.submit_key)
     }
 
     async fn cancel(&self, api: &Api, remote_id: &str) -> Result<bool, ProviderError> {
@@ -892,6 +851,87 @@ fn path_segment(id: &str) -> String {
     url::form_urlencoded::byte_serialize(id.trim().as_bytes())
         .collect::<String>()
         .replace('+', "%20")
+}
+
+/// Reads the answer of a synchronous `POST /enhance`: the body is the image. An answer
+/// that is not an image leaves the outcome of the paid request unknown
+/// (reconciliation asks the status list).
+pub fn read_sync_answer(
+    content_type: Option<&str>,
+    data: bytes::Bytes,
+    header_id: Option<String>,
+) -> Result<SubmitOutcome, ProviderError> {
+    let Some(format) = ImageFormat::sniff(&data) else {
+        return Err(ProviderError::bad_answer(
+            RequestKind::Submit,
+            format!(
+                "the synchronous answer is not an image ({}): {}",
+                content_type.unwrap_or("no content type"),
+                excerpt(&data)
+            ),
+        ));
+    };
+    Ok(SubmitOutcome::Finished {
+        remote_id: header_id,
+        outputs: vec![OutputData::Bytes {
+            data,
+            ext: format.ext().to_string(),
+        }],
+    })
+}
+
+/// Reads the answer of an accepted async submission: `process_id` in the body, else
+/// in the `X-Process-ID` header.
+pub fn read_accepted(
+    body: &[u8],
+    header_id: Option<String>,
+) -> Result<SubmitOutcome, ProviderError> {
+    let from_json = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| field_str(&v, "process_id").map(|s| s.into_owned()));
+    match from_json.or(header_id) {
+        Some(remote_id) => Ok(SubmitOutcome::Accepted {
+            remote_id,
+            first_poll_after: None,
+        }),
+        None => Err(ProviderError::bad_answer(
+            RequestKind::Submit,
+            format!("accepted without a process_id: {}", excerpt(body)),
+        )),
+    }
+}
+
+/// Reads a status answer's body ([`parse_status`]).
+pub fn read_status(
+    status: StatusCode,
+    body: &[u8],
+    remote_id: &str,
+    fallback_ext: &str,
+) -> Result<PollOutcome, ProviderError> {
+    let v = util::parse_json(RequestKind::Poll, status, body)?;
+    parse_status(&v, remote_id, fallback_ext)
+        .map_err(|e| ProviderError::bad_answer(RequestKind::Poll, e))
+}
+
+/// Reads a download answer's body ([`parse_download`]).
+pub fn read_download(status: StatusCode, body: &[u8]) -> Result<String, ProviderError> {
+    let v = util::parse_json(RequestKind::Link, status, body)?;
+    parse_download(&v).map_err(|e| ProviderError::bad_answer(RequestKind::Link, e))
+}
+
+/// Reads the status list (`GET /status`) and looks for the submission sent with
+/// `submit_key`.
+pub fn read_status_list(body: &[u8], submit_key: &str) -> Result<Reconciliation, ProviderError> {
+    let list: Vec<ListedStatus> = serde_json::from_slice(body).map_err(|e| {
+        ProviderError::bad_answer(
+            RequestKind::Query,
+            format!("unexpected status list: {e}: {}", excerpt(body)),
+        )
+    })?;
+    Ok(match find_submission(&list, submit_key) {
+        Some(remote_id) => Reconciliation::Found { remote_id },
+        None => Reconciliation::NotSubmitted,
+    })
 }
 
 /// Reads a download answer: `download_url`.

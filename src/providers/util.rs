@@ -367,11 +367,25 @@ async fn fetch_url(
     Ok(Bytes::from(out))
 }
 
-/// A URL without its query string (presigned URLs carry credentials there).
+/// A URL without what may be a credential: the query string (presigned URLs carry
+/// their signature there), a user name and password, and the fragment.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?…"),
-        None => url.to_string(),
+    let (base, had_query) = match url.split_once(['?', '#']) {
+        Some((base, _)) => (base, true),
+        None => (url, false),
+    };
+    let base = match url::Url::parse(base) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => base.to_string(),
+    };
+    if had_query {
+        format!("{base}?…")
+    } else {
+        base
     }
 }
 
@@ -885,6 +899,21 @@ pub fn classify_http_error(kind: RequestKind, status: StatusCode, body: &[u8]) -
         400..=499 => ProviderError::permanent(reason),
         _ => ProviderError::bad_answer(kind, format!("unexpected answer {reason}")),
     }
+}
+
+/// Parses a JSON answer body, as [`Api::read_json`] does, for the adapters' pure
+/// readers (bytes in, a result out: what the property tests and fuzz targets drive).
+pub fn parse_json(
+    kind: RequestKind,
+    status: StatusCode,
+    body: &[u8],
+) -> Result<Value, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ProviderError::bad_answer(
+            kind,
+            format!("unexpected answer (HTTP {status}): {e}: {}", excerpt(body)),
+        )
+    })
 }
 
 /// Reads (a bounded prefix of) an error answer and classifies it.

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod answers;
 mod crash;
 mod demo;
 mod dzine;
@@ -14,5 +15,6 @@ mod ops;
 mod perfect;
 mod report_html;
 mod secrets;
+mod security;
 mod soak;
 mod storage;

@@ -259,22 +259,11 @@ impl Perfect {
                 other => other,
             });
         }
-        let v: Value = Api::read_json(RequestKind::Auth, response, MAX_SMALL_JSON).await?;
-        let token = v
-            .get("result")
-            .and_then(|r| r.get("access_token"))
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ProviderError::transient(format!(
-                    "perfect: the auth answer has no result.access_token (fields: {})",
-                    field_names(&v)
-                ))
-            })?;
+        let body = Api::read_bytes(RequestKind::Auth, response, MAX_SMALL_JSON).await?;
+        let token = read_token(status, &body)?;
         tracing::debug!("perfect: obtained an access token");
         Ok(auth::Token {
-            value: token.to_string(),
+            value: token,
             obtained: Instant::now(),
             generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
         })
@@ -333,28 +322,9 @@ impl Perfect {
                 let body = util::read_error_body(response, 64 * 1024).await?;
                 return Err(self.error_of(kind, status, &body));
             }
-            let v: Value = Api::read_json(kind, response, MAX_SMALL_JSON).await?;
-            // Some gateways put the error in a 200 answer's body.
-            if let Some(inner) = v
-                .get("status")
-                .and_then(Value::as_u64)
-                .filter(|s| *s >= 400)
-            {
-                let status = StatusCode::from_u16(inner as u16).unwrap_or(StatusCode::BAD_REQUEST);
-                return Err(self.error_of(kind, status, v.to_string().as_bytes()));
-            }
-            let Some(result) = v.get("result").filter(|r| r.is_object()) else {
-                return Err(ProviderError::bad_answer(
-                    kind,
-                    format!(
-                        "perfect: answer without a result object: {}",
-                        excerpt(v.to_string().as_bytes())
-                    ),
-                ));
-            };
-            return Ok(Answer {
-                result: result.clone(),
-            });
+            let body = Api::read_bytes(kind, response, MAX_SMALL_JSON).await?;
+            return read_result(kind, status, &body, self.mode.hint())
+                .map(|result| Answer { result });
         }
         Err(ProviderError::permanent(format!(
             "perfect: the access token was refused twice in a row ({})",
@@ -362,54 +332,8 @@ impl Perfect {
         )))
     }
 
-    /// An error answer: `{"status":401,"error":"Unauthorized","error_code":"InvalidAccessToken"}`.
     fn error_of(&self, kind: RequestKind, status: StatusCode, body: &[u8]) -> ProviderError {
-        let v: Option<Value> = serde_json::from_slice(body).ok();
-        let field = |name: &str| {
-            v.as_ref()
-                .and_then(|v| {
-                    v.get(name)
-                        .or_else(|| v.get("result").and_then(|r| r.get(name)))
-                })
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
-        let code = field("error_code");
-        let message = field("error").or_else(|| field("message"));
-        let mut reason = format!("HTTP {}", status.as_u16());
-        if let Some(c) = &code {
-            reason.push_str(&format!(" {c}"));
-        }
-        match &message {
-            Some(m) => reason.push_str(&format!(": {}", excerpt(m.as_bytes()))),
-            None if v.is_none() && !body.is_empty() => {
-                reason.push_str(&format!(": {}", excerpt(body)))
-            }
-            None => {}
-        }
-        if code.as_deref() == Some("InvalidTaskId") {
-            return ProviderError::Lost(format!("perfect no longer knows the task ({reason})"));
-        }
-        if let Some(c) = code
-            .as_deref()
-            .filter(|c| ERROR_CODES.iter().any(|(k, _, _)| k == c))
-        {
-            let (desc, permanent) = classify_engine_error(c);
-            let reason = format!("{reason} ({desc})");
-            return if permanent {
-                ProviderError::permanent(reason)
-            } else {
-                ProviderError::transient(reason)
-            };
-        }
-        match status.as_u16() {
-            401 | 403 => ProviderError::permanent(format!("{reason} ({})", self.mode.hint())),
-            408 | 409 | 423 | 425 | 429 | 500..=599 => ProviderError::transient(reason),
-            400..=499 => ProviderError::permanent(reason),
-            _ => ProviderError::bad_answer(kind, format!("unexpected answer {reason}")),
-        }
+        error_answer(kind, status, body, self.mode.hint())
     }
 
     fn plan(&self, spec: &JobSpec) -> Result<Plan, ProviderError> {
@@ -445,13 +369,127 @@ impl Perfect {
                 Some(&job.submit_key),
             )
             .await?;
-        id_text(answer.result.get("task_id")).ok_or_else(|| {
-            ProviderError::Unknown(format!(
-                "perfect: the run answer has no task_id: {}",
-                excerpt(answer.result.to_string().as_bytes())
+        parse_task_id(&answer.result)
+    }
+}
+
+/// An error answer: `{"status":401,"error":"Unauthorized","error_code":"InvalidAccessToken"}`.
+/// `hint` says which credentials to check.
+pub fn error_answer(
+    kind: RequestKind,
+    status: StatusCode,
+    body: &[u8],
+    hint: &str,
+) -> ProviderError {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| {
+        v.as_ref()
+            .and_then(|v| {
+                v.get(name)
+                    .or_else(|| v.get("result").and_then(|r| r.get(name)))
+            })
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let code = field("error_code");
+    let message = field("error").or_else(|| field("message"));
+    let mut reason = format!("HTTP {}", status.as_u16());
+    if let Some(c) = &code {
+        reason.push_str(&format!(" {c}"));
+    }
+    match &message {
+        Some(m) => reason.push_str(&format!(": {}", excerpt(m.as_bytes()))),
+        None if v.is_none() && !body.is_empty() => reason.push_str(&format!(": {}", excerpt(body))),
+        None => {}
+    }
+    if code.as_deref() == Some("InvalidTaskId") {
+        return ProviderError::Lost(format!("perfect no longer knows the task ({reason})"));
+    }
+    if let Some(c) = code
+        .as_deref()
+        .filter(|c| ERROR_CODES.iter().any(|(k, _, _)| k == c))
+    {
+        let (desc, permanent) = classify_engine_error(c);
+        let reason = format!("{reason} ({desc})");
+        return if permanent {
+            ProviderError::permanent(reason)
+        } else {
+            ProviderError::transient(reason)
+        };
+    }
+    match status.as_u16() {
+        401 | 403 => ProviderError::permanent(format!("{reason} ({})", hint)),
+        408 | 409 | 423 | 425 | 429 | 500..=599 => ProviderError::transient(reason),
+        400..=499 => ProviderError::permanent(reason),
+        _ => ProviderError::bad_answer(kind, format!("unexpected answer {reason}")),
+    }
+}
+
+/// Reads the body of a 2xx answer from the API host and returns its `result` object.
+/// Some gateways put an error (`"status": 4xx`) in a 200 answer's body.
+pub fn read_result(
+    kind: RequestKind,
+    status: StatusCode,
+    body: &[u8],
+    hint: &str,
+) -> Result<Value, ProviderError> {
+    let v = util::parse_json(kind, status, body)?;
+    if let Some(inner) = v
+        .get("status")
+        .and_then(Value::as_u64)
+        .filter(|s| *s >= 400)
+    {
+        let status = u16::try_from(inner)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
+        return Err(error_answer(kind, status, v.to_string().as_bytes(), hint));
+    }
+    match v.get("result") {
+        Some(result) if result.is_object() => Ok(result.clone()),
+        _ => Err(ProviderError::bad_answer(
+            kind,
+            format!(
+                "perfect: answer without a result object: {}",
+                excerpt(v.to_string().as_bytes())
+            ),
+        )),
+    }
+}
+
+/// Reads the auth answer: `result.access_token`. The error names the fields found,
+/// never their values (one of them might be the token).
+pub fn read_token(status: StatusCode, body: &[u8]) -> Result<String, ProviderError> {
+    let v = serde_json::from_slice::<Value>(body).map_err(|e| {
+        ProviderError::transient(format!(
+            "perfect: the auth answer (HTTP {status}) is not JSON: {e}"
+        ))
+    })?;
+    v.get("result")
+        .and_then(|r| r.get("access_token"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ProviderError::transient(format!(
+                "perfect: the auth answer has no result.access_token (fields: {})",
+                field_names(&v)
             ))
         })
-    }
+}
+
+/// Reads a run answer's `result.task_id`. Without one, the outcome of the paid
+/// request is unknown.
+pub fn parse_task_id(result: &Value) -> Result<String, ProviderError> {
+    id_text(result.get("task_id")).ok_or_else(|| {
+        ProviderError::Unknown(format!(
+            "perfect: the run answer has no task_id: {}",
+            excerpt(result.to_string().as_bytes())
+        ))
+    })
 }
 
 /// An id as text: strings as they are, integers exactly (never through `f64`).
@@ -463,10 +501,48 @@ fn id_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The field names of an answer (of `result` too), or its JSON type: never a value.
+/// At most a few names, each shortened: an answer may have any number of any size.
 fn field_names(v: &Value) -> String {
+    const SHOWN: usize = 12;
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let names = |m: &serde_json::Map<String, Value>, nested: bool| -> String {
+        let mut parts: Vec<String> = m
+            .iter()
+            .take(SHOWN)
+            .map(|(k, inner)| {
+                let k: String = k.chars().filter(|c| !c.is_control()).take(40).collect();
+                match inner.as_object() {
+                    Some(im) if nested && !im.is_empty() => format!("{k} {{{}}}", {
+                        let mut sub: Vec<String> = im
+                            .keys()
+                            .take(SHOWN)
+                            .map(|k| k.chars().filter(|c| !c.is_control()).take(40).collect())
+                            .collect();
+                        if im.len() > SHOWN {
+                            sub.push(format!("… {} more", im.len() - SHOWN));
+                        }
+                        sub.join(", ")
+                    }),
+                    _ => k,
+                }
+            })
+            .collect();
+        if m.len() > SHOWN {
+            parts.push(format!("… {} more", m.len() - SHOWN));
+        }
+        parts.join(", ")
+    };
     match v.as_object() {
-        Some(m) if !m.is_empty() => m.keys().cloned().collect::<Vec<_>>().join(", "),
-        _ => excerpt(v.to_string().as_bytes()),
+        Some(m) if !m.is_empty() => names(m, true),
+        _ => kind(v).to_string(),
     }
 }
 
@@ -626,6 +702,31 @@ pub fn parse_status(
     }
 }
 
+/// A refused upload to the presigned storage. Always worth another try (a new slot
+/// is asked for), and a "slow down" (429, or S3's 503 `SlowDown`) is the storage's
+/// wait, not the job's failure: it uses up no attempt.
+pub fn upload_refusal(
+    role: &str,
+    url: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> ProviderError {
+    let reason = format!(
+        "perfect: uploading the {role} to {} answered HTTP {status}: {}",
+        util::redact_url(url),
+        excerpt(body)
+    );
+    let slow_down = status == StatusCode::TOO_MANY_REQUESTS
+        || (status == StatusCode::SERVICE_UNAVAILABLE
+            && String::from_utf8_lossy(body).contains("SlowDown"));
+    ProviderError::Transient {
+        reason,
+        retry_after,
+        rate_limited: slow_down,
+    }
+}
+
 /// The image extension a result URL's path ends with, if it is one we know.
 fn ext_of_url(url: &str) -> Option<&'static str> {
     let path = url.split(['?', '#']).next()?;
@@ -764,13 +865,15 @@ impl Provider for Perfect {
                 })?;
             if !response.status().is_success() {
                 let status = response.status();
+                let retry_after = crate::api::retry_after(&response);
                 let body = util::read_prefix(response, 4096).await;
-                return Err(ProviderError::transient(format!(
-                    "perfect: uploading the {} to {} answered HTTP {status}: {}",
+                return Err(upload_refusal(
                     role.name,
-                    util::redact_url(&slot.url),
-                    excerpt(&body)
-                )));
+                    &slot.url,
+                    status,
+                    retry_after,
+                    &body,
+                ));
             }
             refs.push((role.ref_key.to_string(), slot.file_id));
         }
