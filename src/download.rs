@@ -601,7 +601,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let dest = dir.path().join("r.png");
             let base = raw_server(vec![response]).await;
-            let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+            let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
                 .await
                 .unwrap_err();
             assert!(
@@ -615,7 +615,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("r.png");
         let base = raw_server(vec![answer("Content-Length: 10\r\n", &big)]).await;
-        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
             .await
             .unwrap();
         assert_eq!(w.size, 10);
@@ -625,7 +625,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("r.png");
         let base = raw_server(vec![answer("Content-Length: 900\r\n", &big[..300])]).await;
-        let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+        let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
             .await
             .unwrap_err();
         assert!(matches!(e, DownloadError::Interrupted(_)), "{e}");
@@ -639,7 +639,7 @@ mod tests {
             &chunked(&big[..1000]),
         )])
         .await;
-        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap)
+        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
             .await
             .unwrap();
         assert_eq!(w.size, 1000);
@@ -659,7 +659,9 @@ mod tests {
             "http://user:hunter2@example.com/x.png",
             "http://127.0.0.1.nip.io/x.png",
         ] {
-            let e = fetch(&client(), url, &dest, 1000).await.unwrap_err();
+            let e = fetch(&client(), url, &dest, 1000, &|_| {})
+                .await
+                .unwrap_err();
             assert!(matches!(e, DownloadError::BadUrl(_)), "{url}: {e}");
             let msg = e.to_string();
             assert!(
@@ -676,7 +678,7 @@ mod tests {
                 .to_vec(),
         ])
         .await;
-        let e = fetch(&client(), &format!("{base}/r.png"), &dest, 1000)
+        let e = fetch(&client(), &format!("{base}/r.png"), &dest, 1000, &|_| {})
             .await
             .unwrap_err();
         assert!(
