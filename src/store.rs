@@ -10,7 +10,9 @@
 //!   reconciliations, possible duplicate charges).
 //! - `rate_log`: `provider u8 | sent_ms u64 BE | seq` → (): the send time of every
 //!   request in the last window, so a restarted run does not burst past a limit.
-//! - `meta`: the database's format version.
+//! - `saving`: job id → the index and count keys a save under way moves the job
+//!   between (see below); empty whenever no save is under way.
+//! - `meta`: the database's format version; `open` while a process has it open.
 //!
 //! Writes land in sled's memory first. [`Store::sync`] makes everything written so
 //! far durable; concurrent callers share one flush (group commit), so durability
@@ -20,13 +22,15 @@
 //! sled transaction: every sled transaction or batch writes out and syncs sled's
 //! log buffer twice before it commits (`pin_log`), which made one transaction per
 //! state change the engine's main cost (six small synchronous disk writes per job).
-//! The order keeps a crash safe, because sled recovers a prefix of its log: the new
-//! index entry is written before the record, so a record is never without its entry;
-//! the old entry and the counts follow. A crash between those writes can leave a
-//! stale index entry or a count off by one. The `meta` key `open` marks a database in
-//! use; a database opened with the mark still set (the last user did not close it)
-//! is repaired first: index and counts are rebuilt from the records
-//! ([`Store::repair`]).
+//! The order keeps a crash safe, because sled recovers a prefix of its log: a
+//! `saving` entry names the keys the save moves between, then the new index entry is
+//! written before the record (a record is never without its entry), then the old
+//! entry goes, the counts follow, and the `saving` entry is removed. A crash in
+//! between leaves the `saving` entry. The `meta` key `open` marks a database in use; a
+//! database opened with the mark still set (the last user did not close it) is
+//! repaired first ([`Store::repair`]): each interrupted save's job keeps the index
+//! entry its record calls for, and the counts of the states involved are recounted
+//! from the index.
 //!
 //! Nothing outside this module names sled.
 
@@ -93,6 +97,8 @@ pub struct Store {
     counts: sled::Tree,
     events: sled::Tree,
     rate_log: sled::Tree,
+    /// Saves under way: job id → the index and count keys the save moves between.
+    saving: sled::Tree,
     group: Arc<GroupFlush>,
     /// Clears the `open` mark when the last clone goes.
     _closer: Arc<Closer>,
@@ -169,6 +175,7 @@ impl Store {
             counts: db.open_tree("counts")?,
             events: db.open_tree("events")?,
             rate_log: db.open_tree("rate_log")?,
+            saving: db.open_tree("saving")?,
             _closer: Arc::new(Closer {
                 db: db.clone(),
                 meta: meta.clone(),
@@ -200,52 +207,46 @@ impl Store {
         self.path.clone()
     }
 
-    /// Rebuilds the state index and the per-state counts from the job records, the
-    /// source of truth: removes index entries that do not match their record, adds
-    /// missing ones, recounts. Reads every record: seconds at a million jobs, and
-    /// only needed after a process died with the database open.
+    /// Finishes what the saves under way when a process died left half done, from
+    /// their `saving` entries and the records (the truth): each such job keeps exactly
+    /// the index entry its record calls for, and the counts of the states those jobs
+    /// moved between are recounted from the index. Costs a key scan of those states'
+    /// index entries (all of them, at worst): well under a second at a million jobs.
     pub fn repair(&self) -> Result<()> {
-        let mut stale = sled::Batch::default();
-        let mut n_stale = 0u64;
-        for item in self.index.iter() {
-            let (key, _) = item?;
-            let (_, id) = split_index_key(&key)?;
-            let current = match self.jobs.get(id.as_bytes())? {
-                Some(bytes) => Some(index_key(&decode::<Job>(&id, &bytes)?)),
+        let mut prefixes: std::collections::BTreeSet<[u8; 2]> = Default::default();
+        let mut n = 0u64;
+        for item in self.saving.iter() {
+            let (id_bytes, value) = item?;
+            let id = String::from_utf8_lossy(&id_bytes).into_owned();
+            let entry: SavingEntry = decode(&id, &value)?;
+            let current = match self.jobs.get(&id_bytes)? {
+                Some(bytes) => {
+                    let job: Job = decode(&id, &bytes)?;
+                    Some((index_key(&job), count_key(job.state, job.spec.provider)))
+                }
                 None => None,
             };
-            if current.as_deref() != Some(&key[..]) {
-                stale.remove(key);
-                n_stale += 1;
+            for k in entry.old_index.iter().chain([&entry.new_index]) {
+                if current.as_ref().map(|c| &c.0) != Some(k) {
+                    self.index.remove(k.as_slice())?;
+                }
             }
-        }
-        self.index.apply_batch(stale)?;
-        let mut counts: BTreeMap<[u8; 2], u64> = BTreeMap::new();
-        let mut missing = sled::Batch::default();
-        for item in self.jobs.iter() {
-            let (key, value) = item?;
-            let job: Job = decode(&String::from_utf8_lossy(&key), &value)?;
-            let ikey = index_key(&job);
-            if !self.index.contains_key(&ikey)? {
-                missing.insert(ikey, &[] as &[u8]);
+            if let Some((ikey, ckey)) = &current {
+                self.index.insert(ikey.as_slice(), &[] as &[u8])?;
+                prefixes.insert(*ckey);
             }
-            *counts
-                .entry(count_key(job.state, job.spec.provider))
-                .or_default() += 1;
+            prefixes.extend(entry.old_count);
+            prefixes.insert(entry.new_count);
+            self.saving.remove(&id_bytes)?;
+            n += 1;
         }
-        self.index.apply_batch(missing)?;
-        let mut new_counts = sled::Batch::default();
-        for item in self.counts.iter() {
-            let (key, _) = item?;
-            new_counts.remove(key);
+        for ckey in &prefixes {
+            let count = self.index.scan_prefix(ckey).keys().count() as u64;
+            self.counts.insert(ckey, &count.to_be_bytes())?;
         }
-        for (k, n) in &counts {
-            new_counts.insert(&k[..], &n.to_be_bytes());
-        }
-        self.counts.apply_batch(new_counts)?;
         self.flush()?;
-        if n_stale > 0 {
-            tracing::info!("removed {n_stale} stale index entries");
+        if n > 0 {
+            tracing::info!("finished {n} interrupted state changes");
         }
         Ok(())
     }
@@ -366,6 +367,19 @@ impl Store {
         let old_keys = old
             .as_ref()
             .map(|o| (index_key(o), count_key(o.state, o.spec.provider)));
+        if old_keys.as_ref() == Some(&(new_ikey.clone(), new_ckey)) {
+            // Same index entry, same count: one write, atomic on its own.
+            self.jobs.insert(id.as_bytes(), record)?;
+            return Ok(());
+        }
+        // What this save moves between, for `repair` should the process die half way.
+        let entry = SavingEntry {
+            old_index: old_keys.as_ref().map(|k| k.0.clone()),
+            new_index: new_ikey.clone(),
+            old_count: old_keys.as_ref().map(|k| k.1),
+            new_count: new_ckey,
+        };
+        self.saving.insert(id.as_bytes(), encode(&entry)?)?;
         if old_keys.as_ref().map(|k| &k.0) != Some(&new_ikey) {
             self.index.insert(new_ikey.as_slice(), &[] as &[u8])?;
         }
@@ -384,6 +398,7 @@ impl Store {
             }
             None => self.add_count(new_ckey, 1)?,
         }
+        self.saving.remove(id.as_bytes())?;
         Ok(())
     }
 
@@ -589,6 +604,7 @@ impl Store {
             &self.counts,
             &self.events,
             &self.rate_log,
+            &self.saving,
             &self.meta,
         ] {
             for item in tree.iter() {
@@ -603,6 +619,15 @@ impl Store {
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// A save under way (the `saving` tree): the keys it moves the job between.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavingEntry {
+    old_index: Option<Vec<u8>>,
+    new_index: Vec<u8>,
+    old_count: Option<[u8; 2]>,
+    new_count: [u8; 2],
 }
 
 fn index_key(job: &Job) -> Vec<u8> {
@@ -824,63 +849,112 @@ mod tests {
         assert_eq!(store.sent_since(ProviderKind::Photio, 0).unwrap(), vec![2]);
     }
 
-    #[test]
-    fn a_database_left_open_is_repaired_from_its_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        {
-            let store = Store::open(&path, &StoreOptions::default()).unwrap();
-            store
-                .insert_new(&[job("a", ProviderKind::Topaz), job("b", ProviderKind::Topaz)])
-                .unwrap();
-            let mut a = store.get("a").unwrap().unwrap();
-            a.state = JobState::Submitted;
-            a.due_ms = 50;
-            store.save(&a).unwrap();
-            // What a crash between the writes of a save can leave: the entry of a
-            // state the record is no longer in, and a count that did not follow.
-            let mut ghost = a.clone();
-            ghost.state = JobState::Polling;
-            store.index.insert(index_key(&ghost), &[] as &[u8]).unwrap();
-            store
-                .add_count(count_key(JobState::Polling, ProviderKind::Topaz), 1)
-                .unwrap();
-            store
-                .add_count(count_key(JobState::Queued, ProviderKind::Topaz), 5)
-                .unwrap();
-            // The process "dies": the open mark stays.
-            store._closer.disarmed.store(true, Ordering::SeqCst);
+    /// The writes of `save` up to a point, as a process that died there left them.
+    fn save_cut_short(store: &Store, job: &Job, writes: usize) {
+        let old = store.get(job.id()).unwrap().unwrap();
+        let entry = SavingEntry {
+            old_index: Some(index_key(&old)),
+            new_index: index_key(job),
+            old_count: Some(count_key(old.state, old.spec.provider)),
+            new_count: count_key(job.state, job.spec.provider),
+        };
+        let steps: Vec<Box<dyn Fn()>> = vec![
+            Box::new(|| {
+                store
+                    .saving
+                    .insert(job.id(), encode(&entry).unwrap())
+                    .unwrap();
+            }),
+            Box::new(|| {
+                store.index.insert(index_key(job), &[] as &[u8]).unwrap();
+            }),
+            Box::new(|| {
+                store.jobs.insert(job.id(), encode(job).unwrap()).unwrap();
+            }),
+            Box::new(|| {
+                store.index.remove(index_key(&old)).unwrap();
+            }),
+            Box::new(|| store.add_count(entry.new_count, 1).unwrap()),
+        ];
+        for step in steps.iter().take(writes) {
+            step();
         }
-        let store = Store::open(&path, &StoreOptions::default()).unwrap();
-        assert!(store
-            .due(JobState::Polling, ProviderKind::Topaz, u64::MAX, 10)
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            store
-                .due(JobState::Submitted, ProviderKind::Topaz, 50, 10)
-                .unwrap(),
-            vec!["a"]
-        );
-        assert_eq!(
-            store.count(JobState::Queued, ProviderKind::Topaz).unwrap(),
-            1
-        );
-        assert_eq!(
-            store
-                .count(JobState::Submitted, ProviderKind::Topaz)
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            store.count(JobState::Polling, ProviderKind::Topaz).unwrap(),
-            0
-        );
-        assert_eq!(store.total_jobs().unwrap(), 2);
-        // Closed cleanly this time: the next open has nothing to repair.
-        drop(store);
-        let store = Store::open(&path, &StoreOptions::default()).unwrap();
-        assert_eq!(store.total_jobs().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_database_left_open_finishes_its_interrupted_saves() {
+        for writes in 1..=5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("db");
+            {
+                let store = Store::open(&path, &StoreOptions::default()).unwrap();
+                store
+                    .insert_new(&[job("a", ProviderKind::Topaz), job("b", ProviderKind::Topaz)])
+                    .unwrap();
+                let mut a = store.get("a").unwrap().unwrap();
+                a.state = JobState::Submitted;
+                a.due_ms = 50;
+                store.save(&a).unwrap();
+                let mut b = store.get("b").unwrap().unwrap();
+                b.state = JobState::Polling;
+                b.due_ms = 60;
+                save_cut_short(&store, &b, writes);
+                // The process dies here: the open mark stays.
+                store._closer.disarmed.store(true, Ordering::SeqCst);
+            }
+            let store = Store::open(&path, &StoreOptions::default()).unwrap();
+            let b = store.get("b").unwrap().unwrap();
+            let (q, p) = if writes >= 3 {
+                assert_eq!(b.state, JobState::Polling, "after {writes} writes");
+                (0, 1)
+            } else {
+                assert_eq!(b.state, JobState::Queued, "after {writes} writes");
+                (1, 0)
+            };
+            let t = ProviderKind::Topaz;
+            assert_eq!(
+                store.count(JobState::Queued, t).unwrap(),
+                q,
+                "after {writes}"
+            );
+            assert_eq!(
+                store.count(JobState::Polling, t).unwrap(),
+                p,
+                "after {writes}"
+            );
+            assert_eq!(
+                store.count(JobState::Submitted, t).unwrap(),
+                1,
+                "after {writes}"
+            );
+            assert_eq!(store.ids_in_state(JobState::Queued, None).count() as u64, q);
+            assert_eq!(
+                store.ids_in_state(JobState::Polling, None).count() as u64,
+                p
+            );
+            assert_eq!(
+                store.due(JobState::Submitted, t, 50, 10).unwrap(),
+                vec!["a"]
+            );
+            assert_eq!(store.saving.len(), 0);
+            // Closed cleanly this time: nothing left to repair.
+            drop(store);
+            let store = Store::open(&path, &StoreOptions::default()).unwrap();
+            assert_eq!(store.total_jobs().unwrap(), 2);
+        }
+    }
+
+    #[test]
+    fn completed_saves_leave_no_saving_entries() {
+        let (_d, store) = open();
+        store.insert_new(&[job("a", ProviderKind::Topaz)]).unwrap();
+        let mut a = store.get("a").unwrap().unwrap();
+        a.state = JobState::Done;
+        store.save(&a).unwrap();
+        a.error = Some("x".into());
+        store.save(&a).unwrap();
+        assert_eq!(store.saving.len(), 0);
+        assert_eq!(store.count(JobState::Done, ProviderKind::Topaz).unwrap(), 1);
     }
 
     #[test]
