@@ -1046,7 +1046,21 @@ fn growth_setup(size: u64, keep: bool) -> Res<GrowthSetup> {
     })
 }
 
-/// One `pixbatch run`: time to the first request, jobs finished per second over 4 s
+/// Enqueues as many new jobs as the simulator has seen finish.
+fn top_up(g: &mut GrowthSetup) -> Res<()> {
+    let done = num(&g.sim.stats()?, "endpoints", "topaz/status_delete");
+    topaz_manifest(&g.work, "more.csv", done, "more")?;
+    let u = g.work.run(&["enqueue", "more.csv"], &g.env, "more.log")?;
+    if u.code != 0 {
+        return Err(format!(
+            "topping up with {done} jobs: enqueue exited {}",
+            u.code
+        ));
+    }
+    Ok(())
+}
+
+/// One `pixbatch run`: time to the first request, jobs finished per second over 3 s
 /// after a 1 s warm-up, then `end` (SIGINT: Ctrl-C; SIGKILL: a crash).
 fn growth_round(g: &mut GrowthSetup, round: usize, end: libc::c_int) -> Res<()> {
     let sim = &g.sim;
@@ -1083,6 +1097,13 @@ fn growth(opts: &Opts, report: &mut Report) -> Res<()> {
     // ended by SIGKILL (a crash), a restart after that crash.
     let ends = [libc::SIGINT, libc::SIGKILL, libc::SIGINT];
     for (round, end) in ends.into_iter().enumerate() {
+        if round == 1 {
+            // Put back as many jobs as the first run finished, so the queue is its
+            // size again (the smallest would otherwise run dry).
+            for g in setups.iter_mut() {
+                top_up(g)?;
+            }
+        }
         for g in setups.iter_mut() {
             eprintln!(
                 "suite: growth: run {} with {} jobs",
@@ -1103,9 +1124,10 @@ fn growth(opts: &Opts, report: &mut Report) -> Res<()> {
         "#### Growth\n\nFor each size: a new database, `pixbatch enqueue` of that many Topaz rows. Then, for \
 every size in turn, three times over: `pixbatch run` against an unlimited simulator with instant tasks, \
 timed from its start to the first request the simulator sees; jobs/s = jobs finished (the \
-simulator's `status_delete` count) in 4 s after a 1 s warm-up. The first run is ended by Ctrl-C \
-(SIGINT), the second (a restart) by SIGKILL, and the third is a restart after that crash \
-(the store first finishes the state changes the killed process left half done).\n\n\
+simulator's `status_delete` count) in 3 s after a 1 s warm-up. The first run is ended by Ctrl-C \
+(SIGINT); then as many new jobs as it finished are enqueued; the second run (a restart) is ended \
+by SIGKILL, and the third is a restart after that crash (the store first finishes the state \
+changes the killed process left half done).\n\n\
 | queued | enqueue | enqueue rows/s | enqueue peak RSS | DB per queued job | start → first request (1st run, restart, restart after SIGKILL) | jobs/s (same runs) | run peak RSS |\n\
 |---|---|---|---|---|---|---|---|\n",
     );
