@@ -271,7 +271,14 @@ impl Machine {
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             mem,
             load,
-            commit: out("git", &["rev-parse", "--short", "HEAD"]),
+            commit: {
+                let head = out("git", &["rev-parse", "--short", "HEAD"]);
+                if out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+                    head
+                } else {
+                    format!("{head} with uncommitted changes")
+                }
+            },
         }
     }
 
