@@ -160,17 +160,36 @@ pub async fn fetch(
         if size == 0 {
             return Err(DownloadError::Interrupted("empty body".into()));
         }
-        file.sync_all().map_err(|e| io_err(&part, e))?;
         Ok(())
     }
     .await;
-    drop(file);
     if let Err(e) = result {
+        drop(file);
         let _ = std::fs::remove_file(&part);
         return Err(e);
     }
-    failpoint::hit("before-rename");
-    put_in_place(&part, dest)?;
+    // The two fsyncs (file, then folder after the rename) wait for the disk: on a
+    // blocking thread, so the async workers keep serving the other jobs meanwhile.
+    let dest_owned = dest.to_path_buf();
+    let synced = tokio::task::spawn_blocking(move || {
+        let r = file.sync_all().map_err(|e| io_err(&part, e));
+        drop(file);
+        match r {
+            Ok(()) => {
+                failpoint::hit("before-rename");
+                put_in_place(&part, &dest_owned)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&part);
+                Err(e)
+            }
+        }
+    })
+    .await;
+    match synced {
+        Ok(r) => r?,
+        Err(e) => return Err(DownloadError::Interrupted(format!("writing the file: {e}"))),
+    }
     Ok(Written {
         size,
         sha256: hex::encode(hasher.finalize()),

@@ -1,18 +1,22 @@
 //! From manifests to jobs: check every row, plan, and enqueue idempotently.
 //!
-//! Two passes over the files, both streaming. The first checks every row (its own
-//! validity, duplicates across the manifests, conflicts with jobs already in the
-//! database) and counts the plan; if any row is bad, nothing is written. The second
-//! reads the files again and inserts the new jobs in batches. Memory stays small at
-//! a million rows: only the duplicate tracker's fixed-size entries are kept.
+//! One streaming pass over the files checks every row (its own validity, duplicates
+//! across the manifests, conflicts with jobs already in the database) and counts the
+//! plan; if any row is bad, nothing is written. The new jobs it finds go to a scratch
+//! file beside the database (the spool) as they are checked, and only once every row
+//! is known good are they read back and inserted in large batches, so the manifests
+//! are read, parsed and validated (one file inspection per local input) once, not
+//! twice. Memory stays small at a million rows: only the duplicate tracker's
+//! fixed-size entries are kept.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::manifest::{self, DuplicateTracker, ManifestError, RowError, RowStatus};
-use crate::model::{now_ms, EventKind, Job, JobEvent, ProviderKind};
+use crate::model::{now_ms, Job, JobSpec, Origin, ProviderKind};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +25,8 @@ pub enum IntakeError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("enqueue scratch file {path}: {message}")]
+    Spool { path: String, message: String },
 }
 
 /// Per provider: what the manifests ask for.
@@ -56,10 +62,26 @@ pub fn check(
     store: Option<&Store>,
     config: &Config,
 ) -> Result<Checked, IntakeError> {
+    check_into(paths, store, config, None)
+}
+
+/// [`check`], writing every new job to `spool` as well.
+fn check_into(
+    paths: &[PathBuf],
+    store: Option<&Store>,
+    config: &Config,
+    mut spool: Option<&mut Spool>,
+) -> Result<Checked, IntakeError> {
     let mut plan = Plan::default();
     let mut errors = Vec::new();
     let mut tracker = DuplicateTracker::new();
     let mut store_error = None;
+    let mut spool_error = None;
+    // An empty database holds none of the ids: no need to look each one up.
+    let store = match store {
+        Some(st) if st.total_jobs()? == 0 => None,
+        other => other,
+    };
     for path in paths {
         let mut on_row = |row: Result<(crate::model::Origin, crate::model::JobSpec), RowError>| {
             plan.rows += 1;
@@ -112,11 +134,21 @@ pub fn check(
                 p.new_jobs += 1;
             }
             p.requests += crate::providers::requests_per_job(&spec) as u64;
+            if is_new && errors.is_empty() && spool_error.is_none() {
+                if let Some(spool) = spool.as_deref_mut() {
+                    if let Err(e) = spool.push(&origin, &spec) {
+                        spool_error = Some(e);
+                    }
+                }
+            }
         };
         manifest::read_manifest(path, &mut on_row)?;
     }
     if let Some(e) = store_error {
         return Err(e.into());
+    }
+    if let Some(e) = spool_error {
+        return Err(e);
     }
     for (kind, p) in plan.providers.iter_mut() {
         p.least_time = least_time(p.requests, &config.provider(*kind).rate_limits);
@@ -145,70 +177,37 @@ pub struct Enqueued {
     pub added: u64,
 }
 
+/// Jobs inserted per sled transaction: each transaction costs two small
+/// synchronous log writes, so fewer, larger ones.
+const INSERT_BATCH: usize = 10_000;
+
 /// Checks, then (only if every row is good) adds the new jobs.
 pub fn enqueue(
     paths: &[PathBuf],
     store: &Store,
     config: &Config,
 ) -> Result<Result<Enqueued, Vec<RowError>>, IntakeError> {
-    let checked = check(paths, Some(store), config)?;
+    let mut spool = Spool::create(&store.path())?;
+    let checked = check_into(paths, Some(store), config, Some(&mut spool))?;
     if !checked.errors.is_empty() {
         return Ok(Err(checked.errors));
     }
     let now = now_ms();
-    let mut batch: Vec<Job> = Vec::with_capacity(1024);
+    let mut batch: Vec<Job> = Vec::with_capacity(INSERT_BATCH);
     let mut added = 0u64;
-    let mut tracker = DuplicateTracker::new();
-    let mut failure: Option<StoreError> = None;
-    let flush_batch = |batch: &mut Vec<Job>, added: &mut u64| -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        store.insert_new(batch)?;
-        for job in batch.iter() {
-            store.add_event(
-                job.id(),
-                &JobEvent {
-                    at_ms: now,
-                    kind: EventKind::Enqueued,
-                    message: format!("enqueued from {}", job.origin),
-                },
-            )?;
-        }
-        *added += batch.len() as u64;
-        batch.clear();
-        Ok(())
-    };
-    for path in paths {
-        let mut on_row = |row: Result<(crate::model::Origin, crate::model::JobSpec), RowError>| {
-            if failure.is_some() {
-                return;
-            }
-            let Ok((origin, spec)) = row else { return };
-            if !matches!(tracker.check(&origin, &spec), Ok(RowStatus::New)) {
-                return;
-            }
-            match store.get(&spec.id) {
-                Ok(Some(_)) => return,
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(e);
-                    return;
-                }
-            }
-            batch.push(Job::new(spec, origin, now));
-            if batch.len() >= 1000 {
-                if let Err(e) = flush_batch(&mut batch, &mut added) {
-                    failure = Some(e);
-                }
-            }
-        };
-        manifest::read_manifest(path, &mut on_row)?;
-        if let Some(e) = failure.take() {
-            return Err(e.into());
+    let mut reader = spool.read_back()?;
+    while let Some((origin, spec)) = reader.next_job()? {
+        batch.push(Job::new(spec, origin, now));
+        if batch.len() >= INSERT_BATCH {
+            store.insert_new(&batch)?;
+            added += batch.len() as u64;
+            batch.clear();
         }
     }
-    flush_batch(&mut batch, &mut added)?;
+    if !batch.is_empty() {
+        store.insert_new(&batch)?;
+        added += batch.len() as u64;
+    }
     store.flush()?;
     Ok(Ok(Enqueued {
         plan: checked.plan,
@@ -216,9 +215,139 @@ pub fn enqueue(
     }))
 }
 
+/// The new jobs of one enqueue, length-prefixed bincode records in a scratch file
+/// beside the database (not in a temp folder that may be memory-backed: a million
+/// jobs take a few hundred MB). Removed when dropped.
+struct Spool {
+    path: PathBuf,
+    out: Option<BufWriter<std::fs::File>>,
+}
+
+impl Spool {
+    fn create(db: &Path) -> Result<Spool, IntakeError> {
+        let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(format!(".enqueue-{}.spool", std::process::id()));
+        let path = db.with_file_name(name);
+        let file = std::fs::File::create(&path).map_err(|e| spool_error(&path, e))?;
+        Ok(Spool {
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            path,
+        })
+    }
+
+    fn push(&mut self, origin: &Origin, spec: &JobSpec) -> Result<(), IntakeError> {
+        let record = bincode::serde::encode_to_vec((origin, spec), bincode::config::standard())
+            .map_err(|e| spool_error(&self.path, e))?;
+        let len = u32::try_from(record.len()).map_err(|e| spool_error(&self.path, e))?;
+        if let Some(out) = &mut self.out {
+            out.write_all(&len.to_le_bytes())
+                .and_then(|_| out.write_all(&record))
+                .map_err(|e| spool_error(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn read_back(&mut self) -> Result<SpoolReader<'_>, IntakeError> {
+        if let Some(out) = self.out.take() {
+            out.into_inner()
+                .map_err(|e| spool_error(&self.path, e.error()))?;
+        }
+        let file = std::fs::File::open(&self.path).map_err(|e| spool_error(&self.path, e))?;
+        Ok(SpoolReader {
+            path: &self.path,
+            input: BufReader::with_capacity(1 << 20, file),
+            record: Vec::new(),
+        })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.out = None;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct SpoolReader<'a> {
+    path: &'a Path,
+    input: BufReader<std::fs::File>,
+    record: Vec<u8>,
+}
+
+impl SpoolReader<'_> {
+    fn next_job(&mut self) -> Result<Option<(Origin, JobSpec)>, IntakeError> {
+        let mut len = [0u8; 4];
+        match self.input.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(spool_error(self.path, e)),
+        }
+        self.record.resize(u32::from_le_bytes(len) as usize, 0);
+        self.input
+            .read_exact(&mut self.record)
+            .map_err(|e| spool_error(self.path, e))?;
+        let (job, _) = bincode::serde::decode_from_slice(&self.record, bincode::config::standard())
+            .map_err(|e| spool_error(self.path, e))?;
+        Ok(Some(job))
+    }
+}
+
+fn spool_error(path: &Path, e: impl std::fmt::Display) -> IntakeError {
+    IntakeError::Spool {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreOptions;
+
+    #[test]
+    fn enqueue_goes_through_the_spool_once_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/images/tiny.png"),
+            d.join("a.png"),
+        )
+        .unwrap();
+        std::fs::write(d.join("c.toml"), "").unwrap();
+        let config = Config::load(Some(&d.join("c.toml")), &|_| None).unwrap();
+        let good = d.join("good.csv");
+        std::fs::write(
+            &good,
+            "id,provider,operation,input\nj1,topaz,enhance,a.png\nj2,topaz,enhance,a.png\nj1,topaz,enhance,a.png\n",
+        )
+        .unwrap();
+        let bad = d.join("bad.csv");
+        std::fs::write(
+            &bad,
+            "id,provider,operation,input\nj3,topaz,enhance,a.png\nj4,nope,enhance,a.png\n",
+        )
+        .unwrap();
+        let store = Store::open(&d.join("db"), &StoreOptions::default()).unwrap();
+
+        let done = enqueue(std::slice::from_ref(&good), &store, &config)
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.added, done.plan.repeats), (2, 1));
+        assert!(store.get("j2").unwrap().is_some());
+        let again = enqueue(&[good], &store, &config).unwrap().unwrap();
+        assert_eq!((again.added, again.plan.already_queued), (0, 2));
+        // A bad row anywhere: nothing from that command is added, not even good rows.
+        let errors = enqueue(&[bad], &store, &config).unwrap().unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(store.get("j3").unwrap().is_none());
+        assert_eq!(store.total_jobs().unwrap(), 2);
+        let leftovers: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("spool"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn least_time_uses_bursts_of_a_whole_window() {

@@ -14,11 +14,27 @@
 //!   known when recorded): every submission started, so a spend cap holds across runs.
 //! - `versions`: `job id | 0x00 | version u32 BE` → versioned `Job`: earlier versions of
 //!   a job replaced by `enqueue --update`, kept for its history.
-//! - `meta`: the database's format version.
+//! - `saving`: job id → the index and count keys a save under way moves the job
+//!   between (see below); empty whenever no save is under way.
+//! - `meta`: the database's format version; `open` while a process has it open.
 //!
 //! Writes land in sled's memory first. [`Store::sync`] makes everything written so
 //! far durable; concurrent callers share one flush (group commit), so durability
 //! costs one fsync per batch of state changes, not one per request.
+//!
+//! A state change ([`Store::save`]) is a few single-key writes in a fixed order, not a
+//! sled transaction: every sled transaction or batch writes out and syncs sled's
+//! log buffer twice before it commits (`pin_log`), which made one transaction per
+//! state change the engine's main cost (six small synchronous disk writes per job).
+//! The order keeps a crash safe, because sled recovers a prefix of its log: a
+//! `saving` entry names the keys the save moves between, then the new index entry is
+//! written before the record (a record is never without its entry), then the old
+//! entry goes, the counts follow, and the `saving` entry is removed. A crash in
+//! between leaves the `saving` entry. The `meta` key `open` marks a database in use; a
+//! database opened with the mark still set (the last user did not close it) is
+//! repaired first ([`Store::repair`]): each interrupted save's job keeps the index
+//! entry its record calls for, and the counts of the states involved are recounted
+//! from the index.
 //!
 //! Nothing outside this module names sled.
 
@@ -31,7 +47,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{watch, Notify};
 
-use crate::model::{Job, JobEvent, JobState, ProviderKind};
+use crate::model::{EventKind, Job, JobEvent, JobState, ProviderKind};
 
 /// The record format this build writes. Records carry it in their first byte; a
 /// record with a higher number was written by a newer pixbatch and is refused, not
@@ -78,6 +94,8 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    path: std::path::PathBuf,
+    meta: sled::Tree,
     jobs: sled::Tree,
     index: sled::Tree,
     counts: sled::Tree,
@@ -86,11 +104,43 @@ pub struct Store {
     /// See [`Store::record_spend`] (the spend ledger) and [`Store::replace_with_version`].
     spend: sled::Tree,
     versions: sled::Tree,
-    group: Arc<GroupFlush>,
     /// `<db>/pixbatch-jobs`: the number of jobs the database held at its last
     /// blocking flush (jobs are never deleted), so an open can tell a log that sled
     /// silently cut short after damage.
     jobs_mark: Arc<std::path::PathBuf>,
+    /// Saves under way: job id → the index and count keys the save moves between.
+    saving: sled::Tree,
+    /// Clears the `open` mark when the last clone goes.
+    _closer: Arc<Closer>,
+    group: Arc<GroupFlush>,
+}
+
+/// The `meta` key that is set while a process has the database open.
+const OPEN_MARK: &str = "open";
+
+/// Marks the database closed cleanly (and flushes) when the last `Store` clone is
+/// dropped. A process that dies first leaves the mark, and the next open repairs.
+struct Closer {
+    db: sled::Db,
+    meta: sled::Tree,
+    #[cfg(test)]
+    disarmed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        if self.disarmed.load(Ordering::SeqCst) {
+            return;
+        }
+        // Everything written before is in the log ahead of this removal, so a crash
+        // during the flush leaves either the mark or a consistent database.
+        if self.meta.remove(OPEN_MARK).is_ok() {
+            if let Err(e) = self.db.flush() {
+                tracing::warn!("closing the database: {e}");
+            }
+        }
+    }
 }
 
 const JOBS_MARK: &str = "pixbatch-jobs";
@@ -167,6 +217,7 @@ impl Store {
         }
         let jobs_mark = path.join(JOBS_MARK);
         let (done, _) = watch::channel((0, 0, None));
+        let left_open = meta.get(OPEN_MARK)?.is_some();
         let store = Store {
             jobs: db.open_tree("jobs")?,
             index: db.open_tree("index")?,
@@ -175,7 +226,16 @@ impl Store {
             rate_log: db.open_tree("rate_log")?,
             spend: db.open_tree("spend")?,
             versions: db.open_tree("versions")?,
+            saving: db.open_tree("saving")?,
+            _closer: Arc::new(Closer {
+                db: db.clone(),
+                meta: meta.clone(),
+                #[cfg(test)]
+                disarmed: Default::default(),
+            }),
+            meta,
             db,
+            path: path.to_path_buf(),
             group: Arc::new(GroupFlush {
                 tickets: AtomicU64::new(0),
                 wake: Notify::new(),
@@ -184,6 +244,11 @@ impl Store {
             }),
             jobs_mark: Arc::new(jobs_mark),
         };
+        if left_open {
+            tracing::info!("the database was not closed cleanly; checking its index and counts");
+            store.repair()?;
+        }
+        // After the repair: the count is read from the per-state counts it may fix.
         if let Some(marked) = read_jobs_mark(&store.jobs_mark) {
             let held = store.total_jobs()?;
             if held < marked {
@@ -192,7 +257,59 @@ impl Store {
                 )));
             }
         }
+        // Written before anything else this process writes, so a crash leaves it set
+        // whenever a later write survived.
+        store.meta.insert(OPEN_MARK, &[1u8])?;
         Ok(store)
+    }
+
+    /// The database's folder.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.path.clone()
+    }
+
+    /// Finishes what the saves under way when a process died left half done, from
+    /// their `saving` entries and the records (the truth): each such job keeps exactly
+    /// the index entry its record calls for, and the counts of the states those jobs
+    /// moved between are recounted from the index. Costs a key scan of those states'
+    /// index entries (all of them, at worst): well under a second at a million jobs.
+    pub fn repair(&self) -> Result<()> {
+        let mut prefixes: std::collections::BTreeSet<[u8; 2]> = Default::default();
+        let mut n = 0u64;
+        for item in self.saving.iter() {
+            let (id_bytes, value) = item?;
+            let id = String::from_utf8_lossy(&id_bytes).into_owned();
+            let entry: SavingEntry = decode(&id, &value)?;
+            let current = match self.jobs.get(&id_bytes)? {
+                Some(bytes) => {
+                    let job: Job = decode(&id, &bytes)?;
+                    Some((index_key(&job), count_key(job.state, job.spec.provider)))
+                }
+                None => None,
+            };
+            for k in entry.old_index.iter().chain([&entry.new_index]) {
+                if current.as_ref().map(|c| &c.0) != Some(k) {
+                    self.index.remove(k.as_slice())?;
+                }
+            }
+            if let Some((ikey, ckey)) = &current {
+                self.index.insert(ikey.as_slice(), &[] as &[u8])?;
+                prefixes.insert(*ckey);
+            }
+            prefixes.extend(entry.old_count);
+            prefixes.insert(entry.new_count);
+            self.saving.remove(&id_bytes)?;
+            n += 1;
+        }
+        for ckey in &prefixes {
+            let count = self.index.scan_prefix(ckey).keys().count() as u64;
+            self.counts.insert(ckey, &count.to_be_bytes())?;
+        }
+        self.flush()?;
+        if n > 0 {
+            tracing::info!("finished {n} interrupted state changes");
+        }
+        Ok(())
     }
 
     // ----- durability -------------------------------------------------------------
@@ -300,39 +417,72 @@ impl Store {
         tx_result(result)
     }
 
-    /// Writes a job's new version, moving its index entry and state count in the
-    /// same atomic transaction. Not yet durable: see [`Store::sync`].
+    /// Writes a job's new version, moving its index entry and its state count. Not a
+    /// transaction (see the module comment): the new index entry, then the record,
+    /// then the old entry goes and the counts follow, so a crash at any point leaves
+    /// the record findable, and the next open repairs the rest. Callers never save
+    /// the same job concurrently (the dispatcher's claims see to it). Not yet
+    /// durable: see [`Store::sync`].
     pub fn save(&self, job: &Job) -> Result<()> {
         // Test hook: a full or failing disk under the database (see `failpoint`).
         crate::failpoint::io("store-write").map_err(|e| StoreError::Sled(e.to_string()))?;
-        let id = job.id().as_bytes().to_vec();
+        let id = job.id();
         let record = encode(job)?;
         let new_ikey = index_key(job);
         let new_ckey = count_key(job.state, job.spec.provider);
-        let result =
-            (&self.jobs, &self.index, &self.counts).transaction(|(jobs, index, counts)| {
-                if let Some(old) = jobs.insert(id.as_slice(), record.as_slice())? {
-                    let old_job: Job =
-                        decode(job.id(), &old).map_err(ConflictableTransactionError::Abort)?;
-                    let old_ikey = index_key(&old_job);
-                    if old_ikey != new_ikey {
-                        index.remove(old_ikey)?;
-                    }
-                    let old_ckey = count_key(old_job.state, old_job.spec.provider);
-                    if old_ckey != new_ckey {
-                        let n = counts.get(old_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                        counts.insert(&old_ckey, &n.saturating_sub(1).to_be_bytes())?;
-                        let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                        counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
-                    }
-                } else {
-                    let m = counts.get(new_ckey)?.map(|v| read_u64(&v)).unwrap_or(0);
-                    counts.insert(&new_ckey, &(m + 1).to_be_bytes())?;
+        let old = match self.jobs.get(id.as_bytes())? {
+            Some(bytes) => Some(decode::<Job>(id, &bytes)?),
+            None => None,
+        };
+        let old_keys = old
+            .as_ref()
+            .map(|o| (index_key(o), count_key(o.state, o.spec.provider)));
+        if old_keys.as_ref() == Some(&(new_ikey.clone(), new_ckey)) {
+            // Same index entry, same count: one write, atomic on its own.
+            self.jobs.insert(id.as_bytes(), record)?;
+            return Ok(());
+        }
+        // What this save moves between, for `repair` should the process die half way.
+        let entry = SavingEntry {
+            old_index: old_keys.as_ref().map(|k| k.0.clone()),
+            new_index: new_ikey.clone(),
+            old_count: old_keys.as_ref().map(|k| k.1),
+            new_count: new_ckey,
+        };
+        self.saving.insert(id.as_bytes(), encode(&entry)?)?;
+        if old_keys.as_ref().map(|k| &k.0) != Some(&new_ikey) {
+            self.index.insert(new_ikey.as_slice(), &[] as &[u8])?;
+        }
+        self.jobs.insert(id.as_bytes(), record)?;
+        match old_keys {
+            Some((old_ikey, old_ckey)) => {
+                if old_ikey != new_ikey {
+                    self.index.remove(old_ikey)?;
                 }
-                index.insert(new_ikey.as_slice(), &[] as &[u8])?;
-                Ok(())
-            });
-        tx_result(result)
+                if old_ckey != new_ckey {
+                    // Up first, then down: a reader in between sees one job too many,
+                    // never a queue that looks finished while a job is still moving.
+                    self.add_count(new_ckey, 1)?;
+                    self.add_count(old_ckey, -1)?;
+                }
+            }
+            None => self.add_count(new_ckey, 1)?,
+        }
+        self.saving.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    fn add_count(&self, key: [u8; 2], delta: i64) -> Result<()> {
+        self.counts.update_and_fetch(key, |old| {
+            let n = old.map(read_u64).unwrap_or(0);
+            let m = if delta < 0 {
+                n.saturating_sub(delta.unsigned_abs())
+            } else {
+                n + delta as u64
+            };
+            Some(m.to_be_bytes().to_vec())
+        })?;
+        Ok(())
     }
 
     /// Up to `limit` ids of `provider`'s jobs in `state` that are due at `now_ms`,
@@ -437,16 +587,34 @@ impl Store {
         Ok(())
     }
 
+    /// A job's events, oldest first. The first, "enqueued from FILE:LINE", is not
+    /// stored (a million of them made a tenth of the enqueue's cost): it is made from
+    /// the record's origin and creation time. Databases that stored it keep theirs.
     pub fn events(&self, job_id: &str) -> Result<Vec<JobEvent>> {
         let mut prefix = job_id.as_bytes().to_vec();
         prefix.push(0);
-        self.events
+        let mut events = self
+            .events
             .scan_prefix(&prefix)
             .map(|item| {
                 let (_, value) = item?;
                 decode::<JobEvent>(job_id, &value)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let stored = events.first().map(|e| e.kind) == Some(EventKind::Enqueued);
+        if !stored {
+            if let Some(job) = self.get(job_id)? {
+                events.insert(
+                    0,
+                    JobEvent {
+                        at_ms: job.created_ms,
+                        kind: EventKind::Enqueued,
+                        message: format!("enqueued from {}", job.origin),
+                    },
+                );
+            }
+        }
+        Ok(events)
     }
 
     // ----- rate log -----------------------------------------------------------------
@@ -493,6 +661,28 @@ impl Store {
         }
         self.rate_log.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Bytes of live data: every key and value of every tree (a full scan, for
+    /// benchmarks; compare with [`Store::size_on_disk`], which also counts the old
+    /// versions sled's log keeps until it reuses their segments).
+    pub fn live_bytes(&self) -> Result<u64> {
+        let mut n = 0u64;
+        for tree in [
+            &self.jobs,
+            &self.index,
+            &self.counts,
+            &self.events,
+            &self.rate_log,
+            &self.saving,
+            &self.meta,
+        ] {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                n += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok(n)
     }
 
     /// Bytes the database takes on disk.
@@ -622,6 +812,15 @@ impl Store {
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
+}
+
+/// A save under way (the `saving` tree): the keys it moves the job between.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavingEntry {
+    old_index: Option<Vec<u8>>,
+    new_index: Vec<u8>,
+    old_count: Option<[u8; 2]>,
+    new_count: [u8; 2],
 }
 
 fn index_key(job: &Job) -> Vec<u8> {
@@ -841,6 +1040,132 @@ mod tests {
         store.prune_sent(ProviderKind::Topaz, 3).unwrap();
         assert_eq!(store.sent_since(ProviderKind::Topaz, 0).unwrap(), vec![3]);
         assert_eq!(store.sent_since(ProviderKind::Photio, 0).unwrap(), vec![2]);
+    }
+
+    /// The writes of `save` up to a point, as a process that died there left them.
+    fn save_cut_short(store: &Store, job: &Job, writes: usize) {
+        let old = store.get(job.id()).unwrap().unwrap();
+        let entry = SavingEntry {
+            old_index: Some(index_key(&old)),
+            new_index: index_key(job),
+            old_count: Some(count_key(old.state, old.spec.provider)),
+            new_count: count_key(job.state, job.spec.provider),
+        };
+        let steps: Vec<Box<dyn Fn()>> = vec![
+            Box::new(|| {
+                store
+                    .saving
+                    .insert(job.id(), encode(&entry).unwrap())
+                    .unwrap();
+            }),
+            Box::new(|| {
+                store.index.insert(index_key(job), &[] as &[u8]).unwrap();
+            }),
+            Box::new(|| {
+                store.jobs.insert(job.id(), encode(job).unwrap()).unwrap();
+            }),
+            Box::new(|| {
+                store.index.remove(index_key(&old)).unwrap();
+            }),
+            Box::new(|| store.add_count(entry.new_count, 1).unwrap()),
+        ];
+        for step in steps.iter().take(writes) {
+            step();
+        }
+    }
+
+    #[test]
+    fn a_database_left_open_finishes_its_interrupted_saves() {
+        for writes in 1..=5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("db");
+            {
+                let store = Store::open(&path, &StoreOptions::default()).unwrap();
+                store
+                    .insert_new(&[job("a", ProviderKind::Topaz), job("b", ProviderKind::Topaz)])
+                    .unwrap();
+                let mut a = store.get("a").unwrap().unwrap();
+                a.state = JobState::Submitted;
+                a.due_ms = 50;
+                store.save(&a).unwrap();
+                let mut b = store.get("b").unwrap().unwrap();
+                b.state = JobState::Polling;
+                b.due_ms = 60;
+                save_cut_short(&store, &b, writes);
+                // The process dies here: the open mark stays.
+                store._closer.disarmed.store(true, Ordering::SeqCst);
+            }
+            let store = Store::open(&path, &StoreOptions::default()).unwrap();
+            let b = store.get("b").unwrap().unwrap();
+            let (q, p) = if writes >= 3 {
+                assert_eq!(b.state, JobState::Polling, "after {writes} writes");
+                (0, 1)
+            } else {
+                assert_eq!(b.state, JobState::Queued, "after {writes} writes");
+                (1, 0)
+            };
+            let t = ProviderKind::Topaz;
+            assert_eq!(
+                store.count(JobState::Queued, t).unwrap(),
+                q,
+                "after {writes}"
+            );
+            assert_eq!(
+                store.count(JobState::Polling, t).unwrap(),
+                p,
+                "after {writes}"
+            );
+            assert_eq!(
+                store.count(JobState::Submitted, t).unwrap(),
+                1,
+                "after {writes}"
+            );
+            assert_eq!(store.ids_in_state(JobState::Queued, None).count() as u64, q);
+            assert_eq!(
+                store.ids_in_state(JobState::Polling, None).count() as u64,
+                p
+            );
+            assert_eq!(
+                store.due(JobState::Submitted, t, 50, 10).unwrap(),
+                vec!["a"]
+            );
+            assert_eq!(store.saving.len(), 0);
+            // Closed cleanly this time: nothing left to repair.
+            drop(store);
+            let store = Store::open(&path, &StoreOptions::default()).unwrap();
+            assert_eq!(store.total_jobs().unwrap(), 2);
+        }
+    }
+
+    #[test]
+    fn completed_saves_leave_no_saving_entries() {
+        let (_d, store) = open();
+        store.insert_new(&[job("a", ProviderKind::Topaz)]).unwrap();
+        let mut a = store.get("a").unwrap().unwrap();
+        a.state = JobState::Done;
+        store.save(&a).unwrap();
+        a.error = Some("x".into());
+        store.save(&a).unwrap();
+        assert_eq!(store.saving.len(), 0);
+        assert_eq!(store.count(JobState::Done, ProviderKind::Topaz).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_enqueue_event_is_derived_from_the_record() {
+        let (_d, store) = open();
+        store.insert_new(&[job("a", ProviderKind::Topaz)]).unwrap();
+        let e = JobEvent {
+            at_ms: 5,
+            kind: crate::model::EventKind::Retry,
+            message: "HTTP 500".into(),
+        };
+        store.add_event("a", &e).unwrap();
+        let events = store.events("a").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].kind, EventKind::Enqueued);
+        assert_eq!(events[0].at_ms, 1);
+        assert_eq!(events[0].message, "enqueued from m.csv:2");
+        assert_eq!(events[1], e);
     }
 
     #[tokio::test]

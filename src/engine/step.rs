@@ -129,10 +129,10 @@ async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), Store
     if job.submissions == 0 {
         job.submissions = 1;
     }
-    if job.state != JobState::Preparing {
-        job.state = JobState::Preparing;
-        save(env, &mut job)?;
-    }
+    // Saved with the first stage's refs, or with the intent to submit: a crash before
+    // either leaves the job where it was, which repeats the same stage anyway (and a
+    // save less per job for providers with nothing to prepare).
+    job.state = JobState::Preparing;
     // Stage by stage: each stage's refs are durable before the next stage starts, so
     // a crash repeats at most the stage it interrupted. The bound only guards against
     // an adapter that never says it is done.
@@ -472,7 +472,10 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                     size: w.size,
                     sha256: w.sha256,
                 });
-                save(env, &mut job)?;
+                // The last one is saved by `finish`, with `done`.
+                if index + 1 < count {
+                    save(env, &mut job)?;
+                }
             }
             Err(e) if e.is_out_of_space() => {
                 // Not the job's fault, and no retry will fix it: keep the job where

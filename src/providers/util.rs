@@ -154,6 +154,16 @@ pub fn dimensions_of_file(path: &Path) -> Option<(u32, u32)> {
         .filter(|&(w, h)| w > 0 && h > 0)
 }
 
+/// Width and height from a PNG's first 24 bytes (signature, then the IHDR chunk).
+fn png_dimensions(head: &[u8]) -> Option<(u32, u32)> {
+    if head.len() < 24 || &head[..8] != b"\x89PNG\r\n\x1a\n" || &head[12..16] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes([head[16], head[17], head[18], head[19]]);
+    let h = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    (w > 0 && h > 0).then_some((w, h))
+}
+
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -422,7 +432,10 @@ pub fn inspect_local(path: &str, limit: u64) -> Result<LocalImage, String> {
         .and_then(|mut f| read_up_to(&mut f, &mut head))
         .map_err(|e| format!("input {path}: {e}"))?;
     let format = ImageFormat::sniff(&head[..n]);
-    let dimensions = format.and_then(|_| dimensions_of_file(Path::new(path)));
+    // A PNG's size is in the header just read: no second open (a million-row
+    // manifest checks a million files).
+    let dimensions = png_dimensions(&head[..n])
+        .or_else(|| format.and_then(|_| dimensions_of_file(Path::new(path))));
     Ok(LocalImage {
         size: meta.len(),
         format,
@@ -1036,6 +1049,23 @@ pub fn secret_header(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn png_size_from_the_header_matches_the_decoder() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/images/tiny.png");
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(png_dimensions(&bytes[..32]), Some((64, 48)));
+        assert_eq!(
+            png_dimensions(&bytes[..32]),
+            dimensions_of_file(Path::new(path))
+        );
+        assert_eq!(
+            inspect_local(path, 1 << 20).unwrap().dimensions,
+            Some((64, 48))
+        );
+        assert_eq!(png_dimensions(&bytes[..20]), None);
+        assert_eq!(png_dimensions(b"GIF89a..................."), None);
+    }
 
     #[test]
     fn sniffs_formats_from_magic_bytes() {

@@ -225,6 +225,56 @@ pub fn encode(img: &RgbaImage, format: Format) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Pads an encoded image to at least `min_len` bytes with data every decoder skips:
+/// a private ancillary PNG chunk before `IEND`, or JPEG comment segments after `SOI`.
+/// For benchmarks of large downloads without the cost of making large pictures.
+pub fn pad_to(mut bytes: Vec<u8>, format: Format, min_len: usize) -> Vec<u8> {
+    if bytes.len() >= min_len {
+        return bytes;
+    }
+    match format {
+        Format::Png => {
+            // The last 12 bytes are the IEND chunk.
+            let Some(iend_at) = bytes.len().checked_sub(12) else {
+                return bytes;
+            };
+            let data_len = (min_len - bytes.len()).saturating_sub(12).max(1);
+            let Ok(len32) = u32::try_from(data_len) else {
+                return bytes;
+            };
+            let iend = bytes.split_off(iend_at);
+            bytes.reserve(data_len + 24);
+            bytes.extend_from_slice(&len32.to_be_bytes());
+            let body_at = bytes.len();
+            // "pxPd": lower-case first letter = ancillary (safe to ignore), second =
+            // private.
+            bytes.extend_from_slice(b"pxPd");
+            bytes.resize(bytes.len() + data_len, 0);
+            let crc = crc32fast::hash(&bytes[body_at..]);
+            bytes.extend_from_slice(&crc.to_be_bytes());
+            bytes.extend_from_slice(&iend);
+            bytes
+        }
+        Format::Jpeg => {
+            const MAX_SEGMENT: usize = 65_533;
+            let mut missing = min_len - bytes.len();
+            let mut pad = Vec::with_capacity(missing + 4 * (missing / MAX_SEGMENT + 1));
+            while missing > 0 {
+                let n = missing.saturating_sub(4).clamp(1, MAX_SEGMENT);
+                pad.extend_from_slice(&[0xFF, 0xFE]);
+                pad.extend_from_slice(&((n + 2) as u16).to_be_bytes());
+                pad.resize(pad.len() + n, b' ');
+                missing = missing.saturating_sub(n + 4);
+            }
+            // After SOI (2 bytes).
+            let tail = bytes.split_off(2.min(bytes.len()));
+            bytes.extend_from_slice(&pad);
+            bytes.extend_from_slice(&tail);
+            bytes
+        }
+    }
+}
+
 /// A test fixture: a generated PNG of the given size.
 pub fn sample_png(w: u32, h: u32, seed: u64) -> Vec<u8> {
     encode(&generate(w, h, seed), Format::Png).unwrap_or_default()
@@ -243,6 +293,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_images_still_decode_to_the_same_pixels() {
+        for format in [Format::Png, Format::Jpeg] {
+            let plain = encode(&generate(40, 30, 7), format).unwrap();
+            let padded = pad_to(plain.clone(), format, 300_000);
+            assert!(padded.len() >= 300_000, "{format:?}: {}", padded.len());
+            assert!(padded.len() < 300_000 + 300, "{format:?}: {}", padded.len());
+            let a = decode(&plain, 1 << 20).unwrap();
+            let b = decode(&padded, 1 << 20).unwrap();
+            assert_eq!(a.to_rgba8(), b.to_rgba8(), "{format:?}");
+            assert_eq!(pad_to(plain.clone(), format, 10), plain);
+        }
+    }
 
     #[test]
     fn probe_and_decode_round_trip() {

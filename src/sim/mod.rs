@@ -147,6 +147,16 @@ pub struct SimArgs {
     /// shorter to see a client renew one mid-run).
     #[arg(long = "token-ttl-ms", value_name = "MS", default_value_t = 7_200_000)]
     pub token_ttl_ms: u64,
+
+    /// Pad every Topaz result image to at least this many bytes (a private PNG chunk
+    /// or JPEG comments the decoders skip): large downloads for benchmarks.
+    #[arg(long = "result-bytes", value_name = "BYTES", default_value_t = 0)]
+    pub result_bytes: usize,
+
+    /// Keep only the newest N ledger entries (0 = all); `/_sim/stats` stays exact.
+    /// For long benchmark runs, whose ledger would otherwise grow without bound.
+    #[arg(long = "ledger-cap", value_name = "N", default_value_t = 0)]
+    pub ledger_cap: usize,
 }
 
 impl SimArgs {
@@ -188,6 +198,8 @@ impl SimArgs {
             link_ttl: Duration::from_millis(self.link_ttl_ms),
             keep_alive: Duration::from_millis(self.keep_alive_ms),
             token_ttl: Duration::from_millis(self.token_ttl_ms),
+            result_bytes: self.result_bytes,
+            ledger_cap: self.ledger_cap,
             ..SimConfig::default()
         })
     }
@@ -252,6 +264,10 @@ pub struct SimConfig {
     pub max_pixels: u64,
     /// Request bodies above this are answered 413.
     pub max_body_bytes: usize,
+    /// Topaz result images are padded to at least this many bytes (0: as encoded).
+    pub result_bytes: usize,
+    /// The ledger keeps at most this many entries (0: all).
+    pub ledger_cap: usize,
 }
 
 impl Default for SimConfig {
@@ -269,6 +285,8 @@ impl Default for SimConfig {
             token_ttl: Duration::from_secs(7200),
             max_pixels: 40_000_000,
             max_body_bytes: 64 * 1024 * 1024,
+            result_bytes: 0,
+            ledger_cap: 0,
         }
     }
 }
@@ -440,7 +458,7 @@ impl Shared {
         Ok(Shared {
             started: Instant::now(),
             seq: AtomicU64::new(0),
-            ledger: Ledger::default(),
+            ledger: Ledger::with_cap(config.ledger_cap),
             limiters: Limiters::new(&config.limits),
             chaos: Chaos::new(config.chaos.clone(), config.seed),
             ids: Mutex::new(SmallRng::seed_from_u64(config.seed ^ 0x05ee_d1d5_u64)),
@@ -875,6 +893,8 @@ async fn get_config(State(s): State<Arc<Shared>>) -> Response {
         "link_ttl_ms": c.link_ttl.as_millis() as u64,
         "max_pixels": c.max_pixels,
         "max_body_bytes": c.max_body_bytes,
+        "result_bytes": c.result_bytes,
+        "ledger_cap": c.ledger_cap,
         "chaos": {
             "rate_429": c.chaos.rate_429,
             "retry_after_secs": c.chaos.retry_after_secs,

@@ -647,8 +647,12 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         return unsupported();
     };
     let format = params.format;
+    let pad = s.config.result_bytes;
     let encoded = s
-        .cpu(move || images::encode(&images::fit(&decoded, ow, oh, fit), format))
+        .cpu(move || {
+            images::encode(&images::fit(&decoded, ow, oh, fit), format)
+                .map(|b| images::pad_to(b, format, pad))
+        })
         .await;
     let encoded = match encoded {
         Ok(b) => b,
