@@ -60,7 +60,12 @@ async fn run_inner(
             progress::notice(&format!("{n} failed job(s) requeued"));
         }
     }
-    let gate = Arc::new(engine::spend::SpendGate::new(caps, &config));
+    let mut gate = engine::spend::SpendGate::new(caps, &config);
+    if args.on_finish.is_some() {
+        // PIXBATCH_CREDITS_SPENT is the database's total.
+        gate = gate.with_earlier_runs();
+    }
+    let gate = Arc::new(gate);
     let options = WorkOptions {
         quiet: args.quiet,
         metrics: &args.metrics,

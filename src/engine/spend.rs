@@ -97,6 +97,11 @@ pub struct SpendGate {
     estimators: tokio::sync::Mutex<BTreeMap<ProviderKind, Estimator>>,
     /// Estimates learned, for the dispatcher's decisions without waiting.
     known: Mutex<Known>,
+    /// Whether `load` sums the ledger of earlier runs: needed for a cap and for
+    /// `--on-finish`'s database totals, and skipped otherwise, because it reads one
+    /// entry per submission ever made (a million at the sizes users run) before the
+    /// first request.
+    earlier_runs: bool,
 }
 
 #[derive(Default)]
@@ -130,6 +135,7 @@ impl SpendGate {
             .filter_map(|(k, pc)| pc.cost_per_job.map(|c| (*k, c)))
             .collect();
         SpendGate {
+            earlier_runs: !caps.is_empty(),
             caps,
             configured,
             state: Mutex::default(),
@@ -143,6 +149,13 @@ impl SpendGate {
         SpendGate::new(Caps::default(), config)
     }
 
+    /// Sums the earlier runs' spend at the start even without a cap (for a summary
+    /// that reports the database's total).
+    pub fn with_earlier_runs(mut self) -> SpendGate {
+        self.earlier_runs = true;
+        self
+    }
+
     pub fn caps(&self) -> &Caps {
         &self.caps
     }
@@ -154,6 +167,9 @@ impl SpendGate {
         store: &Store,
         lanes: &BTreeMap<ProviderKind, std::sync::Arc<Lane>>,
     ) -> Result<(), StoreError> {
+        if !self.earlier_runs {
+            return Ok(());
+        }
         let mut spent: BTreeMap<ProviderKind, f64> = BTreeMap::new();
         let mut unpriced: Vec<(ProviderKind, String)> = Vec::new();
         let mut unknown: BTreeMap<ProviderKind, u64> = BTreeMap::new();
