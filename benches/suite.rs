@@ -348,6 +348,7 @@ fn signal(child: &Child, sig: libc::c_int) {
 /// A simulator in a process of its own.
 struct Sim {
     child: Child,
+    stopped: bool,
     started: Instant,
     addr: String,
     base: String,
@@ -386,6 +387,7 @@ impl Sim {
         let addr = base.trim_start_matches("http://").to_string();
         Ok(Sim {
             child,
+            stopped: false,
             started,
             addr,
             base,
@@ -420,9 +422,20 @@ impl Sim {
         (t(11) + t(12)) / tck
     }
 
-    fn stop(self) -> Usage {
+    fn stop(mut self) -> Usage {
         signal(&self.child, libc::SIGTERM);
+        self.stopped = true;
         wait_usage(&self.child, self.started)
+    }
+}
+
+impl Drop for Sim {
+    /// A scenario that fails half way must not leave its simulator running.
+    fn drop(&mut self) {
+        if !self.stopped {
+            signal(&self.child, libc::SIGTERM);
+            wait_usage(&self.child, self.started);
+        }
     }
 }
 
@@ -1075,7 +1088,14 @@ fn growth_round(g: &mut GrowthSetup, round: usize, end: libc::c_int) -> Res<()> 
     let (child, t) = g
         .work
         .spawn(&["run", "--quiet"], &g.env, &format!("run{round}.log"))?;
-    let first = first_request(sim, before, t, Duration::from_secs(120))?;
+    let first = match first_request(sim, before, t, Duration::from_secs(120)) {
+        Ok(f) => f,
+        Err(e) => {
+            signal(&child, libc::SIGKILL);
+            wait_usage(&child, t);
+            return Err(e);
+        }
+    };
     std::thread::sleep(Duration::from_secs(1));
     let a = (
         Instant::now(),
