@@ -907,6 +907,13 @@ pub fn classify_http_error(kind: RequestKind, status: StatusCode, body: &[u8]) -
         reason.push_str(": ");
         reason.push_str(&detail);
     }
+    status_error(kind, status, reason)
+}
+
+/// The error an answer's status means, with `reason` (its words): 408/409/423/425,
+/// 429 and 5xx may pass; other 4xx are the provider's refusal; anything else that is
+/// not a success is a bad answer.
+pub fn status_error(kind: RequestKind, status: StatusCode, reason: String) -> ProviderError {
     match status.as_u16() {
         408 | 409 | 423 | 425 | 429 | 500..=599 => ProviderError::transient(reason),
         400..=499 => ProviderError::permanent(reason),

@@ -421,9 +421,7 @@ pub fn error_answer(
     }
     match status.as_u16() {
         401 | 403 => ProviderError::permanent(format!("{reason} ({})", hint)),
-        408 | 409 | 423 | 425 | 429 | 500..=599 => ProviderError::transient(reason),
-        400..=499 => ProviderError::permanent(reason),
-        _ => ProviderError::bad_answer(kind, format!("unexpected answer {reason}")),
+        _ => util::status_error(kind, status, reason),
     }
 }
 
