@@ -12,6 +12,9 @@ pub mod demo;
 pub mod download;
 pub mod engine;
 pub mod failpoint;
+// The fuzz targets' checks assert by design: compiled only for tests and for
+// cargo-fuzz (which passes `--cfg fuzzing`), never into the shipped binary.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod intake;
