@@ -9,6 +9,7 @@ mod demo;
 mod dzine;
 mod lifecycle;
 mod limits;
+mod live_reads;
 mod manifest;
 mod metrics;
 mod ops;
