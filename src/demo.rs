@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, RgbImage};
 
 /// The example manifest, as committed at the repository root.
+/// Where `pixbatch demo` writes its manifest, pictures and database (`./pixbatch-demo`).
+pub const FOLDER: &str = "pixbatch-demo";
+
 pub const EXAMPLE_MANIFEST: &str = include_str!("../jobs.example.csv");
 
 /// (file name, width, height) of the example inputs. The extension sets the format

@@ -10,23 +10,21 @@ pub(super) fn ask(
     emit: &mut dyn FnMut(serde_json::Value) -> std::io::Result<()>,
 ) -> Result<(), Fail> {
     let socket = lock::socket_path(db);
+    // No database and no process about to make one (it would hold `<db>.lock`): say
+    // so without leaving a lock file behind.
+    if !db.exists() && !lock::lock_path(db).exists() {
+        return Err(no_database(db));
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut last;
     loop {
         match DbLock::try_acquire(db, "read") {
             Ok(_lock) => {
                 if !db.exists() {
-                    return Err(Fail(
-                        EXIT_ERROR,
-                        format!(
-                            "no database at {} (run `pixbatch enqueue` first)",
-                            db.display()
-                        ),
-                    ));
+                    return Err(no_database(db));
                 }
                 let store = open_store(db)?;
-                return query::answer(&store, query, None, emit)
-                    .map_err(|e| Fail(EXIT_ERROR, e.to_string()));
+                return query::answer(&store, query, None, emit).map_err(Fail::from);
             }
             Err(LockError::Held { .. } | LockError::HeldUnknown { .. }) => {
                 // A run answers over its socket; another short command (a reader,
@@ -41,7 +39,7 @@ pub(super) fn ask(
                     {
                         last = e.to_string();
                     }
-                    Err(e) => return Err(Fail(EXIT_ERROR, e.to_string())),
+                    Err(e) => return Err(Fail::from(e)),
                 }
             }
             Err(e) => return Err(Fail(EXIT_ERROR, e.to_string())),
@@ -59,7 +57,25 @@ pub(super) fn ask(
     }
 }
 
+/// "No database at X", with the way to the demo's database when that is the one
+/// the user means (`pixbatch status` right after `pixbatch demo`).
+pub(super) fn no_database(db: &Path) -> Fail {
+    let mut message = format!("no database at {}", db.display());
+    let demo = Path::new(crate::demo::FOLDER).join("pixbatch.db");
+    if db == Path::new("pixbatch.db") && demo.exists() {
+        message.push_str(&format!(
+            " (the demo's database is {0}: `pixbatch --db {0} status`)",
+            demo.display()
+        ));
+    } else {
+        message.push_str(" (`pixbatch run MANIFEST` or `pixbatch enqueue MANIFEST` makes one)");
+    }
+    Fail(EXIT_ERROR, message)
+}
+
 pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     let mut report: Option<StatusReport> = None;
     ask(db, &Query::Status, &mut |v| {
         report = serde_json::from_value(v).ok();
@@ -67,10 +83,10 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
     })?;
     let report = report.ok_or_else(|| Fail(EXIT_ERROR, "empty status answer".into()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(EXIT_OK);
     }
-    println!("{} jobs", report.total);
+    writeln!(out, "{} jobs", report.total)?;
     for state in JobState::ALL {
         let n = report.states.get(state.name()).copied().unwrap_or(0);
         if n == 0 {
@@ -82,23 +98,24 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
             .filter(|c| c.state == state)
             .map(|c| format!("{} {}", c.provider, c.count))
             .collect();
-        println!("  {:<12} {:>8}  ({})", state.name(), n, per.join(", "));
+        writeln!(out, "  {:<12} {:>8}  ({})", state.name(), n, per.join(", "))?;
     }
     match &report.running {
         Some(l) => {
-            print!(
+            write!(
+                out,
                 "running: pid {}, for {}, {:.2} jobs/s, {} finished by this run",
                 l.pid,
                 query::ago(l.started_ms),
                 l.rate_per_sec,
                 l.finished_this_run
-            );
+            )?;
             match report.eta_secs {
-                Some(eta) => println!(", ETA {}", query::human_secs(eta)),
-                None => println!(),
+                Some(eta) => writeln!(out, ", ETA {}", query::human_secs(eta))?,
+                None => writeln!(out)?,
             }
         }
-        None => println!("not running"),
+        None => writeln!(out, "not running")?,
     }
     Ok(EXIT_OK)
 }
@@ -111,13 +128,16 @@ pub(super) fn cmd_list(
 ) -> Result<i32, Fail> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if !json {
+    // The header goes out with the first row (or after an empty answer), so a failed
+    // query prints nothing on stdout.
+    let header = |out: &mut dyn Write| {
         writeln!(
             out,
             "{:<24} {:<11} {:<14} {:<12} {:>3}  ERROR",
             "ID", "PROVIDER", "OPERATION", "STATE", "TRY"
-        )?;
-    }
+        )
+    };
+    let mut started = json;
     ask(db, &Query::List { state, provider }, &mut |v| {
         if json {
             return writeln!(out, "{v}");
@@ -125,6 +145,10 @@ pub(super) fn cmd_list(
         let Ok(row) = serde_json::from_value::<JobRow>(v) else {
             return Ok(());
         };
+        if !started {
+            header(&mut out)?;
+            started = true;
+        }
         writeln!(
             out,
             "{:<24} {:<11} {:<14} {:<12} {:>3}  {}",
@@ -136,11 +160,16 @@ pub(super) fn cmd_list(
             row.error.unwrap_or_default()
         )
     })?;
+    if !started {
+        header(&mut out)?;
+    }
     out.flush()?;
     Ok(EXIT_OK)
 }
 
 pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     let mut detail: Option<JobDetail> = None;
     ask(db, &Query::Show { id: id.to_string() }, &mut |v| {
         detail = serde_json::from_value(v).ok();
@@ -148,58 +177,63 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     })?;
     let d = detail.ok_or_else(|| Fail(EXIT_ERROR, format!("no job with id {id:?}")))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&d)?)?;
         return Ok(EXIT_OK);
     }
     let r = &d.row;
-    println!("job        {}", r.id);
-    println!("from       {}", r.origin);
-    println!("provider   {} / {}", r.provider, r.operation);
-    println!("inputs     {}", r.inputs);
+    writeln!(out, "job        {}", r.id)?;
+    writeln!(out, "from       {}", r.origin)?;
+    writeln!(out, "provider   {} / {}", r.provider, r.operation)?;
+    writeln!(out, "inputs     {}", r.inputs)?;
     if let Some(p) = &d.prompt {
-        println!("prompt     {p}");
+        writeln!(out, "prompt     {p}")?;
     }
-    println!("params     {}", d.params);
+    writeln!(out, "params     {}", d.params)?;
     if let Some(o) = &d.output {
-        println!("output     {o}");
+        writeln!(out, "output     {o}")?;
     }
-    println!("state      {}", r.state);
+    writeln!(out, "state      {}", r.state)?;
     if let Some(remote) = &r.remote_id {
-        println!("remote id  {remote}");
+        writeln!(out, "remote id  {remote}")?;
     }
-    println!(
+    writeln!(
+        out,
         "attempts   {} failed, {} submission(s)",
         r.attempts, r.submissions
-    );
+    )?;
     if r.possible_duplicates > 0 {
-        println!(
+        writeln!(
+            out,
             "WARNING    {} possible duplicate charge(s): see the events below",
             r.possible_duplicates
-        );
+        )?;
     }
     if let Some(e) = &r.error {
-        println!("error      {e}");
+        writeln!(out, "error      {e}")?;
     }
     for o in &d.outputs {
-        println!(
+        writeln!(
+            out,
             "output {}   {} ({} bytes, sha256 {})",
             o.index, o.path, o.size, o.sha256
-        );
+        )?;
     }
     for v in &d.versions {
-        println!(
+        writeln!(
+            out,
             "version {}  {} ({}), outputs {}",
             v.version, v.job.state, v.params, v.job.outputs
-        );
+        )?;
     }
-    println!("events:");
+    writeln!(out, "events:")?;
     for e in &d.events {
-        println!(
+        writeln!(
+            out,
             "  {}  {:<26} {}",
             query::rfc3339(e.at_ms),
             e.kind.name(),
             e.message
-        );
+        )?;
     }
     Ok(EXIT_OK)
 }
@@ -254,14 +288,27 @@ fn write_report(
         }
         ReportFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);
-            w.write_record(crate::report::CSV_COLUMNS)?;
+            // The header goes out with the first row (or after an empty answer), so a
+            // failed query writes nothing.
+            let mut started = false;
+            let csv_io = |e: csv::Error| match e.into_kind() {
+                csv::ErrorKind::Io(io) => io,
+                other => std::io::Error::other(format!("{other:?}")),
+            };
             ask(db, &Query::Report, &mut |v| {
                 if let Ok(r) = serde_json::from_value::<JobRow>(v) {
+                    if !started {
+                        w.write_record(crate::report::CSV_COLUMNS).map_err(csv_io)?;
+                        started = true;
+                    }
                     w.write_record(crate::report::csv_record(&r))
-                        .map_err(std::io::Error::other)?;
+                        .map_err(csv_io)?;
                 }
                 Ok(())
             })?;
+            if !started {
+                w.write_record(crate::report::CSV_COLUMNS)?;
+            }
             w.flush()?;
         }
         ReportFormat::Html => {

@@ -3,66 +3,166 @@
 use super::*;
 use crate::model::Job;
 
-pub(super) fn cmd_retry(db: &Path, args: &RetryArgs) -> Result<i32, Fail> {
-    let filter = RetryFilter::from_args(args, now_ms())?;
-    let _lock = lock_for_writing(db, "retry")?;
-    let store = open_store(db)?;
-    let mut n = 0;
-    let mut consider = |job: Job| -> Result<(), Fail> {
-        if !filter.matches(&job) {
-            return Ok(());
-        }
-        if args.dry_run {
-            println!(
-                "{}\t{}\t{}\t{}",
-                job.id(),
-                job.spec.provider,
-                job.state,
-                job.error.as_deref().unwrap_or("")
-            );
-            n += 1;
-        } else if requeue(&store, job, "`pixbatch retry`")? {
-            n += 1;
-        }
-        Ok(())
-    };
-    if args.job_ids.is_empty() {
-        for state in &filter.states {
-            let ids: Vec<String> = store
-                .ids_in_state(*state, filter.provider)
-                .collect::<Result<_, _>>()?;
-            for id in ids {
-                if let Some(job) = store.get(&id)? {
-                    consider(job)?;
-                }
-            }
-        }
-    } else {
-        for id in &args.job_ids {
-            match store.get(id)? {
-                None => eprintln!("pixbatch: no job with id {id:?}"),
-                Some(job) if !job.state.is_terminal() || job.state == JobState::Done => {
-                    eprintln!(
-                        "pixbatch: {id} is {}, not failed or cancelled; left as it is",
-                        job.state
-                    )
-                }
-                Some(job) => consider(job)?,
-            }
-        }
-    }
-    if args.dry_run {
-        eprintln!("pixbatch: {n} job(s) would be requeued (--dry-run: nothing changed)");
-        return Ok(EXIT_OK);
-    }
-    store.flush()?;
-    println!("{n} job(s) requeued");
-    Ok(EXIT_OK)
+/// What `retry` or `cancel` did, for people (lines) and scripts (`--json`). A
+/// named job that is unknown, or that was left as it is, makes the command exit 1:
+/// a cron script must not take "nothing happened" for success.
+#[derive(Debug, Default, serde::Serialize)]
+pub(super) struct Changes {
+    pub command: &'static str,
+    pub dry_run: bool,
+    /// The jobs changed (or, with --dry-run, that would be).
+    pub changed: Vec<Changed>,
+    /// Named jobs this command cannot change (a state it does not take, or the
+    /// provider's refusal), with the reason: these make the exit 1.
+    pub skipped: Vec<Skipped>,
+    /// Named jobs the filters (--provider, --error, --since) left out, as asked.
+    pub left_out: Vec<Skipped>,
+    /// Named ids no job has.
+    pub unknown: Vec<String>,
 }
 
-/// Which jobs `retry` takes: every given condition holds.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct Changed {
+    pub id: String,
+    pub provider: ProviderKind,
+    /// The state the job was in before.
+    pub state: JobState,
+    pub message: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub(super) struct Skipped {
+    pub id: String,
+    pub reason: String,
+}
+
+impl Changes {
+    fn new(command: &'static str, dry_run: bool) -> Changes {
+        Changes {
+            command,
+            dry_run,
+            ..Default::default()
+        }
+    }
+
+    fn code(&self) -> i32 {
+        if self.unknown.is_empty() && self.skipped.is_empty() {
+            EXIT_OK
+        } else {
+            EXIT_ERROR
+        }
+    }
+
+    /// Prints what happened (`done` is "requeued" or "cancelled") and gives the
+    /// exit code.
+    fn finish(&self, json: bool, done: &str) -> Result<i32, Fail> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        if json {
+            writeln!(out, "{}", serde_json::to_string_pretty(self)?)?;
+            return Ok(self.code());
+        }
+        for c in &self.changed {
+            writeln!(out, "{}\t{}\t{}\t{}", c.id, c.provider, c.state, c.message)?;
+        }
+        for s in self.skipped.iter().chain(&self.left_out) {
+            eprintln!("pixbatch: {}: {}", s.id, s.reason);
+        }
+        for id in &self.unknown {
+            eprintln!("pixbatch: {id}: no such job");
+        }
+        let n = self.changed.len();
+        if self.dry_run {
+            eprintln!("pixbatch: {n} job(s) would be {done} (--dry-run: nothing changed)");
+        } else if self.command == "retry" {
+            // On stdout since the first release: scripts read it.
+            writeln!(out, "{n} job(s) {done}")?;
+        } else {
+            eprintln!("pixbatch: {n} job(s) {done}");
+        }
+        if !self.unknown.is_empty() {
+            eprintln!(
+                "pixbatch: {} id(s) match no job (exit 1)",
+                self.unknown.len()
+            );
+        }
+        Ok(self.code())
+    }
+}
+
+/// The jobs a selection names: the filtered states' jobs, or the named ids (the
+/// filters apply to them too; unknown ones and ones the filter leaves out are
+/// reported).
+fn select(
+    store: &Store,
+    filter: &JobFilter,
+    ids: &[String],
+    changes: &mut Changes,
+) -> Result<Vec<Job>, Fail> {
+    let mut jobs = Vec::new();
+    if ids.is_empty() {
+        for state in &filter.states {
+            let found: Vec<String> = store
+                .ids_in_state(*state, filter.provider)
+                .collect::<Result<_, _>>()?;
+            for id in found {
+                if let Some(job) = store.get(&id)? {
+                    if filter.matches(&job) {
+                        jobs.push(job);
+                    }
+                }
+            }
+        }
+        return Ok(jobs);
+    }
+    for id in ids {
+        match store.get(id)? {
+            None => changes.unknown.push(id.clone()),
+            Some(job) if filter.matches(&job) => jobs.push(job),
+            Some(job) => {
+                let left = Skipped {
+                    id: id.clone(),
+                    reason: filter.why_not(&job),
+                };
+                if filter.states.contains(&job.state) {
+                    changes.left_out.push(left);
+                } else {
+                    changes.skipped.push(left);
+                }
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+pub(super) fn cmd_retry(db: &Path, args: &RetryArgs) -> Result<i32, Fail> {
+    let filter = JobFilter::for_retry(args, now_ms())?;
+    if !db.exists() {
+        return Err(super::inspect::no_database(db));
+    }
+    let _lock = lock_for_writing(db, "retry")?;
+    let store = open_store(db)?;
+    let mut changes = Changes::new("retry", args.dry_run);
+    for job in select(&store, &filter, &args.job_ids, &mut changes)? {
+        let changed = Changed {
+            id: job.id().to_string(),
+            provider: job.spec.provider,
+            state: job.state,
+            message: job.error.clone().unwrap_or_default(),
+        };
+        if args.dry_run || requeue(&store, job, "`pixbatch retry`")? {
+            changes.changed.push(changed);
+        }
+    }
+    if !args.dry_run {
+        store.flush()?;
+    }
+    changes.finish(args.json, "requeued")
+}
+
+/// Which jobs `retry` or `cancel` takes: every given condition holds.
 #[derive(Debug)]
-pub(super) struct RetryFilter {
+pub(super) struct JobFilter {
     pub states: Vec<JobState>,
     pub provider: Option<ProviderKind>,
     /// Lower-cased.
@@ -70,8 +170,8 @@ pub(super) struct RetryFilter {
     pub since_ms: Option<u64>,
 }
 
-impl RetryFilter {
-    pub fn from_args(args: &RetryArgs, now: u64) -> Result<RetryFilter, Fail> {
+impl JobFilter {
+    pub fn for_retry(args: &RetryArgs, now: u64) -> Result<JobFilter, Fail> {
         let mut states = args.state.clone();
         if args.failed {
             states.push(JobState::Failed);
@@ -107,12 +207,68 @@ impl RetryFilter {
             Some(t) => Some(parse_since(t, now).map_err(|e| Fail(EXIT_ERROR, e))?),
             None => None,
         };
-        Ok(RetryFilter {
+        Ok(JobFilter {
             states,
             provider: args.provider,
             error: args.error.as_ref().map(|e| e.to_lowercase()),
             since_ms,
         })
+    }
+
+    /// `cancel`: unfinished jobs (every unfinished state unless `--state` says
+    /// which), with the same filters as `retry`.
+    pub fn for_cancel(args: &CancelArgs, now: u64) -> Result<JobFilter, Fail> {
+        let mut states = args.state.clone();
+        if let Some(bad) = states.iter().find(|s| s.is_terminal()) {
+            return Err(Fail(
+                EXIT_ERROR,
+                format!("cancel takes unfinished jobs, not {bad} ones"),
+            ));
+        }
+        let any_filter = args.provider.is_some() || args.error.is_some() || args.since.is_some();
+        if states.is_empty() && args.job_ids.is_empty() && !any_filter {
+            return Err(Fail(
+                EXIT_ERROR,
+                "say which jobs: --state, --provider, --error, --since or JOB_ID...".into(),
+            ));
+        }
+        if states.is_empty() {
+            states = JobState::ALL
+                .into_iter()
+                .filter(|s| !s.is_terminal())
+                .collect();
+        }
+        states.sort();
+        states.dedup();
+        let since_ms = match &args.since {
+            Some(t) => Some(parse_since(t, now).map_err(|e| Fail(EXIT_ERROR, e))?),
+            None => None,
+        };
+        Ok(JobFilter {
+            states,
+            provider: args.provider,
+            error: args.error.as_ref().map(|e| e.to_lowercase()),
+            since_ms,
+        })
+    }
+
+    /// Why a named job is left out, for the person who named it.
+    pub fn why_not(&self, job: &Job) -> String {
+        if !self.states.contains(&job.state) {
+            let wanted: Vec<&str> = self.states.iter().map(|s| s.name()).collect();
+            return format!(
+                "is {}, not {}; left as it is",
+                job.state,
+                wanted.join(" or ")
+            );
+        }
+        if self.provider.is_some_and(|p| p != job.spec.provider) {
+            return format!("is a {} job; left as it is", job.spec.provider);
+        }
+        if self.error.is_some() {
+            return "its error does not match --error; left as it is".into();
+        }
+        "it last changed before --since; left as it is".into()
     }
 
     pub fn matches(&self, job: &Job) -> bool {
@@ -182,70 +338,155 @@ pub(super) fn requeue(store: &Store, mut job: Job, why: &str) -> Result<bool, Fa
 /// Cancels jobs: directly when no run holds the database, else through the run's
 /// control socket, so the running process cancels them (and their remote tasks)
 /// itself.
-pub(super) async fn cmd_cancel(db: &Path, config: &Config, ids: &[String]) -> Result<i32, Fail> {
-    match DbLock::acquire_within(db, "cancel", Duration::from_secs(5)) {
-        Ok(lock) => cancel_directly(db, config, ids, lock).await,
-        Err(e @ (LockError::Held { .. } | LockError::HeldUnknown { .. })) => {
-            cancel_through_run(db, ids, e)
-        }
-        Err(e) => Err(lock_fail(e)),
+pub(super) async fn cmd_cancel(db: &Path, config: &Config, args: &CancelArgs) -> Result<i32, Fail> {
+    let filter = JobFilter::for_cancel(args, now_ms())?;
+    if !db.exists() {
+        return Err(super::inspect::no_database(db));
     }
+    let mut changes = Changes::new("cancel", args.dry_run);
+    match DbLock::acquire_within(db, "cancel", Duration::from_secs(5)) {
+        Ok(lock) => cancel_directly(db, config, &filter, args, lock, &mut changes).await?,
+        Err(e @ (LockError::Held { .. } | LockError::HeldUnknown { .. })) => {
+            cancel_through_run(db, &filter, args, e, &mut changes)?
+        }
+        Err(e) => return Err(lock_fail(e)),
+    }
+    changes.finish(args.json, "cancelled")
 }
 
-fn cancel_through_run(db: &Path, ids: &[String], held: LockError) -> Result<i32, Fail> {
-    let query = Query::Cancel { ids: ids.to_vec() };
-    let mut n = 0;
-    let asked = crate::control::ask(&lock::socket_path(db), &query, &mut |v| {
-        let answer: query::CancelAnswer = serde_json::from_value(v)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        if answer.cancelled {
-            n += 1;
-            println!("{}: {}", answer.id, answer.message);
-        } else {
-            eprintln!("pixbatch: {}: {}", answer.id, answer.message);
-        }
-        Ok(())
-    });
-    match asked {
-        Ok(()) => {
-            eprintln!("pixbatch: {n} job(s) cancelled by the running process");
-            Ok(EXIT_OK)
-        }
-        Err(query::QueryError::Io(e))
+/// Picks the jobs from the run's answers (a `list` per state), then asks the run to
+/// cancel them: no other process may write its database.
+fn cancel_through_run(
+    db: &Path,
+    filter: &JobFilter,
+    args: &CancelArgs,
+    held: LockError,
+    changes: &mut Changes,
+) -> Result<(), Fail> {
+    let socket = lock::socket_path(db);
+    let unreachable = |e: query::QueryError| match e {
+        query::QueryError::Io(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Err(Fail(
+            Fail(
                 EXIT_LOCKED,
                 format!("{held}, and it does not take requests on its control socket ({e})"),
-            ))
+            )
         }
-        Err(e) => Err(Fail(EXIT_ERROR, e.to_string())),
+        e => Fail::from(e),
+    };
+    let mut rows: Vec<JobRow> = Vec::new();
+    let list = Query::List {
+        state: None,
+        provider: filter.provider,
+    };
+    crate::control::ask(&socket, &list, &mut |v| {
+        if let Ok(row) = serde_json::from_value::<JobRow>(v) {
+            rows.push(row);
+        }
+        Ok(())
+    })
+    .map_err(unreachable)?;
+    let matches = |r: &JobRow| {
+        filter.states.contains(&r.state)
+            && filter.provider.is_none_or(|p| p == r.provider)
+            && filter.error.as_ref().is_none_or(|needle| {
+                r.error
+                    .as_ref()
+                    .is_some_and(|e| e.to_lowercase().contains(needle.as_str()))
+            })
+            && filter
+                .since_ms
+                .is_none_or(|t| r.finished_ms.unwrap_or(r.created_ms) >= t)
+    };
+    let mut chosen: Vec<&JobRow> = Vec::new();
+    if args.job_ids.is_empty() {
+        chosen.extend(rows.iter().filter(|r| matches(r)));
+    } else {
+        for id in &args.job_ids {
+            match rows.iter().find(|r| &r.id == id) {
+                None => changes.unknown.push(id.clone()),
+                Some(r) if matches(r) => chosen.push(r),
+                Some(r) if filter.states.contains(&r.state) => changes.left_out.push(Skipped {
+                    id: id.clone(),
+                    reason: "the filters leave it out; left as it is".into(),
+                }),
+                Some(r) => changes.skipped.push(Skipped {
+                    id: id.clone(),
+                    reason: format!("is {}; left as it is", r.state),
+                }),
+            }
+        }
     }
+    if args.dry_run {
+        for r in chosen {
+            changes.changed.push(Changed {
+                id: r.id.clone(),
+                provider: r.provider,
+                state: r.state,
+                message: "would be cancelled by the running process".into(),
+            });
+        }
+        return Ok(());
+    }
+    let ids: Vec<String> = chosen.iter().map(|r| r.id.clone()).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let before: std::collections::HashMap<&str, &JobRow> =
+        chosen.iter().map(|r| (r.id.as_str(), *r)).collect();
+    let query = Query::Cancel { ids: ids.clone() };
+    crate::control::ask(&socket, &query, &mut |v| {
+        let answer: query::CancelAnswer = serde_json::from_value(v)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        match before.get(answer.id.as_str()) {
+            Some(r) if answer.cancelled => changes.changed.push(Changed {
+                id: answer.id,
+                provider: r.provider,
+                state: r.state,
+                message: answer.message,
+            }),
+            _ => changes.skipped.push(Skipped {
+                id: answer.id,
+                reason: answer.message,
+            }),
+        }
+        Ok(())
+    })
+    .map_err(unreachable)
 }
 
 async fn cancel_directly(
     db: &Path,
     config: &Config,
-    ids: &[String],
+    filter: &JobFilter,
+    args: &CancelArgs,
     _lock: DbLock,
-) -> Result<i32, Fail> {
+    changes: &mut Changes,
+) -> Result<(), Fail> {
     let store = open_store(db)?;
-    let mut n = 0;
-    for id in ids {
-        let Some(job) = store.get(id)? else {
-            eprintln!("pixbatch: no job with id {id:?}");
+    for job in select(&store, filter, &args.job_ids, changes)? {
+        let id = job.id().to_string();
+        let (provider, state) = (job.spec.provider, job.state);
+        if args.dry_run {
+            changes.changed.push(Changed {
+                id,
+                provider,
+                state,
+                message: "would be cancelled".into(),
+            });
             continue;
-        };
-        let pc = config.provider(job.spec.provider);
+        }
+        let pc = config.provider(provider);
         let mut remote = None;
         if job.remote_id.is_some() && job.state.has_remote_task() {
             match crate::providers::build(&pc) {
                 Ok(adapter) => {
                     let gate = Arc::new(engine::limiter::ProviderGate::new(
-                        job.spec.provider,
+                        provider,
                         &pc.rate_limits,
                         config.engine.rate_margin,
                         Some(store.clone()),
@@ -265,15 +506,21 @@ async fn cancel_directly(
         )
         .await?;
         if answer.cancelled {
-            println!("{id}: {}", answer.message);
-            n += 1;
+            changes.changed.push(Changed {
+                id,
+                provider,
+                state,
+                message: answer.message,
+            });
         } else {
-            eprintln!("pixbatch: {id} is {}", answer.message);
+            changes.skipped.push(Skipped {
+                id,
+                reason: answer.message,
+            });
         }
     }
     store.flush()?;
-    eprintln!("pixbatch: {n} job(s) cancelled");
-    Ok(EXIT_OK)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -322,7 +569,7 @@ mod tests {
         let args = |f: &dyn Fn(&mut RetryArgs)| {
             let mut a = RetryArgs::default();
             f(&mut a);
-            RetryFilter::from_args(&a, 10_000).map_err(|Fail(_, m)| m)
+            JobFilter::for_retry(&a, 10_000).map_err(|Fail(_, m)| m)
         };
         assert!(args(&|_| {}).is_err(), "no selector at all");
         assert!(args(&|a| a.state = vec![JobState::Done]).is_err());

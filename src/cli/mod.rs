@@ -94,11 +94,9 @@ pub enum Command {
     },
     /// Put failed or cancelled jobs back in the queue (all filters combine).
     Retry(RetryArgs),
-    /// Cancel jobs (and their remote tasks where the provider can).
-    Cancel {
-        #[arg(required = true)]
-        job_ids: Vec<String>,
-    },
+    /// Cancel unfinished jobs (and their remote tasks where the provider can); the
+    /// filters combine, as for retry. Exits 1 if a named job is unknown or finished.
+    Cancel(CancelArgs),
     /// Every job as CSV, JSON Lines, or an HTML page with input and output previews.
     Report {
         #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
@@ -181,7 +179,39 @@ pub struct RetryArgs {
     /// Print the jobs that would be requeued; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// These jobs (the filters apply to them too).
+    /// One JSON object: the jobs changed, the named ones skipped (with why), the
+    /// unknown ids.
+    #[arg(long)]
+    pub json: bool,
+    /// These jobs (the filters apply to them too). An unknown one makes the exit 1.
+    #[arg(value_name = "JOB_ID")]
+    pub job_ids: Vec<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CancelArgs {
+    /// Jobs in this state (an unfinished one: queued, retry-wait, polling …;
+    /// repeatable). Default: every unfinished state.
+    #[arg(long, value_name = "STATE")]
+    pub state: Vec<JobState>,
+    /// Only this provider's jobs.
+    #[arg(long)]
+    pub provider: Option<ProviderKind>,
+    /// Only jobs whose error text (of a failed attempt) contains TEXT, ignoring case.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+    /// Only jobs that last changed at or after TIME (as for retry).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print the jobs that would be cancelled; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// One JSON object: the jobs cancelled, the named ones skipped (with why), the
+    /// unknown ids.
+    #[arg(long)]
+    pub json: bool,
+    /// These jobs (the filters apply to them too). An unknown one makes the exit 1.
+    #[arg(value_name = "JOB_ID")]
     pub job_ids: Vec<String>,
 }
 
@@ -260,8 +290,36 @@ pub fn main() -> i32 {
 /// A failure with its exit code and message.
 struct Fail(i32, String);
 
-impl<E: std::fmt::Display> From<E> for Fail {
+/// Not an exit code: the reader of our stdout went away (`pixbatch list | head -1`).
+/// `dispatch` turns it into a quiet exit 0, as `cat` and `git log` end in a pipe.
+const CLOSED_PIPE: i32 = -1;
+
+impl Fail {
+    fn closed_pipe() -> Fail {
+        Fail(CLOSED_PIPE, String::new())
+    }
+}
+
+impl<E: std::fmt::Display + 'static> From<E> for Fail {
     fn from(e: E) -> Self {
+        let any: &dyn std::any::Any = &e;
+        if let Some(io) = any.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return Fail::closed_pipe();
+            }
+        }
+        if let Some(query::QueryError::Io(io)) = any.downcast_ref::<query::QueryError>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return Fail::closed_pipe();
+            }
+        }
+        if let Some(csv) = any.downcast_ref::<csv::Error>() {
+            if let csv::ErrorKind::Io(io) = csv.kind() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Fail::closed_pipe();
+                }
+            }
+        }
         Fail(EXIT_ERROR, e.to_string())
     }
 }
@@ -337,7 +395,7 @@ async fn dispatch(cli: Cli) -> i32 {
         } => cmd_list(&db, state, provider, json),
         Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
         Command::Retry(args) => cmd_retry(&db, &args),
-        Command::Cancel { job_ids } => cmd_cancel(&db, &config, &job_ids).await,
+        Command::Cancel(args) => cmd_cancel(&db, &config, &args).await,
         Command::Report {
             format,
             output,
@@ -368,6 +426,7 @@ async fn dispatch(cli: Cli) -> i32 {
     };
     match result {
         Ok(code) => code,
+        Err(Fail(CLOSED_PIPE, _)) => EXIT_OK,
         Err(Fail(code, message)) => {
             let message = progress::scrub(&message, &secrets);
             if cli.log_format == LogFormat::Json {

@@ -40,6 +40,14 @@ async fn run_inner(
         .await?;
         return Ok(Outcome::nothing(code));
     }
+    if args.manifests.is_empty() && !db.exists() {
+        // Nothing given and nothing left from before: make no database to say so.
+        progress::notice(&format!(
+            "nothing to do: no manifest given and no database at {} (`pixbatch run MANIFEST`)",
+            db.display()
+        ));
+        return Ok(Outcome::nothing(EXIT_OK));
+    }
     let _lock = lock_waiting(db, "run", args.wait_lock, args.quiet).await?;
     let store = open_store(db)?;
     if !args.manifests.is_empty() {
@@ -59,6 +67,18 @@ async fn run_inner(
         if !args.quiet && n > 0 {
             progress::notice(&format!("{n} failed job(s) requeued"));
         }
+    }
+    let unfinished: u64 = store
+        .counts()?
+        .iter()
+        .filter(|((state, _), _)| !state.is_terminal())
+        .map(|(_, n)| *n)
+        .sum();
+    if unfinished == 0 && !args.quiet {
+        progress::notice(&format!(
+            "nothing to do: every job in {} has finished (`pixbatch retry --failed` puts failed ones back)",
+            db.display()
+        ));
     }
     let mut gate = engine::spend::SpendGate::new(caps, &config);
     if args.on_finish.is_some() {
@@ -709,7 +729,7 @@ pub(super) async fn cmd_demo(
     mut config: Config,
     bar: SharedBar,
 ) -> Result<i32, Fail> {
-    let folder = PathBuf::from("pixbatch-demo");
+    let folder = PathBuf::from(crate::demo::FOLDER);
     let manifest = crate::demo::materialize(&folder).map_err(|e| {
         Fail(
             EXIT_ERROR,

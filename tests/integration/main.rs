@@ -17,5 +17,6 @@ mod perfect;
 mod report_html;
 mod secrets;
 mod security;
+mod shell;
 mod soak;
 mod storage;

@@ -1,0 +1,192 @@
+//! pixbatch in a shell: pipes, exit codes, missing databases, filters and `--json`
+//! on the commands that change jobs (issue 12, "fits the shell").
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+
+fn manifest(dir: &Path, rows: usize) {
+    write_png(&dir.join("in/a.png"), 16, 16, 2);
+    let mut csv = String::from("id,provider,operation,input\n");
+    for i in 0..rows {
+        let provider = if i % 2 == 0 { "topaz" } else { "photio" };
+        let operation = if i % 2 == 0 { "enhance" } else { "upscale" };
+        csv.push_str(&format!("job{i:05},{provider},{operation},in/a.png\n"));
+    }
+    std::fs::write(dir.join("jobs.csv"), csv).unwrap();
+}
+
+fn enqueue(dir: &Path) {
+    let out = pixbatch(dir)
+        .args(["enqueue", "jobs.csv"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn reads_of_a_missing_database_print_nothing_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["list"],
+        &["list", "--json"],
+        &["show", "x"],
+        &["report"],
+        &["report", "--format", "jsonl"],
+        &["retry", "--failed"],
+        &["cancel", "x"],
+    ] {
+        let out = pixbatch(d).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} printed on stdout: {}",
+            text(&out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no database at pixbatch.db"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            entries(d),
+            Vec::<String>::new(),
+            "{args:?} left files behind"
+        );
+    }
+    // `run` with nothing to do makes no database either, and says so.
+    let out = pixbatch(d).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to do"));
+    assert_eq!(entries(d), Vec::<String>::new());
+
+    // After `demo`, a bare `status` points at the demo's database.
+    std::fs::create_dir_all(d.join("pixbatch-demo/pixbatch.db")).unwrap();
+    let out = pixbatch(d).arg("status").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--db pixbatch-demo/pixbatch.db status"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly_with_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Far more than a pipe holds (64 KiB), so the writer meets the closed end.
+    manifest(d, 4000);
+    enqueue(d);
+    for command in [
+        "list",
+        "list --json",
+        "report",
+        "report --format jsonl",
+        "show job00000",
+    ] {
+        let script = format!(
+            "set -o pipefail; '{}' {command} | head -n 1",
+            bin().display()
+        );
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{command}: {}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+        assert!(out.stderr.is_empty(), "{command}: {}", text(&out));
+    }
+}
+
+#[test]
+fn retry_and_cancel_take_filters_say_what_they_did_and_fail_on_unknown_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    manifest(d, 6);
+    enqueue(d);
+
+    // Filters pick the jobs; --dry-run changes nothing; --json says what it did.
+    let out = pixbatch(d)
+        .args(["cancel", "--provider", "photio", "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = answer["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["job00001", "job00003", "job00005"], "{answer}");
+    assert_eq!(answer["dry_run"], true);
+    let rows = report(d, &d.join("pixbatch.db"));
+    assert!(rows.iter().all(|r| r["state"] == "queued"), "{rows:#?}");
+
+    let out = pixbatch(d)
+        .args(["cancel", "--provider", "photio", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = report(d, &d.join("pixbatch.db"));
+    let cancelled: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["state"] == "cancelled")
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(cancelled, ["job00001", "job00003", "job00005"]);
+
+    // Unknown ids exit 1, after doing what the known ones ask.
+    let out = pixbatch(d)
+        .args(["cancel", "job00000", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch: no such job"));
+    let out = pixbatch(d)
+        .args(["retry", "job00001", "nosuch", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["unknown"], serde_json::json!(["nosuch"]), "{answer}");
+    assert_eq!(answer["changed"][0]["id"], "job00001", "{answer}");
+    // A named job in the wrong state is left alone, and says so with exit 1.
+    let out = pixbatch(d).args(["retry", "job00002"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("job00002: is queued"),
+        "{}",
+        text(&out)
+    );
+    // Bare `cancel` names no jobs: refused rather than cancelling everything.
+    let out = pixbatch(d).arg("cancel").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("say which jobs"));
+
+    let rows = report(d, &d.join("pixbatch.db"));
+    let state = |id: &str| {
+        rows.iter()
+            .find(|r| r["id"] == id)
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state("job00000"), "cancelled");
+    assert_eq!(state("job00001"), "queued");
+    assert_eq!(state("job00003"), "cancelled");
+}
