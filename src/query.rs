@@ -15,6 +15,13 @@ pub enum Query {
     List {
         state: Option<JobState>,
         provider: Option<ProviderKind>,
+        /// Only jobs from this manifest: the path as given to `run`/`enqueue`, or
+        /// any path to the same file (`list --manifest`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// Stop after this many rows (`list --limit`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
     },
     Show {
         id: String,
@@ -149,6 +156,38 @@ pub struct VersionRow {
     pub params: String,
 }
 
+/// Which jobs came from one manifest: its origin is the path as given when it was
+/// enqueued (maybe relative to another folder), so paths are compared as given and
+/// then as the files they name (each distinct origin resolved once).
+struct ManifestMatch {
+    given: String,
+    file: Option<std::path::PathBuf>,
+    resolved: std::collections::HashMap<String, bool>,
+}
+
+impl ManifestMatch {
+    fn new(given: &str) -> ManifestMatch {
+        ManifestMatch {
+            given: given.to_string(),
+            file: std::fs::canonicalize(given).ok(),
+            resolved: Default::default(),
+        }
+    }
+
+    fn matches(&mut self, origin: &str) -> bool {
+        if origin == self.given {
+            return true;
+        }
+        let Some(file) = &self.file else {
+            return false;
+        };
+        *self
+            .resolved
+            .entry(origin.to_string())
+            .or_insert_with(|| std::fs::canonicalize(origin).is_ok_and(|o| &o == file))
+    }
+}
+
 /// Answers `query` from `store`, handing each answer line to `emit`.
 pub fn answer(
     store: &Store,
@@ -189,25 +228,46 @@ pub fn answer(
             };
             emit(serde_json::to_value(report)?)?;
         }
-        Query::List { state, provider } => {
-            let mut send = |job: &Job| -> Result<(), QueryError> {
-                if provider.is_none_or(|p| p == job.spec.provider) {
-                    emit(serde_json::to_value(JobRow::from_job(job))?)?;
+        Query::List {
+            state,
+            provider,
+            manifest,
+            limit,
+        } => {
+            let mut from_manifest = manifest.as_deref().map(ManifestMatch::new);
+            let limit = limit.unwrap_or(u64::MAX);
+            let mut sent = 0u64;
+            // Returns false once the limit is reached.
+            let mut send = |job: &Job| -> Result<bool, QueryError> {
+                if sent >= limit {
+                    return Ok(false);
                 }
-                Ok(())
+                let wanted = provider.is_none_or(|p| p == job.spec.provider)
+                    && from_manifest
+                        .as_mut()
+                        .is_none_or(|m| m.matches(&job.origin.file));
+                if wanted {
+                    emit(serde_json::to_value(JobRow::from_job(job))?)?;
+                    sent += 1;
+                }
+                Ok(sent < limit)
             };
             match state {
                 // The state index lists a state's jobs without scanning the queue.
                 Some(s) => {
                     for id in store.ids_in_state(*s, *provider) {
                         if let Some(job) = store.get(&id?)? {
-                            send(&job)?;
+                            if !send(&job)? {
+                                break;
+                            }
                         }
                     }
                 }
                 None => {
                     for job in store.all_jobs() {
-                        send(&job?)?;
+                        if !send(&job?)? {
+                            break;
+                        }
                     }
                 }
             }

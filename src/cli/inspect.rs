@@ -120,12 +120,7 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
     Ok(EXIT_OK)
 }
 
-pub(super) fn cmd_list(
-    db: &Path,
-    state: Option<JobState>,
-    provider: Option<ProviderKind>,
-    json: bool,
-) -> Result<i32, Fail> {
+pub(super) fn cmd_list(db: &Path, query: &Query, json: bool) -> Result<i32, Fail> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     // The header goes out with the first row (or after an empty answer), so a failed
@@ -138,7 +133,7 @@ pub(super) fn cmd_list(
         )
     };
     let mut started = json;
-    ask(db, &Query::List { state, provider }, &mut |v| {
+    ask(db, query, &mut |v| {
         if json {
             return writeln!(out, "{v}");
         }

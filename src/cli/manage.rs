@@ -382,6 +382,8 @@ fn cancel_through_run(
     let list = Query::List {
         state: None,
         provider: filter.provider,
+        manifest: None,
+        limit: None,
     };
     crate::control::ask(&socket, &list, &mut |v| {
         if let Ok(row) = serde_json::from_value::<JobRow>(v) {

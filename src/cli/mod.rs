@@ -76,12 +76,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List jobs.
+    /// List jobs, one line each (the filters combine).
     List {
+        /// Only jobs in this state.
         #[arg(long)]
         state: Option<JobState>,
+        /// Only this provider's jobs.
         #[arg(long)]
         provider: Option<ProviderKind>,
+        /// Only jobs from this manifest (as given to run/enqueue, or any path to it).
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Stop after N jobs.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -221,6 +229,16 @@ pub struct RunArgs {
     /// Print only the summary.
     #[arg(short, long)]
     pub quiet: bool,
+    /// At most N requests at once per provider (over each provider's `concurrency`).
+    #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub concurrency: Option<u64>,
+    /// Work only this provider's jobs (repeatable); the others stay as they are.
+    #[arg(long, value_name = "PROVIDER")]
+    pub provider: Vec<ProviderKind>,
+    /// Start at most N queued jobs; jobs already under way are finished too. The
+    /// rest stay queued for a later run (exit 0 when those started all ended done).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     // --- cost, reprocessing and cron (docs/operations.md) ---
@@ -391,8 +409,25 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::List {
             state,
             provider,
+            manifest,
+            limit,
             json,
-        } => cmd_list(&db, state, provider, json),
+        } => {
+            // The run answering may work in another folder: send the file's full path.
+            let manifest = manifest.map(|m| {
+                std::fs::canonicalize(&m)
+                    .unwrap_or(m)
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            let query = Query::List {
+                state,
+                provider,
+                manifest,
+                limit,
+            };
+            cmd_list(&db, &query, json)
+        }
         Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
         Command::Retry(args) => cmd_retry(&db, &args),
         Command::Cancel(args) => cmd_cancel(&db, &config, &args).await,

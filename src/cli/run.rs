@@ -86,10 +86,21 @@ async fn run_inner(
         gate = gate.with_earlier_runs();
     }
     let gate = Arc::new(gate);
+    let mut config = config;
+    if let Some(n) = args.concurrency {
+        // `-j N`: every provider's concurrent requests, over the config file's.
+        for pc in config.providers.values_mut() {
+            pc.concurrency = n as usize;
+        }
+    }
     let options = WorkOptions {
         quiet: args.quiet,
         metrics: &args.metrics,
         gate,
+        selection: engine::Selection {
+            providers: args.provider.clone(),
+            max_new_jobs: args.limit,
+        },
     };
     work(store, db, out, config, options, bar).await
 }
@@ -153,6 +164,8 @@ pub(super) struct WorkOptions<'a> {
     pub quiet: bool,
     pub metrics: &'a MetricsArgs,
     pub gate: Arc<engine::spend::SpendGate>,
+    /// `run --provider` and `--limit`.
+    pub selection: engine::Selection,
 }
 
 /// Runs the engine over `store` until done or interrupted; prints the summary.
@@ -168,10 +181,11 @@ pub(super) async fn work(
         quiet,
         metrics,
         gate,
+        selection,
     } = options;
     std::fs::create_dir_all(out)
         .map_err(|e| Fail(EXIT_ERROR, format!("output folder {}: {e}", out.display())))?;
-    let engine = Engine::new(store.clone(), config, out.to_path_buf())
+    let engine = Engine::with_selection(store.clone(), config, out.to_path_buf(), selection)
         .map_err(|e| Fail(EXIT_ERROR, e.to_string()))?
         .with_spend_gate(gate.clone());
     let observer = super::observe::Observer::start(metrics, &engine, &store).await?;
@@ -232,6 +246,12 @@ pub(super) async fn work(
         summary.finished_this_run
     );
     println!("{line}");
+    if summary.held_back > 0 && !summary.interrupted {
+        progress::notice(&format!(
+            "{} job(s) left for a later run, as asked (--provider/--limit)",
+            summary.held_back
+        ));
+    }
     let spend = gate.report();
     if !gate.caps().is_empty() {
         // The spend is part of the summary when a cap was asked for.
@@ -297,7 +317,7 @@ fn exit_code(summary: &engine::RunSummary, gate: &engine::spend::SpendGate) -> i
         EXIT_CREDIT_CAP
     } else if summary.failed > 0 {
         EXIT_FAILED_JOBS
-    } else if summary.unfinished > 0 {
+    } else if summary.unfinished > summary.held_back {
         EXIT_ERROR
     } else {
         EXIT_OK
@@ -776,6 +796,7 @@ pub(super) async fn cmd_demo(
         quiet: false,
         metrics: &metrics,
         gate,
+        selection: engine::Selection::default(),
     };
     let outcome = work(store, &db, out, config, options, bar).await;
     let _ = sim.shutdown().await;

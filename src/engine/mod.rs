@@ -138,6 +138,21 @@ impl Lane {
     }
 }
 
+/// Which of the database's jobs a run works (`run --provider`, `run --limit`).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only these providers' jobs (empty: every provider's).
+    pub providers: Vec<ProviderKind>,
+    /// Start at most this many queued jobs; jobs already under way are finished.
+    pub max_new_jobs: Option<u64>,
+}
+
+impl Selection {
+    fn includes(&self, kind: ProviderKind) -> bool {
+        self.providers.is_empty() || self.providers.contains(&kind)
+    }
+}
+
 /// What a run ended with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
@@ -149,6 +164,9 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Jobs finished by this run.
     pub finished_this_run: u64,
+    /// Of the unfinished, those the run was told to leave: other providers'
+    /// (`--provider`) and queued ones past `--limit`.
+    pub held_back: u64,
 }
 
 /// A snapshot for progress displays.
@@ -196,6 +214,8 @@ pub struct Engine {
     /// Jobs a step (or a cancel) is working on; shared with [`cancel::Canceller`].
     claimed: Arc<Mutex<HashSet<String>>>,
     wake: Arc<Notify>,
+    /// How many queued jobs may still be started (`run --limit`); None: no limit.
+    start_budget: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Engine {
@@ -203,6 +223,16 @@ impl Engine {
     /// adapter cannot be built (no credentials) is an error naming it: its jobs are
     /// left as they are for a later run.
     pub fn new(store: Store, config: Config, out_dir: PathBuf) -> Result<Engine, EngineError> {
+        Engine::with_selection(store, config, out_dir, Selection::default())
+    }
+
+    /// As [`Engine::new`], working only the jobs `selection` takes.
+    pub fn with_selection(
+        store: Store,
+        config: Config,
+        out_dir: PathBuf,
+        selection: Selection,
+    ) -> Result<Engine, EngineError> {
         let stats = Arc::new(RunStats::default());
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let counts = store.counts()?;
@@ -210,6 +240,7 @@ impl Engine {
             .iter()
             .filter(|((s, _), n)| !s.is_terminal() && **n > 0)
             .map(|((_, p), _)| *p)
+            .filter(|p| selection.includes(*p))
             .collect();
         needed.dedup();
         let mut lanes = BTreeMap::new();
@@ -273,7 +304,17 @@ impl Engine {
             metrics,
             claimed: Arc::default(),
             wake: Arc::new(Notify::new()),
+            start_budget: selection
+                .max_new_jobs
+                .map(|n| Arc::new(std::sync::atomic::AtomicU64::new(n))),
         })
+    }
+
+    /// Whether `--limit` still lets a queued job start.
+    fn may_start(&self) -> bool {
+        self.start_budget
+            .as_ref()
+            .is_none_or(|b| b.load(Ordering::SeqCst) > 0)
     }
 
     /// Replaces the default gate (which records spend and never refuses).
@@ -385,6 +426,9 @@ impl Engine {
                     if is_new_work(state) && self.spend.is_stopped(lane.kind) {
                         continue;
                     }
+                    if state == JobState::Queued && !self.may_start() {
+                        continue;
+                    }
                     let busy = claimed.lock().map(|c| c.len()).unwrap_or(0);
                     let ids = self.store.due(state, lane.kind, now, free + busy)?;
                     for id in ids {
@@ -416,12 +460,23 @@ impl Engine {
                                 break;
                             }
                         }
+                        if state == JobState::Queued && !self.may_start() {
+                            if let Ok(mut c) = claimed.lock() {
+                                c.remove(&id);
+                            }
+                            break;
+                        }
                         let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
                             if let Ok(mut c) = claimed.lock() {
                                 c.remove(&id);
                             }
                             break;
                         };
+                        if state == JobState::Queued {
+                            if let Some(budget) = &self.start_budget {
+                                budget.fetch_sub(1, Ordering::SeqCst);
+                            }
+                        }
                         let new_work = is_new_work(state);
                         if new_work {
                             remote_in_flight += 1;
@@ -491,6 +546,8 @@ impl Engine {
                 .filter(|((s, p), _)| !s.is_terminal() && self.lanes.contains_key(p))
                 // New work the spend cap holds back is not waited for.
                 .filter(|((s, p), _)| !(is_new_work(*s) && self.spend.is_stopped(*p)))
+                // Nor queued jobs past `--limit`.
+                .filter(|((s, _), _)| *s != JobState::Queued || self.may_start())
                 .map(|(_, n)| n)
                 .sum();
             if unfinished == 0 && tasks.is_empty() {
@@ -527,6 +584,17 @@ impl Engine {
         }
         let mut summary = self.summary()?;
         summary.interrupted = interrupted;
+        summary.held_back = self
+            .store
+            .counts()?
+            .iter()
+            .filter(|((s, p), _)| {
+                !s.is_terminal()
+                    && (!self.lanes.contains_key(p)
+                        || (*s == JobState::Queued && !self.may_start()))
+            })
+            .map(|(_, n)| n)
+            .sum();
         summary.finished_this_run =
             self.stats.done.load(Ordering::Relaxed) + self.stats.failed.load(Ordering::Relaxed);
         Ok(summary)

@@ -190,3 +190,94 @@ fn retry_and_cancel_take_filters_say_what_they_did_and_fail_on_unknown_ids() {
     assert_eq!(state("job00001"), "queued");
     assert_eq!(state("job00003"), "cancelled");
 }
+
+#[test]
+fn run_takes_provider_limit_and_concurrency_and_list_takes_limit_and_manifest() {
+    let sim = Sim::start(&["--task-ms", "50"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    manifest(d, 10);
+    // A second manifest, so `list --manifest` has something to tell apart.
+    std::fs::write(
+        d.join("more.csv"),
+        "id,provider,operation,input\nextra,topaz,enhance,in/a.png\n",
+    )
+    .unwrap();
+    let go = |args: &[&str]| {
+        let mut cmd = pixbatch(d);
+        sim.env(&mut cmd);
+        cmd.args(args);
+        run_to_end(cmd, std::time::Duration::from_secs(120))
+    };
+    let states = || -> Vec<(String, String)> {
+        report(d, &d.join("pixbatch.db"))
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+
+    // Only Photio's jobs run; Topaz's stay queued, and that is what was asked: exit 0.
+    let out = go(&["run", "--provider", "photio", "jobs.csv", "more.csv"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("6 job(s) left for a later run"),
+        "{}",
+        text(&out)
+    );
+    for (id, state) in states() {
+        let photio = id != "extra" && id[3..].parse::<u32>().unwrap() % 2 == 1;
+        assert_eq!(state, if photio { "done" } else { "queued" }, "{id}");
+    }
+    assert_eq!(
+        sim.ledger()
+            .iter()
+            .filter(|e| e["provider"] == "topaz")
+            .count(),
+        0,
+        "no Topaz request went out"
+    );
+
+    // --limit 2 with -j 1: exactly two more jobs are started, and finished.
+    let out = go(&["run", "--limit", "2", "-j", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let done = states().iter().filter(|(_, s)| s == "done").count();
+    assert_eq!(done, 5 + 2);
+
+    // list --limit and --manifest.
+    let out = pixbatch(d)
+        .args(["list", "--json", "--limit", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let more = d.join("more.csv");
+    let out = pixbatch(d)
+        .args(["list", "--json", "--manifest", more.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["extra"]);
+    let out = pixbatch(d)
+        .args(["list", "--manifest", "jobs.csv", "--state", "done"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1 + done - usize::from(states().iter().any(|(id, s)| id == "extra" && s == "done")),
+        "{}",
+        text(&out)
+    );
+}
