@@ -321,24 +321,7 @@ pub fn remove_part(dest: &Path) {
 /// the extension. Components that could leave the output folder are dropped: the
 /// manifest reader refuses them already, this is the second lock.
 pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &str) -> PathBuf {
-    let id = sanitize_component(&spec.id);
-    let (dir, stem) = match spec
-        .output
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => (PathBuf::new(), id),
-        Some(o) if o.ends_with('/') => (safe_relative(o), id),
-        Some(o) => {
-            let p = safe_relative(o);
-            let stem = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| id.clone());
-            (p.parent().map(Path::to_path_buf).unwrap_or_default(), stem)
-        }
-    };
+    let (dir, stem) = output_stem(spec);
     // An extension comes from the provider's answer: keep it short and plain.
     let ext: String = ext
         .trim_start_matches('.')
@@ -357,6 +340,31 @@ pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &st
         format!("{stem}.{ext}")
     };
     dir.join(name)
+}
+
+/// The folder (relative to the output folder) and file stem a job's outputs get,
+/// before the `_<index>` of numbered outputs and the extension the provider's answer
+/// brings. Two jobs with the same folder and stem may write the same file: the
+/// manifest checks compare these ([`crate::manifest::OutputTracker`]).
+pub fn output_stem(spec: &JobSpec) -> (PathBuf, String) {
+    let id = sanitize_component(&spec.id);
+    match spec
+        .output
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => (PathBuf::new(), id),
+        Some(o) if o.ends_with('/') => (safe_relative(o), id),
+        Some(o) => {
+            let p = safe_relative(o);
+            let stem = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| id.clone());
+            (p.parent().map(Path::to_path_buf).unwrap_or_default(), stem)
+        }
+    }
 }
 
 fn safe_relative(s: &str) -> PathBuf {
