@@ -12,6 +12,7 @@ mod limits;
 mod manifest;
 mod metrics;
 mod ops;
+mod outputs;
 mod perfect;
 mod report_html;
 mod secrets;
