@@ -1,10 +1,17 @@
 //! Getting result files into place, whole or not at all.
 //!
-//! Every file is written to `<final>.part`, flushed to disk (`sync_all`), checked
-//! against the announced length, renamed over the final name, and the folder is
-//! synced so the rename survives a power cut. The `.part` name is derived from the
-//! final one, so a crash leaves at most one per output and the next attempt
-//! overwrites it. The SHA-256 is computed while streaming.
+//! Every file is written to `<final>.<job>.part`, flushed to disk (`sync_all`),
+//! checked against the announced length, put in place under the final name, and the
+//! folder is synced so the rename survives a power cut. The `.part` name is derived
+//! from the final one and the job (a hash of its id), so a crash leaves at most one
+//! per output and job, the next attempt overwrites it, and two jobs never write into
+//! one `.part`. The SHA-256 is computed while streaming, of the bytes written.
+//!
+//! No paid result replaces another job's ([`put_in_place`]): a final name that is
+//! already there is replaced only when the file is this job's own (recorded by it,
+//! or put there by it in this process); when another job placed it, or no one we
+//! know of did, the new result is kept beside it (`NAME.kept-<job>.EXT`) and the
+//! download ends in [`DownloadError::Taken`].
 
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -30,6 +37,14 @@ pub enum DownloadError {
     /// The URL is not something we fetch.
     #[error("refusing to download {0}")]
     BadUrl(String),
+    /// The final name holds a file that is not this job's (`by`: the job that put
+    /// it there, when this process knows). The result is whole at `kept`.
+    #[error("{path} is already there ({}); this result is kept as {kept}", by.as_deref().map(|j| format!("written by job {j:?}")).unwrap_or_else(|| "not written by this job".into()))]
+    Taken {
+        path: String,
+        kept: String,
+        by: Option<String>,
+    },
     /// Writing the file failed (disk full, permissions …). `out_of_space`: the disk
     /// or the quota is full, which no retry of this job will fix.
     #[error("writing {path}: {message}")]
@@ -68,12 +83,24 @@ fn io_err(path: &Path, e: std::io::Error) -> DownloadError {
     }
 }
 
-pub fn part_path(dest: &Path) -> PathBuf {
+/// Which job a file is written for, and what it may replace.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub job: &'a str,
+    /// The SHA-256 the job recorded for the file at the final name (an earlier
+    /// attempt of its own): a file still with that hash may be replaced.
+    pub recorded: Option<&'a str>,
+}
+
+pub fn part_path(dest: &Path, job: &str) -> PathBuf {
     let mut name = dest
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(".part");
+    name.push(format!(
+        ".{}.part",
+        &hex::encode(Sha256::digest(job.as_bytes()))[..8]
+    ));
     dest.with_file_name(name)
 }
 
@@ -83,6 +110,7 @@ pub async fn fetch(
     client: &reqwest::Client,
     url: &str,
     dest: &Path,
+    owner: Owner<'_>,
     max_bytes: u64,
     received: &(dyn Fn(u64) + Sync),
 ) -> Result<Written, DownloadError> {
@@ -127,7 +155,7 @@ pub async fn fetch(
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
     }
-    let part = part_path(dest);
+    let part = part_path(dest, owner.job);
     let mut file = std::fs::File::create(&part).map_err(|e| io_err(&part, e))?;
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
@@ -173,16 +201,24 @@ pub async fn fetch(
         let _ = std::fs::remove_file(&part);
         return Err(e);
     }
+    let sha256 = hex::encode(hasher.finalize());
     // The two fsyncs (file, then folder after the rename) wait for the disk: on a
     // blocking thread, so the async workers keep serving the other jobs meanwhile.
     let dest_owned = dest.to_path_buf();
+    let job = owner.job.to_string();
+    let recorded = owner.recorded.map(str::to_string);
+    let hash = sha256.clone();
     let synced = tokio::task::spawn_blocking(move || {
         let r = file.sync_all().map_err(|e| io_err(&part, e));
         drop(file);
         match r {
             Ok(()) => {
                 failpoint::hit("before-rename");
-                put_in_place(&part, &dest_owned)
+                let owner = Owner {
+                    job: &job,
+                    recorded: recorded.as_deref(),
+                };
+                put_in_place(&part, &dest_owned, owner, &hash)
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&part);
@@ -195,10 +231,7 @@ pub async fn fetch(
         Ok(r) => r?,
         Err(e) => return Err(DownloadError::Interrupted(format!("writing the file: {e}"))),
     }
-    Ok(Written {
-        size,
-        sha256: hex::encode(hasher.finalize()),
-    })
+    Ok(Written { size, sha256 })
 }
 
 /// How the HTTP clients follow redirects: at most 10, and never to plain http on
@@ -229,11 +262,11 @@ pub fn redirect_policy() -> reqwest::redirect::Policy {
 }
 
 /// Writes bytes the provider returned inline (base64 answers) the same way.
-pub fn write_bytes(dest: &Path, data: &[u8]) -> Result<Written, DownloadError> {
+pub fn write_bytes(dest: &Path, owner: Owner<'_>, data: &[u8]) -> Result<Written, DownloadError> {
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
     }
-    let part = part_path(dest);
+    let part = part_path(dest, owner.job);
     let result = (|| {
         let mut file = std::fs::File::create(&part)?;
         failpoint::io("download-write")?;
@@ -246,10 +279,11 @@ pub fn write_bytes(dest: &Path, data: &[u8]) -> Result<Written, DownloadError> {
         return Err(io_err(&part, e));
     }
     failpoint::hit("before-rename");
-    put_in_place(&part, dest)?;
+    let sha256 = hex::encode(Sha256::digest(data));
+    put_in_place(&part, dest, owner, &sha256)?;
     Ok(Written {
         size: data.len() as u64,
-        sha256: hex::encode(Sha256::digest(data)),
+        sha256,
     })
 }
 
@@ -276,19 +310,123 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
-fn put_in_place(part: &Path, dest: &Path) -> Result<(), DownloadError> {
-    std::fs::rename(part, dest).map_err(|e| {
+/// Final names this process has put a file at, with the job it was for: a job's
+/// own earlier file (before a lost task was submitted again, say) may be replaced,
+/// another job's never. One placement at a time, so two jobs of the run cannot both
+/// find a name free.
+static PLACED: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, String>>> =
+    std::sync::Mutex::new(None);
+
+/// Which job of this process put a file at `dest`, if one did.
+pub fn placed_by(dest: &Path) -> Option<String> {
+    let placed = PLACED.lock().unwrap_or_else(|p| p.into_inner());
+    placed.as_ref().and_then(|m| m.get(dest).cloned())
+}
+
+/// Puts the synced `part` (whose bytes hash to `sha256`) at `dest`, unless `dest`
+/// holds a file that is not `owner`'s: then `part` becomes the side file and the
+/// answer is [`DownloadError::Taken`]. A file with the same bytes already there is
+/// left as it is (a rerun after a crash between the rename and the record).
+fn put_in_place(
+    part: &Path,
+    dest: &Path,
+    owner: Owner<'_>,
+    sha256: &str,
+) -> Result<(), DownloadError> {
+    let mut placed = PLACED.lock().unwrap_or_else(|p| p.into_inner());
+    let placed = placed.get_or_insert_with(Default::default);
+    let by = placed.get(dest).cloned();
+    let result = match std::fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => place_new(part, dest),
+        Err(e) => Err(e),
+        Ok(_) => {
+            let there = file_sha256(dest);
+            let other = by.as_deref().filter(|j| *j != owner.job);
+            let own = by.as_deref() == Some(owner.job)
+                || (owner.recorded.is_some() && there.as_deref() == owner.recorded);
+            if other.is_none() && there.as_deref() == Some(sha256) {
+                // The very bytes are there already: nothing is replaced.
+                std::fs::remove_file(part)
+            } else if other.is_none() && own {
+                std::fs::rename(part, dest)
+            } else {
+                let kept = keep_aside(part, dest, owner.job).map_err(|e| io_err(dest, e))?;
+                return Err(DownloadError::Taken {
+                    path: dest.display().to_string(),
+                    kept: kept.display().to_string(),
+                    by: other.map(str::to_string),
+                });
+            }
+        }
+    };
+    result.map_err(|e| {
         let _ = std::fs::remove_file(part);
         io_err(dest, e)
     })?;
+    placed.insert(dest.to_path_buf(), owner.job.to_string());
     failpoint::hit("mid-rename");
-    // Make the rename itself durable.
-    if let Some(parent) = dest.parent() {
+    sync_parent(dest);
+    Ok(())
+}
+
+/// Moves `part` to `dest` only if nothing is there: a hard link fails on an existing
+/// name, so another process's file that appears meanwhile is not replaced either. A
+/// file system without hard links gets a plain rename (this process's own jobs are
+/// kept apart by [`PLACED`]'s lock).
+fn place_new(part: &Path, dest: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(part, dest) {
+        Ok(()) => std::fs::remove_file(part),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => std::fs::rename(part, dest),
+    }
+}
+
+/// Renames `part` to a free `NAME.kept-<job>[-N].EXT` beside `dest`.
+fn keep_aside(part: &Path, dest: &Path, job: &str) -> std::io::Result<PathBuf> {
+    let stem = dest
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = dest
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let mut tag: String = sanitize_component(job).chars().take(24).collect();
+    tag = tag.replace('.', "_");
+    for n in 1..1000 {
+        let suffix = if n == 1 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let side = dest.with_file_name(format!("{stem}.kept-{tag}{suffix}{ext}"));
+        match place_new(part, &side) {
+            Ok(()) => {
+                sync_parent(&side);
+                return Ok(side);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free name for the kept result"))
+}
+
+/// Makes a rename in `path`'s folder durable.
+fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent() {
         if let Ok(dir) = std::fs::File::open(parent) {
             let _ = dir.sync_all();
         }
     }
-    Ok(())
+}
+
+/// The SHA-256 of a file's bytes, or None when it cannot be read.
+pub fn file_sha256(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).ok()?;
+    Some(hex::encode(h.finalize()))
 }
 
 /// Is the file at `path` the one recorded (same size and SHA-256)?
@@ -299,19 +437,16 @@ pub fn already_in_place(path: &Path, size: u64, sha256: &str) -> bool {
     if meta.len() != size {
         return false;
     }
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut h = Sha256::new();
-    if std::io::copy(&mut f, &mut h).is_err() {
-        return false;
-    }
-    hex::encode(h.finalize()) == sha256
+    file_sha256(path).as_deref() == Some(sha256)
 }
 
-/// Removes a leftover `.part` of `dest`, if any.
-pub fn remove_part(dest: &Path) {
-    let _ = std::fs::remove_file(part_path(dest));
+/// Removes a leftover `.part` of `dest` for `job`, if any (and one of the
+/// `<final>.part` kind earlier versions left).
+pub fn remove_part(dest: &Path, job: &str) {
+    let _ = std::fs::remove_file(part_path(dest, job));
+    let mut old = dest.as_os_str().to_os_string();
+    old.push(".part");
+    let _ = std::fs::remove_file(old);
 }
 
 /// The path, relative to the output folder, of output `index` of `count` of a job.
@@ -321,24 +456,7 @@ pub fn remove_part(dest: &Path) {
 /// the extension. Components that could leave the output folder are dropped: the
 /// manifest reader refuses them already, this is the second lock.
 pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &str) -> PathBuf {
-    let id = sanitize_component(&spec.id);
-    let (dir, stem) = match spec
-        .output
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => (PathBuf::new(), id),
-        Some(o) if o.ends_with('/') => (safe_relative(o), id),
-        Some(o) => {
-            let p = safe_relative(o);
-            let stem = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| id.clone());
-            (p.parent().map(Path::to_path_buf).unwrap_or_default(), stem)
-        }
-    };
+    let (dir, stem) = output_stem(spec);
     // An extension comes from the provider's answer: keep it short and plain.
     let ext: String = ext
         .trim_start_matches('.')
@@ -359,6 +477,31 @@ pub fn output_relative_path(spec: &JobSpec, index: usize, count: usize, ext: &st
     dir.join(name)
 }
 
+/// The folder (relative to the output folder) and file stem a job's outputs get,
+/// before the `_<index>` of numbered outputs and the extension the provider's answer
+/// brings. Two jobs with the same folder and stem may write the same file: the
+/// manifest checks compare these ([`crate::manifest::OutputTracker`]).
+pub fn output_stem(spec: &JobSpec) -> (PathBuf, String) {
+    let id = sanitize_component(&spec.id);
+    match spec
+        .output
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => (PathBuf::new(), id),
+        Some(o) if o.ends_with('/') => (safe_relative(o), id),
+        Some(o) => {
+            let p = safe_relative(o);
+            let stem = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| id.clone());
+            (p.parent().map(Path::to_path_buf).unwrap_or_default(), stem)
+        }
+    }
+}
+
 fn safe_relative(s: &str) -> PathBuf {
     let mut out = PathBuf::new();
     for c in Path::new(s).components() {
@@ -373,7 +516,7 @@ fn safe_relative(s: &str) -> PathBuf {
 }
 
 /// The longest file or folder name written, in bytes: below the 255 of common file
-/// systems, with room for the `_<index>.<ext>` and `.part` suffixes.
+/// systems, with room for the `_<index>.<ext>` and `.<job>.part` suffixes.
 pub const MAX_NAME_BYTES: usize = 200;
 
 /// One path component made safe: no separators or control characters, never `.` or
@@ -418,6 +561,11 @@ fn is_windows_reserved(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::model::ProviderKind;
+
+    const OWNER: Owner<'static> = Owner {
+        job: "j",
+        recorded: None,
+    };
 
     fn spec(id: &str, output: Option<&str>) -> JobSpec {
         JobSpec {
@@ -507,7 +655,7 @@ mod tests {
         // A 255-byte single name still has room for its suffixes.
         let p = output_relative_path(&spec("x", Some(&"z".repeat(255))), 12, 20, "jpeg");
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.len() + ".part".len() <= 255, "{name}");
+        assert!(name.len() + ".0123abcd.part".len() <= 255, "{name}");
     }
 
     #[test]
@@ -648,9 +796,16 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let dest = dir.path().join("r.png");
             let base = raw_server(vec![response]).await;
-            let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
-                .await
-                .unwrap_err();
+            let e = fetch(
+                &client(),
+                &format!("{base}/r.png"),
+                &dest,
+                OWNER,
+                cap,
+                &|_| {},
+            )
+            .await
+            .unwrap_err();
             assert!(
                 matches!(&e, DownloadError::TooLarge(m) if m.contains("1000-byte limit")),
                 "{what}: {e}"
@@ -662,9 +817,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("r.png");
         let base = raw_server(vec![answer("Content-Length: 10\r\n", &big)]).await;
-        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
-            .await
-            .unwrap();
+        let w = fetch(
+            &client(),
+            &format!("{base}/r.png"),
+            &dest,
+            OWNER,
+            cap,
+            &|_| {},
+        )
+        .await
+        .unwrap();
         assert_eq!(w.size, 10);
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), 10);
 
@@ -672,9 +834,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("r.png");
         let base = raw_server(vec![answer("Content-Length: 900\r\n", &big[..300])]).await;
-        let e = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
-            .await
-            .unwrap_err();
+        let e = fetch(
+            &client(),
+            &format!("{base}/r.png"),
+            &dest,
+            OWNER,
+            cap,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, DownloadError::Interrupted(_)), "{e}");
         nothing_left(dir.path());
 
@@ -686,9 +855,16 @@ mod tests {
             &chunked(&big[..1000]),
         )])
         .await;
-        let w = fetch(&client(), &format!("{base}/r.png"), &dest, cap, &|_| {})
-            .await
-            .unwrap();
+        let w = fetch(
+            &client(),
+            &format!("{base}/r.png"),
+            &dest,
+            OWNER,
+            cap,
+            &|_| {},
+        )
+        .await
+        .unwrap();
         assert_eq!(w.size, 1000);
     }
 
@@ -706,7 +882,7 @@ mod tests {
             "http://user:hunter2@example.com/x.png",
             "http://127.0.0.1.nip.io/x.png",
         ] {
-            let e = fetch(&client(), url, &dest, 1000, &|_| {})
+            let e = fetch(&client(), url, &dest, OWNER, 1000, &|_| {})
                 .await
                 .unwrap_err();
             assert!(matches!(e, DownloadError::BadUrl(_)), "{url}: {e}");
@@ -725,9 +901,16 @@ mod tests {
                 .to_vec(),
         ])
         .await;
-        let e = fetch(&client(), &format!("{base}/r.png"), &dest, 1000, &|_| {})
-            .await
-            .unwrap_err();
+        let e = fetch(
+            &client(),
+            &format!("{base}/r.png"),
+            &dest,
+            OWNER,
+            1000,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(&e, DownloadError::BadUrl(m) if m.contains("refusing a redirect")),
             "{e}"
@@ -736,13 +919,83 @@ mod tests {
     }
 
     #[test]
+    fn a_result_never_replaces_another_jobs_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.png");
+        let owner = |job| Owner {
+            job,
+            recorded: None,
+        };
+        let a = write_bytes(&dest, owner("a"), b"first").unwrap();
+        // Another job of this process: refused, its bytes kept beside, the file intact.
+        let e = write_bytes(&dest, owner("b"), b"second").unwrap_err();
+        let DownloadError::Taken { kept, by, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(by.as_deref(), Some("a"));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"first");
+        assert_eq!(std::fs::read(kept).unwrap(), b"second");
+        assert!(kept.ends_with("x.kept-b.png"), "{kept}");
+        // Even with the same bytes, and a second time (a free side name).
+        let e = write_bytes(&dest, owner("b"), b"first").unwrap_err();
+        assert!(
+            matches!(&e, DownloadError::Taken { kept, .. } if kept.ends_with("x.kept-b-2.png")),
+            "{e}"
+        );
+        // The job that put it there may replace its own file (a resubmitted task).
+        let a2 = write_bytes(&dest, owner("a"), b"again").unwrap();
+        assert_ne!(a.sha256, a2.sha256);
+        assert_eq!(file_sha256(&dest).as_deref(), Some(a2.sha256.as_str()));
+        // A file no job of this process wrote: refused unless its bytes are the same
+        // or it is the one the job recorded.
+        let other = dir.path().join("y.png");
+        std::fs::write(&other, b"by hand").unwrap();
+        let e = write_bytes(&other, owner("c"), b"paid").unwrap_err();
+        assert!(matches!(&e, DownloadError::Taken { by: None, .. }), "{e}");
+        assert_eq!(std::fs::read(&other).unwrap(), b"by hand");
+        let same = write_bytes(&other, owner("c"), b"by hand").unwrap();
+        assert_eq!(file_sha256(&other), Some(same.sha256));
+        let recorded = hex::encode(Sha256::digest(b"by hand"));
+        let w = write_bytes(
+            &other,
+            Owner {
+                job: "d",
+                recorded: Some(&recorded),
+            },
+            b"newer",
+        );
+        // "c" put it there (same bytes): not "d"'s to replace.
+        assert!(matches!(w, Err(DownloadError::Taken { by: Some(ref j), .. }) if j == "c"));
+        let parts: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .collect();
+        assert!(parts.is_empty(), "{parts:?}");
+    }
+
+    #[test]
+    fn a_job_replaces_the_file_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("r.png");
+        std::fs::write(&dest, b"old attempt").unwrap();
+        let recorded = hex::encode(Sha256::digest(b"old attempt"));
+        let owner = Owner {
+            job: "r",
+            recorded: Some(&recorded),
+        };
+        let w = write_bytes(&dest, owner, b"new attempt").unwrap();
+        assert_eq!(file_sha256(&dest), Some(w.sha256));
+    }
+
+    #[test]
     fn inline_bytes_land_whole_with_their_hash() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("sub/a.png");
-        let w = write_bytes(&dest, b"hello").unwrap();
+        let w = write_bytes(&dest, OWNER, b"hello").unwrap();
         assert_eq!(w.size, 5);
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
-        assert!(!part_path(&dest).exists());
+        assert!(!part_path(&dest, OWNER.job).exists());
         assert!(already_in_place(&dest, 5, &w.sha256));
         assert!(!already_in_place(&dest, 5, "00"));
     }

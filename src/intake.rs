@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::manifest::{self, DuplicateTracker, ManifestError, RowError, RowStatus};
+use crate::manifest::{
+    self, Collision, DuplicateTracker, ManifestError, OutputConflict, OutputTracker, RowError,
+    RowStatus,
+};
 use crate::model::{now_ms, Job, JobSpec, Origin, ProviderKind};
 use crate::store::{Store, StoreError};
 
@@ -75,6 +78,9 @@ fn check_into(
     let mut plan = Plan::default();
     let mut errors = Vec::new();
     let mut tracker = DuplicateTracker::new();
+    let mut outputs = OutputTracker::new();
+    // Rows whose output collides with a job in the database: named after the pass.
+    let mut to_name: Vec<(usize, OutputConflict)> = Vec::new();
     let mut store_error = None;
     let mut spool_error = None;
     // An empty database holds none of the ids: no need to look each one up.
@@ -82,6 +88,9 @@ fn check_into(
         Some(st) if st.total_jobs()? == 0 => None,
         other => other,
     };
+    if let Some(st) = store {
+        claim_existing(st, &mut outputs)?;
+    }
     for path in paths {
         let mut on_row = |row: Result<(crate::model::Origin, crate::model::JobSpec), RowError>| {
             plan.rows += 1;
@@ -128,6 +137,12 @@ fn check_into(
                     }
                 }
             }
+            if is_new {
+                if let Err(c) = outputs.check(&origin, &spec, false) {
+                    push_conflict(&mut errors, &mut to_name, origin, c);
+                    return;
+                }
+            }
             let p = plan.providers.entry(spec.provider).or_default();
             p.jobs += 1;
             if is_new {
@@ -150,10 +165,93 @@ fn check_into(
     if let Some(e) = spool_error {
         return Err(e);
     }
+    if let Some(st) = store {
+        name_conflicts(st, &mut errors, &to_name)?;
+    }
     for (kind, p) in plan.providers.iter_mut() {
         p.least_time = least_time(p.requests, &config.provider(*kind).rate_limits);
     }
     Ok(Checked { plan, errors })
+}
+
+/// Every job in the database, and every earlier version, owns its outputs' names.
+pub(crate) fn claim_existing(store: &Store, outputs: &mut OutputTracker) -> Result<(), StoreError> {
+    for job in store.all_jobs().chain(store.all_versions()) {
+        outputs.add_existing(&job?.spec);
+    }
+    Ok(())
+}
+
+/// A row error for an output collision; one with a job in the database is named by
+/// [`name_conflicts`] once the pass is over (the tracker keeps only hashes).
+pub(crate) fn push_conflict(
+    errors: &mut Vec<RowError>,
+    to_name: &mut Vec<(usize, OutputConflict)>,
+    origin: Origin,
+    conflict: OutputConflict,
+) {
+    let reason = match &conflict.with {
+        Collision::Row(at) if conflict.theirs_version => {
+            conflict.reason(&format!("the new version (--update) of the row at {at}"))
+        }
+        Collision::Row(at) => conflict.reason(&format!("the row at {at}")),
+        Collision::Database(_) => conflict.reason("a job in the database"),
+    };
+    if matches!(conflict.with, Collision::Database(_)) {
+        to_name.push((errors.len(), conflict));
+    }
+    errors.push(RowError { origin, reason });
+}
+
+/// Puts the id and manifest line of the database's job into each collision with one.
+pub(crate) fn name_conflicts(
+    store: &Store,
+    errors: &mut [RowError],
+    to_name: &[(usize, OutputConflict)],
+) -> Result<(), StoreError> {
+    if to_name.is_empty() {
+        return Ok(());
+    }
+    let wanted: std::collections::HashSet<u128> = to_name
+        .iter()
+        .filter_map(|(_, c)| match c.with {
+            Collision::Database(k) => Some(k),
+            Collision::Row(_) => None,
+        })
+        .collect();
+    let mut names = std::collections::HashMap::new();
+    for job in store.all_jobs() {
+        let job = job?;
+        let key = OutputTracker::owner_key(job.id());
+        if wanted.contains(&key) {
+            names.insert(
+                key,
+                format!("job {:?} in the database (from {})", job.id(), job.origin),
+            );
+        }
+    }
+    for job in store.all_versions() {
+        let job = job?;
+        let key = OutputTracker::owner_key(job.id());
+        if wanted.contains(&key) && !names.contains_key(&key) {
+            names.insert(
+                key,
+                format!(
+                    "an earlier version of job {:?} in the database (from {})",
+                    job.id(),
+                    job.origin
+                ),
+            );
+        }
+    }
+    for (i, c) in to_name {
+        if let (Collision::Database(k), Some(e)) = (&c.with, errors.get_mut(*i)) {
+            if let Some(name) = names.get(k) {
+                e.reason = c.reason(name);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The least time in which `requests` can be sent under every limit: with "N in any

@@ -29,4 +29,5 @@ pub mod rate;
 pub mod report;
 pub mod sim;
 pub mod store;
+pub mod verify;
 pub mod versions;

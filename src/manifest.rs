@@ -1507,6 +1507,220 @@ impl DuplicateTracker {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Output collisions
+// ---------------------------------------------------------------------------------
+
+/// Who first claimed an output stem: a row (file index, line) or a job already in the
+/// database (`file == FROM_DATABASE`, found by its id hash afterwards).
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    owner: u128,
+    line: u64,
+    file: u32,
+    /// A new version's name (`--update`), not the row's own.
+    version: bool,
+}
+
+const FROM_DATABASE: u32 = u32::MAX;
+
+/// Where an output collides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collision {
+    /// With an earlier row: its `FILE:LINE`.
+    Row(String),
+    /// With a job in the database, known here only by the hash of its id
+    /// ([`OutputTracker::owner_key`]); the caller names it.
+    Database(u128),
+}
+
+/// A row whose output may land on a file another job writes.
+#[derive(Debug, Clone)]
+pub struct OutputConflict {
+    pub with: Collision,
+    /// The resolved path (folder/stem, without extension) both would write.
+    pub path: String,
+    /// The collision is through numbered outputs (`x` writing `x_1.png`).
+    pub numbered: bool,
+    /// The two differ only in letter case.
+    pub case_only: bool,
+    /// Either side is a new version's name.
+    pub version: bool,
+    /// The earlier claim is a new version's name (`--update`).
+    pub theirs_version: bool,
+    /// This row's path is the name of its new version.
+    pub mine_version: bool,
+}
+
+impl OutputConflict {
+    /// The reason for a row error, once the other side has a name (`FILE:LINE`, or
+    /// `job "ID" in the database (from FILE:LINE)`).
+    pub fn reason(&self, other: &str) -> String {
+        let mut s = format!(
+            "output {}{} resolves to the same file as {other}",
+            self.path,
+            if self.mine_version {
+                " (the name of the row's new version)"
+            } else {
+                ""
+            }
+        );
+        if self.numbered {
+            s.push_str(
+                " (numbered outputs: a job returning several images writes NAME_0, NAME_1 …)",
+            );
+        }
+        if self.case_only {
+            s.push_str(" (the names differ only in letter case: one file on macOS and Windows)");
+        }
+        s.push_str(
+            "; give one of them another `output`, or one paid result would replace the other",
+        );
+        s
+    }
+}
+
+/// Finds rows (across every manifest of one command, and against the jobs already in
+/// the database) whose results would be written to the same file. Outputs are
+/// compared as [`crate::download::output_stem`] resolves them — folder and stem,
+/// before the extension the provider's answer brings, so `a` and `a/` and `./a`
+/// cases all meet — with letter case folded (a folder on macOS or shared with
+/// Windows is case-insensitive). A stem ending in `_<number>` also meets the stem
+/// without it: a job returning several images writes `x_0.png`, `x_1.png` ….
+///
+/// Like [`DuplicateTracker`], keeps fixed-size entries only (hashes and lines).
+#[derive(Debug, Default)]
+pub struct OutputTracker {
+    files: Vec<String>,
+    file_index: HashMap<String, u32>,
+    exact: HashMap<u128, Claim>,
+    /// The stem without its `_<number>`, for stems that have one.
+    numbered: HashMap<u128, Claim>,
+    /// Folded key → hash of the stem as written, to tell case-only differences.
+    spelled: HashMap<u128, u128>,
+}
+
+impl OutputTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The key a job's id is known by in [`Collision::Database`].
+    pub fn owner_key(id: &str) -> u128 {
+        hash128(id.as_bytes())
+    }
+
+    fn file_index(&mut self, file: &str) -> u32 {
+        if let Some(&i) = self.file_index.get(file) {
+            return i;
+        }
+        let i = u32::try_from(self.files.len()).unwrap_or(u32::MAX - 1);
+        self.files.push(file.to_string());
+        self.file_index.insert(file.to_string(), i);
+        i
+    }
+
+    /// A job already in the database (or an earlier version of one) owns its
+    /// outputs' names. Collisions among those are not this check's to report.
+    pub fn add_existing(&mut self, spec: &JobSpec) {
+        let claim = Claim {
+            owner: Self::owner_key(&spec.id),
+            line: 0,
+            file: FROM_DATABASE,
+            version: false,
+        };
+        let (path, _) = stem_path(spec);
+        let (exact, base) = stem_keys(&path);
+        self.exact.entry(exact).or_insert(claim);
+        if let Some(base) = base {
+            self.numbered.entry(base).or_insert(claim);
+        }
+    }
+
+    /// Claims the output names of a good, new row (`version`: the names a new
+    /// version of the job would get). Err: the first claim it collides with.
+    pub fn check(
+        &mut self,
+        origin: &Origin,
+        spec: &JobSpec,
+        version: bool,
+    ) -> Result<(), OutputConflict> {
+        let owner = Self::owner_key(&spec.id);
+        let (path, spelled) = stem_path(spec);
+        let (exact, base) = stem_keys(&path);
+        let other = |c: &Claim| c.owner != owner;
+        let found = match self.exact.get(&exact).filter(|c| other(c)) {
+            Some(c) => Some((*c, false)),
+            None => base
+                .and_then(|b| self.exact.get(&b))
+                .or_else(|| self.numbered.get(&exact))
+                .filter(|c| other(c))
+                .map(|c| (*c, true)),
+        };
+        if let Some((c, numbered)) = found {
+            let with = if c.file == FROM_DATABASE {
+                Collision::Database(c.owner)
+            } else {
+                let file = self
+                    .files
+                    .get(c.file as usize)
+                    .map(String::as_str)
+                    .unwrap_or("?");
+                Collision::Row(format!("{file}:{}", c.line))
+            };
+            let case_only = !numbered
+                && self
+                    .spelled
+                    .get(&exact)
+                    .is_some_and(|s| *s != hash128(spelled.as_bytes()));
+            return Err(OutputConflict {
+                with,
+                path: spelled,
+                numbered,
+                case_only,
+                version: version || c.version,
+                theirs_version: c.version,
+                mine_version: version,
+            });
+        }
+        let claim = Claim {
+            owner,
+            line: origin.line,
+            file: self.file_index(&origin.file),
+            version,
+        };
+        self.exact.entry(exact).or_insert(claim);
+        self.spelled
+            .entry(exact)
+            .or_insert_with(|| hash128(spelled.as_bytes()));
+        if let Some(base) = base {
+            self.numbered.entry(base).or_insert(claim);
+        }
+        Ok(())
+    }
+}
+
+/// A spec's output folder/stem, as a `/`-joined folded key and as written.
+fn stem_path(spec: &JobSpec) -> (String, String) {
+    let (dir, stem) = crate::download::output_stem(spec);
+    let mut parts: Vec<String> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.push(stem);
+    let spelled = parts.join("/");
+    (spelled.to_lowercase(), spelled)
+}
+
+/// The hash of a folded stem path, and of the same without a `_<number>` ending.
+fn stem_keys(path: &str) -> (u128, Option<u128>) {
+    let base = path.rsplit_once('_').and_then(|(head, digits)| {
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| hash128(head.as_bytes()))
+    });
+    (hash128(path.as_bytes()), base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2390,6 +2604,107 @@ mod tests {
             ]
         );
         assert_eq!(tracker.len(), 2);
+    }
+
+    fn out_spec(id: &str, output: Option<&str>) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            provider: ProviderKind::Topaz,
+            operation: "enhance".into(),
+            inputs: vec![],
+            prompt: None,
+            params_json: "{}".into(),
+            output: output.map(str::to_string),
+        }
+    }
+
+    fn at(file: &str, line: u64) -> Origin {
+        Origin {
+            file: file.into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn output_tracker_finds_rows_that_write_one_file() {
+        // (id, output, Some(other line) when it must collide)
+        type Rows<'a> = &'a [(&'a str, Option<&'a str>)];
+        // (other line, numbered, case only) when the rows must collide.
+        type Want = Option<(u64, bool, bool)>;
+        let cases: &[(Rows, Want)] = &[
+            (
+                &[("a", Some("x")), ("b", Some("x"))],
+                Some((2, false, false)),
+            ),
+            (
+                &[("a", Some("d/")), ("b", Some("d/a"))],
+                Some((2, false, false)),
+            ),
+            (&[("a", None), ("b", Some("./a"))], Some((2, false, false))),
+            (
+                &[("a", Some("d//x")), ("b", Some("d/x"))],
+                Some((2, false, false)),
+            ),
+            (
+                &[("a", Some("X")), ("b", Some("x"))],
+                Some((2, false, true)),
+            ),
+            // Numbered outputs, either order.
+            (
+                &[("a", Some("x")), ("b", Some("x_1"))],
+                Some((2, true, false)),
+            ),
+            (
+                &[("b", Some("x_1")), ("a", Some("x"))],
+                Some((2, true, false)),
+            ),
+            // Not the same file.
+            (&[("a", Some("x")), ("b", Some("y"))], None),
+            (&[("a", Some("d/x")), ("b", Some("e/x"))], None),
+            (&[("a", Some("x")), ("b", Some("x_v"))], None),
+            (&[("a", Some("x")), ("b", Some("x.png"))], None),
+            (&[("a", Some("d_1/x")), ("b", Some("d"))], None),
+            // Two rows of one job (a repeat) are one claim.
+            (&[("a", Some("x")), ("a", Some("x"))], None),
+        ];
+        for (rows, want) in cases {
+            let mut t = OutputTracker::new();
+            let mut got = None;
+            for (i, (id, output)) in rows.iter().enumerate() {
+                if let Err(c) = t.check(&at("m.csv", i as u64 + 2), &out_spec(id, *output), false) {
+                    let Collision::Row(with) = &c.with else {
+                        panic!("{c:?}")
+                    };
+                    assert_eq!(with, "m.csv:2", "{rows:?}");
+                    assert!(c.reason("X").contains("resolves to the same file as X"));
+                    got = Some((2, c.numbered, c.case_only));
+                }
+            }
+            assert_eq!(got, *want, "{rows:?}");
+        }
+    }
+
+    #[test]
+    fn output_tracker_knows_the_database_and_versions() {
+        let mut t = OutputTracker::new();
+        t.add_existing(&out_spec("old", Some("pics/")));
+        // The job itself again (same id) is not a collision; another id is.
+        assert!(t
+            .check(&at("m.csv", 2), &out_spec("old", Some("pics/")), false)
+            .is_ok());
+        let c = t
+            .check(&at("m.csv", 3), &out_spec("new", Some("pics/old")), false)
+            .unwrap_err();
+        assert_eq!(c.with, Collision::Database(OutputTracker::owner_key("old")));
+        // A new version's name is flagged as one.
+        assert!(t
+            .check(&at("m.csv", 4), &out_spec("v", Some("v.v2")), true)
+            .is_ok());
+        let c = t
+            .check(&at("m.csv", 5), &out_spec("w", Some("v.v2")), false)
+            .unwrap_err();
+        assert!(c.version);
+        assert_eq!(c.with, Collision::Row("m.csv:4".into()));
     }
 
     #[test]

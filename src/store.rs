@@ -774,6 +774,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Every earlier version of every job (`verify`, the output checks of an
+    /// enqueue: their files stay on disk and keep their names).
+    pub fn all_versions(&self) -> impl Iterator<Item = Result<Job>> + '_ {
+        self.versions.iter().map(|item| {
+            let (key, value) = item?;
+            let id_end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+            decode::<Job>(&String::from_utf8_lossy(&key[..id_end]), &value)
+        })
+    }
+
     /// Replaces job `new.id()` with `new`, keeping the record it replaces as version
     /// `old_version` — one transaction, so a crash leaves either both or neither.
     /// Returns false when there is no job with that id.

@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 
 use crate::intake::IntakeError;
-use crate::manifest::{self, DuplicateTracker, RowError, RowStatus};
+use crate::manifest::{self, DuplicateTracker, OutputTracker, RowError, RowStatus};
 use crate::model::{now_ms, EventKind, Job, JobEvent, JobSpec, JobState, Origin};
 use crate::store::{Store, StoreError};
 
@@ -52,6 +52,11 @@ impl Found {
 pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
     let mut found = Found::default();
     let mut tracker = DuplicateTracker::new();
+    // The new versions' names must not meet another job's files either. Collisions
+    // between two rows' own names are the ordinary check's to report, not this one's.
+    let mut outputs = OutputTracker::new();
+    crate::intake::claim_existing(store, &mut outputs)?;
+    let mut to_name = Vec::new();
     let mut failure: Option<StoreError> = None;
     for path in paths {
         let mut on_row = |row: Result<(Origin, JobSpec), RowError>| {
@@ -64,13 +69,43 @@ pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
             }
             let existing = match store.get(&spec.id) {
                 Ok(Some(j)) => j,
-                Ok(None) => return,
+                Ok(None) => {
+                    if let Err(c) = outputs.check(&origin, &spec, false) {
+                        if c.version {
+                            crate::intake::push_conflict(
+                                &mut found.errors,
+                                &mut to_name,
+                                origin,
+                                c,
+                            );
+                        }
+                    }
+                    return;
+                }
                 Err(e) => {
                     failure = Some(e);
                     return;
                 }
             };
             if existing.content_hash == spec.content_hash() {
+                return;
+            }
+            let next = match store.versions(&spec.id) {
+                Ok(v) => v.len() as u32 + 2,
+                Err(e) => {
+                    failure = Some(e);
+                    return;
+                }
+            };
+            let versioned = JobSpec {
+                output: Some(versioned_output(&spec, next)),
+                ..spec.clone()
+            };
+            if let Err(c) = outputs.check(&origin, &versioned, true) {
+                // An update all the same: the ordinary "different content" error is
+                // not this row's problem.
+                found.rows.insert((origin.file.clone(), origin.line));
+                crate::intake::push_conflict(&mut found.errors, &mut to_name, origin, c);
                 return;
             }
             if existing.state == JobState::Submitting || existing.state.has_remote_task() {
@@ -91,6 +126,7 @@ pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
             return Err(e.into());
         }
     }
+    crate::intake::name_conflicts(store, &mut found.errors, &to_name)?;
     Ok(found)
 }
 

@@ -136,6 +136,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every done job's files against the database (missing, changed) and
+    /// the --out folder for files no job wrote (foreign); exit 1 on any. Needs the
+    /// database free (not during a run: exit 3). Also after a disk incident.
+    Verify {
+        /// One JSON document: counts and every problem.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a provider's remaining credit (where its API tells it).
     Balance {
         provider: ProviderKind,
@@ -452,6 +460,7 @@ async fn dispatch(cli: Cli) -> i32 {
             };
             cmd_styles(&config, provider, &query, json).await
         }
+        Command::Verify { json } => verify::cmd_verify(&db, &out, json),
         Command::Balance { provider, json } => cmd_balance(&config, provider, json).await,
         Command::Sim { addr, sim } => cmd_sim(&addr, sim).await,
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,
@@ -554,6 +563,7 @@ mod manage;
 mod provider;
 mod run;
 mod shell;
+mod verify;
 
 pub use crate::report::CSV_COLUMNS as REPORT_COLUMNS;
 use inspect::{cmd_list, cmd_report, cmd_show, cmd_status};

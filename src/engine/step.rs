@@ -224,7 +224,11 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                             .push(PendingOutput::Inline { ext: ext.clone() });
                         let rel = download::output_relative_path(&job.spec, index, count, &ext);
                         env.lane.metrics.downloaded(data.len() as u64);
-                        match download::write_bytes(&env.out_dir.join(&rel), &data) {
+                        let owner = download::Owner {
+                            job: job.id(),
+                            recorded: None,
+                        };
+                        match download::write_bytes(&env.out_dir.join(&rel), owner, &data) {
                             Ok(w) => job.outputs.push(OutputFile {
                                 index: index as u32,
                                 path: rel.to_string_lossy().into_owned(),
@@ -240,6 +244,9 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                 }
             }
             if let Some(e) = write_error {
+                if let DownloadError::Taken { .. } = e {
+                    return refuse_taken(env, job, e).await;
+                }
                 if e.is_out_of_space() {
                     halt_out_of_space(env, &job, &e);
                 }
@@ -400,14 +407,20 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     }
     for index in 0..count {
         let pending = job.pending_outputs[index].clone();
+        // The hash this job recorded for the file: that file is its own to replace.
+        let mut recorded = None;
         if let Some(pos) = job.outputs.iter().position(|o| o.index as usize == index) {
             let o = &job.outputs[pos];
             // A file already in place with the recorded hash is not fetched again.
             if download::already_in_place(&env.out_dir.join(&o.path), o.size, &o.sha256) {
                 continue;
             }
-            job.outputs.remove(pos);
+            recorded = Some(job.outputs.remove(pos).sha256);
         }
+        let owner = download::Owner {
+            job: job.id(),
+            recorded: recorded.as_deref(),
+        };
         let fetched = match &pending {
             PendingOutput::Inline { .. } => {
                 return lose_remote(
@@ -420,7 +433,7 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
             }
             PendingOutput::Url { url, ext } => {
                 let rel = download::output_relative_path(&job.spec, index, count, ext);
-                let fetched = fetch_one(env, url, &rel).await;
+                let fetched = fetch_one(env, url, &rel, owner).await;
                 if let (
                     Err(DownloadError::Status {
                         expired: true,
@@ -452,7 +465,7 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                         Ok(u) => u,
                         Err(e) => return on_error(env, job, e, Phase::Download).await,
                     };
-                    let r = fetch_one(env, &url, &rel).await;
+                    let r = fetch_one(env, &url, &rel, owner).await;
                     let expired = matches!(r, Err(DownloadError::Status { expired: true, .. }));
                     result = Some(r);
                     if !expired {
@@ -477,6 +490,7 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                     save(env, &mut job)?;
                 }
             }
+            Err(e @ DownloadError::Taken { .. }) => return refuse_taken(env, job, e).await,
             Err(e) if e.is_out_of_space() => {
                 // Not the job's fault, and no retry will fix it: keep the job where
                 // it is (the next run downloads again) and stop the run.
@@ -526,15 +540,65 @@ async fn relink(env: &StepEnv<'_>, mut job: Job, status: u16) -> Result<(), Stor
     save(env, &mut job)
 }
 
+/// A result's file name holds another job's file (or one no job of ours wrote): the
+/// job fails, naming that job, and its paid result stays in the side file.
+async fn refuse_taken(env: &StepEnv<'_>, job: Job, e: DownloadError) -> Result<(), StoreError> {
+    let DownloadError::Taken { path, kept, by } = e else {
+        return fail(env, job, e.to_string()).await;
+    };
+    let rel_of = |p: &str| {
+        Path::new(p)
+            .strip_prefix(env.out_dir)
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| p.to_string())
+    };
+    let (rel, kept_rel) = (rel_of(&path), rel_of(&kept));
+    let by = match by {
+        Some(other) => Some(other),
+        // Not placed by this process: does another job of the database record it?
+        None => owner_in_store(env, job.id(), &rel)?,
+    };
+    let whose = match &by {
+        Some(other) => match env.store.get(other)? {
+            Some(o) => format!("job {other:?}'s result (from {})", o.origin),
+            None => format!("job {other:?}'s result"),
+        },
+        None => {
+            "a file no job of this database wrote (another database's run, or put there by hand)"
+                .to_string()
+        }
+    };
+    // The side file is not recorded as an output: a `retry` (once the name is free)
+    // fetches the result into its own name again.
+    let reason = format!(
+        "output {rel} is already there, {whose}: not replaced; this job's result is kept as {kept_rel} (give the job another `output`, or move the file, then `pixbatch retry` it)"
+    );
+    fail(env, job, reason).await
+}
+
+/// The job other than `me` whose recorded outputs include `rel`, if any. A scan, but
+/// only when a result finds its name taken.
+fn owner_in_store(env: &StepEnv<'_>, me: &str, rel: &str) -> Result<Option<String>, StoreError> {
+    for other in env.store.all_jobs() {
+        let other = other?;
+        if other.id() != me && other.outputs.iter().any(|o| o.path == rel) {
+            return Ok(Some(other.id().to_string()));
+        }
+    }
+    Ok(None)
+}
+
 async fn fetch_one(
     env: &StepEnv<'_>,
     url: &str,
     rel: &Path,
+    owner: download::Owner<'_>,
 ) -> Result<download::Written, DownloadError> {
     download::fetch(
         env.lane.api.client(),
         url,
         &env.out_dir.join(rel),
+        owner,
         env.max_download_bytes,
         &|n| env.lane.metrics.downloaded(n),
     )
@@ -576,7 +640,7 @@ async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), Sto
             | PendingOutput::Inline { ext } => ext,
         };
         let rel = download::output_relative_path(&job.spec, index, job.pending_outputs.len(), ext);
-        download::remove_part(&env.out_dir.join(rel));
+        download::remove_part(&env.out_dir.join(rel), job.id());
     }
     event(env, &job, EventKind::Failed, reason.clone())?;
     job.state = JobState::Failed;

@@ -13,6 +13,7 @@ mod live_reads;
 mod manifest;
 mod metrics;
 mod ops;
+mod outputs;
 mod perfect;
 mod report_html;
 mod secrets;
