@@ -28,31 +28,59 @@ pub(super) enum Verdict {
     Problem(String),
 }
 
-pub(super) async fn cmd_doctor(config: &Config) -> Result<i32, Fail> {
+/// One provider's line of `doctor --json`.
+#[derive(Debug, serde::Serialize)]
+struct Checked {
+    provider: ProviderKind,
+    /// "ok", "problem" or "not-configured".
+    verdict: &'static str,
+    message: String,
+    base_url: String,
+}
+
+pub(super) async fn cmd_doctor(config: &Config, json: bool) -> Result<i32, Fail> {
     let mut problems = 0;
     let mut configured = 0;
-    if let Some(p) = &config.source {
+    if let Some(p) = config.source.as_ref().filter(|_| !json) {
         println!("config file  {}", p.display());
     }
+    let mut checked = Vec::new();
     for kind in ProviderKind::ALL {
         let pc = config.provider(kind);
         let verdict = check(&pc).await;
-        let (mark, text) = match &verdict {
-            Verdict::NotConfigured(t) => ("-", t.clone()),
+        let (mark, name, text) = match &verdict {
+            Verdict::NotConfigured(t) => ("-", "not-configured", t.clone()),
             Verdict::Ok(t) => {
                 configured += 1;
-                ("ok", t.clone())
+                ("ok", "ok", t.clone())
             }
             Verdict::Problem(t) => {
                 configured += 1;
                 problems += 1;
-                ("FAIL", t.clone())
+                ("FAIL", "problem", t.clone())
             }
         };
+        if json {
+            checked.push(Checked {
+                provider: kind,
+                verdict: name,
+                message: text,
+                base_url: pc.base_url.clone(),
+            });
+            continue;
+        }
         println!("{mark:<4} {kind:<11} {text}");
         if !matches!(verdict, Verdict::NotConfigured(_)) {
             println!("     {:<11} base URL {}", "", pc.base_url);
         }
+    }
+    if json {
+        let answer = serde_json::json!({
+            "config_file": config.source.as_ref().map(|p| p.display().to_string()),
+            "providers": checked,
+            "ok": configured > 0 && problems == 0,
+        });
+        println!("{}", serde_json::to_string_pretty(&answer)?);
     }
     if configured == 0 {
         eprintln!(

@@ -171,7 +171,12 @@ pub enum Command {
     /// redacted.
     Config,
     /// Check each configured provider's base URL and credentials with one cheap call.
-    Doctor,
+    /// Exits 1 if any configured provider has a problem, or none is configured.
+    Doctor {
+        /// One JSON object: each provider's verdict, message and base URL.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -367,7 +372,7 @@ async fn dispatch(cli: Cli) -> i32 {
     let config = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
-            if matches!(cli.command, Command::Doctor | Command::Config) {
+            if matches!(cli.command, Command::Doctor { .. } | Command::Config) {
                 return doctor::bad_config(&e);
             }
             if cli.log_format == LogFormat::Json {
@@ -466,7 +471,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,
         Command::Completions { .. } | Command::Man => Ok(EXIT_OK),
         Command::Config => shell::cmd_config(&config),
-        Command::Doctor => doctor::cmd_doctor(&config).await,
+        Command::Doctor { json } => doctor::cmd_doctor(&config, json).await,
     };
     match result {
         Ok(code) => code,

@@ -281,3 +281,32 @@ fn run_takes_provider_limit_and_concurrency_and_list_takes_limit_and_manifest() 
         text(&out)
     );
 }
+
+#[test]
+fn doctor_json_gives_each_providers_verdict() {
+    let sim = Sim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let out = cmd.args(["doctor", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let providers = answer["providers"].as_array().unwrap();
+    assert_eq!(providers.len(), 5, "{answer}");
+    assert!(providers.iter().all(|p| p["verdict"] == "ok"), "{answer:#}");
+    assert_eq!(answer["ok"], true);
+
+    // Nothing configured: every provider says so, and the exit is 1.
+    let out = pixbatch(dir.path())
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["verdict"] == "not-configured"));
+    assert_eq!(answer["ok"], false);
+}
