@@ -97,6 +97,9 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
                 Some(eta) => println!(", ETA {}", query::human_secs(eta)),
                 None => println!(),
             }
+            for h in &l.halted {
+                println!("{h}");
+            }
         }
         None => println!("not running"),
     }

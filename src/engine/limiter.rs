@@ -189,6 +189,10 @@ pub struct ProviderGate {
     /// How many times the breaker tripped in this outage (sets the pause).
     outage_trips: AtomicU64,
     outage_patience_ms: u64,
+    /// Since when (ms; 0 = it answers) no request got any answer at all, and the
+    /// last such failure: lets the engine halt a provider that stays unreachable.
+    unreachable_since: AtomicU64,
+    last_unanswered: std::sync::Mutex<String>,
     /// Set for providers that drop a task not polled in time (Perfect).
     keep_alive: Option<KeepAlive>,
     /// Set for providers without a published limit (Dzine).
@@ -325,6 +329,8 @@ impl ProviderGate {
             outage_since: AtomicU64::new(0),
             outage_trips: AtomicU64::new(0),
             outage_patience_ms: 30 * 60 * 1000,
+            unreachable_since: AtomicU64::new(0),
+            last_unanswered: std::sync::Mutex::new(String::new()),
             keep_alive: None,
             adaptive: None,
         }
@@ -428,6 +434,20 @@ impl ProviderGate {
         since > 0 && self.clock.now_ms() < since + self.outage_patience_ms
     }
 
+    /// Since when (ms) no request got any answer, with the last transport error;
+    /// `None` while the provider answers (any status).
+    pub fn unreachable_since(&self) -> Option<(u64, String)> {
+        let since = self.unreachable_since.load(Ordering::SeqCst);
+        (since > 0).then(|| {
+            let last = self
+                .last_unanswered
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_default();
+            (since, last)
+        })
+    }
+
     /// Drops request-log entries older than the longest window.
     pub async fn prune(&self) {
         if let Some(store) = &self.store {
@@ -451,6 +471,41 @@ impl ProviderGate {
         self.paused_until
             .load(Ordering::SeqCst)
             .saturating_sub(self.clock.now_ms())
+    }
+}
+
+impl ProviderGate {
+    /// Counts an answer (healthy or not) toward the outage breaker.
+    fn note_answer(&self, healthy: bool) {
+        if let Some(a) = &self.adaptive {
+            a.adjust(healthy, self.clock.now_ms());
+        }
+        if healthy {
+            self.failures_in_a_row.store(0, Ordering::SeqCst);
+            if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
+                self.outage_trips.store(0, Ordering::SeqCst);
+                tracing::info!(provider = %self.provider, "answering again");
+            }
+            return;
+        }
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+        if n % OUTAGE_THRESHOLD != 0 {
+            return;
+        }
+        let _ = self.outage_since.compare_exchange(
+            0,
+            self.clock.now_ms(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
+        let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
+        tracing::warn!(
+            provider = %self.provider,
+            "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
+            pause.as_secs()
+        );
+        self.back_off(pause);
     }
 }
 
@@ -548,35 +603,22 @@ impl RequestGate for ProviderGate {
     }
 
     fn answered(&self, healthy: bool) {
-        if let Some(a) = &self.adaptive {
-            a.adjust(healthy, self.clock.now_ms());
-        }
-        if healthy {
-            self.failures_in_a_row.store(0, Ordering::SeqCst);
-            if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
-                self.outage_trips.store(0, Ordering::SeqCst);
-                tracing::info!(provider = %self.provider, "answering again");
-            }
-            return;
-        }
-        let n = self.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % OUTAGE_THRESHOLD != 0 {
-            return;
-        }
-        let _ = self.outage_since.compare_exchange(
+        // Any status is an answer: the host is reachable.
+        self.unreachable_since.store(0, Ordering::SeqCst);
+        self.note_answer(healthy);
+    }
+
+    fn unanswered(&self, why: &str) {
+        let _ = self.unreachable_since.compare_exchange(
             0,
             self.clock.now_ms(),
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
-        let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
-        let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
-        tracing::warn!(
-            provider = %self.provider,
-            "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
-            pause.as_secs()
-        );
-        self.back_off(pause);
+        if let Ok(mut last) = self.last_unanswered.lock() {
+            *last = why.to_string();
+        }
+        self.note_answer(false);
     }
 
     fn back_off(&self, wait: Duration) {

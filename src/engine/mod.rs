@@ -10,6 +10,7 @@
 //! its `Api` and its rate-limit gate.
 
 pub mod cancel;
+pub mod halt;
 pub mod limiter;
 pub mod retry;
 pub mod spend;
@@ -29,6 +30,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::model::{now_ms, JobState, ProviderKind};
 use crate::providers::Provider;
 use crate::store::{Store, StoreError};
+use halt::{HaltReason, ProviderHalt};
 use limiter::ProviderGate;
 
 /// How a run is asked to stop.
@@ -120,9 +122,50 @@ pub struct Lane {
     /// New-work steps (preparing or submitting) running now: they will need polls
     /// soon, so they count as live tasks for the keep-alive budget.
     starting: std::sync::atomic::AtomicUsize,
+    /// Set once when the provider is halted (refused credential, unreachable): the
+    /// dispatcher sends it nothing more, and steps waiting on it are cut off.
+    halt: watch::Sender<Option<ProviderHalt>>,
 }
 
 impl Lane {
+    /// Halts the provider (the first reason wins). Says so once, with the provider's
+    /// own words, and returns whether this call halted it.
+    pub(crate) fn halt_with(&self, reason: HaltReason) -> bool {
+        let halt = ProviderHalt::new(self.kind, reason, &self.config.base_url);
+        let first = self.halt.send_if_modified(|h| {
+            if h.is_some() {
+                return false;
+            }
+            *h = Some(halt.clone());
+            true
+        });
+        if first {
+            tracing::error!(
+                provider = %self.kind,
+                "{halt} ({}); its jobs {}, the other providers go on",
+                halt.detail(),
+                halt.jobs_note()
+            );
+        }
+        first
+    }
+
+    pub fn halted(&self) -> Option<ProviderHalt> {
+        self.halt.borrow().clone()
+    }
+
+    /// Resolves when the provider is halted for a reason that cuts steps off.
+    async fn cut_off(&self) {
+        let mut rx = self.halt.subscribe();
+        if rx
+            .wait_for(|h| h.as_ref().is_some_and(ProviderHalt::cuts_steps))
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// When to poll next: the provider's wish, but never so late that a provider
     /// with a keep-alive drops the task (half of it: room for a slow answer, a
     /// wait at the gate, and one retry).
@@ -149,6 +192,9 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Jobs finished by this run.
     pub finished_this_run: u64,
+    /// Providers the run halted (no credentials, credential refused, unreachable):
+    /// their jobs are kept for a later run.
+    pub halted: Vec<ProviderHalt>,
 }
 
 /// A snapshot for progress displays.
@@ -196,12 +242,31 @@ pub struct Engine {
     /// Jobs a step (or a cancel) is working on; shared with [`cancel::Canceller`].
     claimed: Arc<Mutex<HashSet<String>>>,
     wake: Arc<Notify>,
+    /// Providers with unfinished jobs and no usable credentials: no lane, halted
+    /// from the start.
+    not_configured: Vec<ProviderHalt>,
+}
+
+/// The halted providers of a run, for `status` while it works.
+#[derive(Clone)]
+pub struct HaltView {
+    lanes: Vec<Arc<Lane>>,
+    not_configured: Vec<ProviderHalt>,
+}
+
+impl HaltView {
+    pub fn list(&self) -> Vec<ProviderHalt> {
+        let mut all = self.not_configured.clone();
+        all.extend(self.lanes.iter().filter_map(|l| l.halted()));
+        all
+    }
 }
 
 impl Engine {
     /// Builds a lane for every provider that has unfinished jobs. A provider whose
-    /// adapter cannot be built (no credentials) is an error naming it: its jobs are
-    /// left as they are for a later run.
+    /// adapter cannot be built (no credentials) gets no lane: it is halted from the
+    /// start, named (with the variable to set) before any request, and its jobs are
+    /// left as they are for a later run while the other providers work.
     pub fn new(store: Store, config: Config, out_dir: PathBuf) -> Result<Engine, EngineError> {
         let stats = Arc::new(RunStats::default());
         let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -213,7 +278,7 @@ impl Engine {
             .collect();
         needed.dedup();
         let mut lanes = BTreeMap::new();
-        let mut problems = Vec::new();
+        let mut not_configured = Vec::new();
         for kind in needed {
             if lanes.contains_key(&kind) {
                 continue;
@@ -222,7 +287,12 @@ impl Engine {
             let adapter = match crate::providers::build(&pc) {
                 Ok(a) => a,
                 Err(e) => {
-                    problems.push(e);
+                    let detail = halt::without_prefix(kind, &e);
+                    not_configured.push(ProviderHalt::new(
+                        kind,
+                        HaltReason::NotConfigured { detail },
+                        &pc.base_url,
+                    ));
                     continue;
                 }
             };
@@ -257,11 +327,9 @@ impl Engine {
                     metrics: metrics.provider(kind),
                     keep_alive,
                     starting: Default::default(),
+                    halt: watch::Sender::new(None),
                 }),
             );
-        }
-        if !problems.is_empty() {
-            return Err(EngineError::Setup(problems.join("\n")));
         }
         Ok(Engine {
             spend: Arc::new(spend::SpendGate::uncapped(&config)),
@@ -273,7 +341,21 @@ impl Engine {
             metrics,
             claimed: Arc::default(),
             wake: Arc::new(Notify::new()),
+            not_configured,
         })
+    }
+
+    /// Providers halted before the run starts (no credentials).
+    pub fn not_configured(&self) -> &[ProviderHalt] {
+        &self.not_configured
+    }
+
+    /// The run's halted providers, readable from other tasks (`status`).
+    pub fn halt_view(&self) -> HaltView {
+        HaltView {
+            lanes: self.lanes.values().cloned().collect(),
+            not_configured: self.not_configured.clone(),
+        }
     }
 
     /// Replaces the default gate (which records spend and never refuses).
@@ -312,9 +394,15 @@ impl Engine {
         progress: Option<Arc<dyn ProgressSink>>,
     ) -> Result<RunSummary, EngineError> {
         let started = now_ms();
-        for lane in self.lanes.values() {
-            authenticate(lane).await?;
-            self.check_balance(lane).await?;
+        // All at once: one provider slow to authenticate holds up no other.
+        let checks = self.lanes.values().map(|lane| async move {
+            if authenticate(lane).await? {
+                self.check_balance(lane).await?;
+            }
+            Ok::<(), EngineError>(())
+        });
+        for r in futures_util::future::join_all(checks).await {
+            r?;
         }
         self.spend.load(&self.store, &self.lanes).await?;
         let claimed = self.claimed.clone();
@@ -355,6 +443,20 @@ impl Engine {
             let now = now_ms();
             let mut next_wake = now + 1_000;
             for lane in self.lanes.values() {
+                if let Some((since, last)) = lane.gate.unreachable_since() {
+                    let bound = lane.config.unreachable_after.as_millis() as u64;
+                    if now.saturating_sub(since) >= bound && lane.halted().is_none() {
+                        lane.halt_with(HaltReason::Unreachable {
+                            target: api_target(&lane.config.base_url),
+                            detail: last,
+                            for_secs: now.saturating_sub(since) / 1000,
+                        });
+                    }
+                }
+                if lane.halted().is_some() {
+                    // Nothing more goes to it; its jobs wait for a later run.
+                    continue;
+                }
                 let mut remote_in_flight = [
                     JobState::Submitting,
                     JobState::Submitted,
@@ -445,13 +547,15 @@ impl Engine {
                                 spend: &spend,
                                 halt: &halt,
                             };
-                            let result =
-                                step::run(&env, &id)
-                                    .await
-                                    .map_err(|source| EngineError::Job {
-                                        job: id.clone(),
-                                        source,
-                                    });
+                            // A step waiting on a provider halted as unreachable is
+                            // cut off: its last durable state is safe to resume from.
+                            let result = tokio::select! {
+                                r = step::run(&env, &id) => r.map_err(|source| EngineError::Job {
+                                    job: id.clone(),
+                                    source,
+                                }),
+                                _ = lane.cut_off() => Ok(()),
+                            };
                             if new_work {
                                 lane.starting.fetch_sub(1, Ordering::SeqCst);
                             }
@@ -488,7 +592,9 @@ impl Engine {
                 .store
                 .counts()?
                 .iter()
-                .filter(|((s, p), _)| !s.is_terminal() && self.lanes.contains_key(p))
+                .filter(|((s, p), _)| {
+                    !s.is_terminal() && self.lanes.get(p).is_some_and(|l| l.halted().is_none())
+                })
                 // New work the spend cap holds back is not waited for.
                 .filter(|((s, p), _)| !(is_new_work(*s) && self.spend.is_stopped(*p)))
                 .map(|(_, n)| n)
@@ -529,6 +635,7 @@ impl Engine {
         summary.interrupted = interrupted;
         summary.finished_this_run =
             self.stats.done.load(Ordering::Relaxed) + self.stats.failed.load(Ordering::Relaxed);
+        summary.halted = self.halt_view().list();
         Ok(summary)
     }
 
@@ -593,18 +700,35 @@ impl Engine {
     }
 }
 
-/// Credentials are checked before any job is touched: a refusal (a wrong key) ends
-/// the run at once with the provider's reason, but a lost or garbled answer, a 5xx
-/// or a 429 is only bad luck and is tried again, with backoff, a few times.
-async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
+/// Credentials are checked before any job of the provider is touched. A refusal (a
+/// wrong key) halts the provider, and so does a host that never answered in all the
+/// tries (named with its host and port); the other providers go on. A garbled
+/// answer, a 5xx or a 429 is only bad luck and is tried again, with backoff, a few
+/// times. Returns whether the provider may be worked.
+async fn authenticate(lane: &Lane) -> Result<bool, EngineError> {
     const TRIES: u32 = 8;
     for attempt in 1..=TRIES {
         match lane.adapter.authenticate(&lane.api).await {
-            Ok(()) => return Ok(()),
-            Err(crate::api::ProviderError::Permanent(reason)) => {
-                return Err(EngineError::Setup(format!("{}: {reason}", lane.kind)));
+            Ok(()) => return Ok(true),
+            Err(
+                crate::api::ProviderError::Credential(reason)
+                | crate::api::ProviderError::Permanent(reason),
+            ) => {
+                lane.halt_with(HaltReason::CredentialRefused {
+                    status: halt::refused_status(&reason),
+                    detail: reason,
+                });
+                return Ok(false);
             }
             Err(e) if attempt == TRIES => {
+                if let Some((since, last)) = lane.gate.unreachable_since() {
+                    lane.halt_with(HaltReason::Unreachable {
+                        target: api_target(&lane.config.base_url),
+                        detail: last,
+                        for_secs: now_ms().saturating_sub(since) / 1000,
+                    });
+                    return Ok(false);
+                }
                 return Err(EngineError::Setup(format!(
                     "{}: could not authenticate after {TRIES} tries: {e}",
                     lane.kind
@@ -630,7 +754,15 @@ async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
             }
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// `host:port` of a provider's API, for messages about reaching it.
+fn api_target(base_url: &str) -> String {
+    match reqwest::Url::parse(base_url) {
+        Ok(u) => crate::api::host_port(&u),
+        Err(_) => base_url.to_string(),
+    }
 }
 
 /// The HTTP client for one provider's requests (API host, uploads, downloads).

@@ -631,6 +631,45 @@ async fn lose_remote(
     save(env, &mut job)
 }
 
+/// The provider refused the credential: the same for every job, so the provider is
+/// halted and this job goes back to where it was with no attempt used: queued (or
+/// waiting to retry) when nothing was accepted, else as it is, for a run with a
+/// fixed key.
+fn refused(
+    env: &StepEnv<'_>,
+    mut job: Job,
+    reason: String,
+    phase: Phase,
+) -> Result<(), StoreError> {
+    event(
+        env,
+        &job,
+        EventKind::Note,
+        format!(
+            "credential refused: {reason}; {} halted, the job waits for a run with a fixed key (no attempt used)",
+            job.spec.provider
+        ),
+    )?;
+    job.state = match phase {
+        Phase::Prepare | Phase::Submit if job.attempts == 0 => JobState::Queued,
+        Phase::Prepare | Phase::Submit => JobState::RetryWait,
+        // The submission's outcome is still unknown: the next run asks again.
+        Phase::Reconcile => JobState::Submitting,
+        Phase::Poll | Phase::Download => job.state,
+    };
+    job.due_ms = now_ms();
+    job.error = Some(reason.clone());
+    // Saved before the halt is raised: nothing awaits in between, so the step is
+    // never cut off with the job half put back.
+    save(env, &mut job)?;
+    env.lane
+        .halt_with(crate::engine::halt::HaltReason::CredentialRefused {
+            status: crate::engine::halt::refused_status(&reason),
+            detail: reason,
+        });
+    Ok(())
+}
+
 async fn on_error(
     env: &StepEnv<'_>,
     mut job: Job,
@@ -639,6 +678,7 @@ async fn on_error(
 ) -> Result<(), StoreError> {
     match error {
         ProviderError::Permanent(reason) => fail(env, job, reason).await,
+        ProviderError::Credential(reason) => refused(env, job, reason, phase),
         ProviderError::Lost(reason) => lose_remote(env, job, &reason, true).await,
         ProviderError::Unknown(reason) if phase == Phase::Submit => {
             // Not a retry: the provider may have the task. Ask it first.
