@@ -536,6 +536,9 @@ async fn dry_run(
         }
         print_row_errors(&errors);
         print_plan(&checked.plan, config);
+        for line in missing_credentials(&checked.plan, config) {
+            eprintln!("pixbatch: {line}; `run` would keep their jobs queued");
+        }
         if !errors.is_empty() {
             return Err(Fail(EXIT_ERROR, format!("{} bad row(s)", errors.len())));
         }
@@ -906,6 +909,15 @@ impl FinishHook {
                     .map(|p| format!("{}={}", p.kind, crate::cost::amount(p.spent_this_run)))
                     .collect::<Vec<_>>()
                     .join(","),
+            ),
+            (
+                // One `provider: halted: what — fix` line per halted provider.
+                "PIXBATCH_HALTED".into(),
+                s.halted
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             ),
             ("PIXBATCH_SUMMARY".into(), line),
             ("PIXBATCH_ERROR".into(), error),

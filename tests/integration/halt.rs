@@ -175,7 +175,12 @@ fn a_missing_key_is_named_before_anything_is_sent() {
 
     let mut run = pixbatch(d);
     sim.env(&mut run);
-    run.env_remove("TOPAZ_API_KEY").args(["run", "jobs.csv"]);
+    run.env_remove("TOPAZ_API_KEY").args([
+        "run",
+        "jobs.csv",
+        "--on-finish",
+        "printf '%s' \"$PIXBATCH_HALTED\" > halted.txt",
+    ]);
     let out = run_to_end(run, Duration::from_secs(60));
     assert_eq!(
         out.status.code(),
@@ -197,6 +202,9 @@ fn a_missing_key_is_named_before_anything_is_sent() {
         assert_eq!((state.as_str(), attempts), (want, 0), "{id}");
     }
     assert_eq!(topaz_requests(&sim), 0);
+    // A cron hook learns which provider needs a person.
+    let halted = std::fs::read_to_string(d.join("halted.txt")).expect("the hook ran");
+    assert_eq!(halted, "topaz: halted: no credentials — set TOPAZ_API_KEY");
 }
 
 /// Topaz's base URL points at a port nothing listens on, with a short
