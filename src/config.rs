@@ -534,4 +534,23 @@ concurrency = 2
         std::fs::write(&path, "[providers.nope]\n").unwrap();
         assert!(Config::load(Some(&path), &no_env).is_err());
     }
+
+    #[test]
+    fn unreachable_after_is_per_provider_with_a_default_in_tens_of_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[providers.topaz]\nunreachable_after = \"90s\"\n").unwrap();
+        let c = Config::load(Some(&path), &no_env).unwrap();
+        assert_eq!(
+            c.provider(ProviderKind::Topaz).unreachable_after,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            c.provider(ProviderKind::Photio).unreachable_after,
+            DEFAULT_UNREACHABLE_AFTER
+        );
+        std::fs::write(&path, "[providers.topaz]\nunreachable_after = \"0s\"\n").unwrap();
+        let e = Config::load(Some(&path), &no_env).unwrap_err().to_string();
+        assert!(e.contains("unreachable_after"), "{e}");
+    }
 }

@@ -297,7 +297,7 @@ fn print_halts(store: &Store, halted: &[engine::halt::ProviderHalt]) {
             _ => format!(" ({})", h.detail()),
         };
         progress::notice(&format!(
-            "{h}; {waiting} of its jobs {}: fix it and run again{detail}",
+            "{h}; its {waiting} unfinished job(s) {}; fix it and run again{detail}",
             h.jobs_note()
         ));
     }

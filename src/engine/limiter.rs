@@ -785,6 +785,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn unreachable_lasts_until_any_answer() {
+        use crate::api::RequestGate;
+        let gate = ProviderGate::new(ProviderKind::Topaz, &[], Duration::ZERO, None);
+        assert!(gate.unreachable_since().is_none());
+        gate.unanswered("cannot connect to 127.0.0.1:9: connection refused");
+        let (since, why) = gate.unreachable_since().expect("unreachable");
+        gate.unanswered("cannot connect to 127.0.0.1:9: connection refused (again)");
+        let (later, why2) = gate.unreachable_since().expect("still");
+        assert_eq!(since, later, "the first failure dates it");
+        assert!(why.contains("127.0.0.1:9") && why2.ends_with("(again)"));
+        // A 5xx is an answer: the host is there, only unwell.
+        gate.answered(false);
+        assert!(gate.unreachable_since().is_none());
+    }
+
     #[tokio::test]
     async fn a_back_off_holds_every_request() {
         let gate = ProviderGate::new(ProviderKind::Topaz, &[spec("100/1s")], Duration::ZERO, None);

@@ -253,9 +253,15 @@ impl Perfect {
             return Err(match e {
                 // Any refusal of the auth call is the credentials' fault.
                 ProviderError::Permanent(r) | ProviderError::Credential(r) => {
+                    // The hint once: `error_of` may have added it already.
+                    let hint = self.mode.hint();
+                    let hint = if r.contains(hint) {
+                        String::new()
+                    } else {
+                        format!(" ({hint})")
+                    };
                     ProviderError::credential(format!(
-                        "perfect refused the authentication: {r} ({})",
-                        self.mode.hint()
+                        "perfect refused the authentication: {r}{hint}"
                     ))
                 }
                 other => other,
