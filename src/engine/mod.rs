@@ -720,7 +720,13 @@ async fn authenticate(lane: &Lane) -> Result<bool, EngineError> {
                 });
                 return Ok(false);
             }
-            Err(e) if attempt == TRIES => {
+            Err(e)
+                if attempt == TRIES
+                    || lane.gate.unreachable_since().is_some_and(|(since, _)| {
+                        now_ms().saturating_sub(since)
+                            >= lane.config.unreachable_after.as_millis() as u64
+                    }) =>
+            {
                 if let Some((since, last)) = lane.gate.unreachable_since() {
                     lane.halt_with(HaltReason::Unreachable {
                         target: api_target(&lane.config.base_url),

@@ -219,7 +219,8 @@ fn an_unreachable_provider_is_halted_after_its_bound() {
     mixed_manifest(d);
     std::fs::write(
         d.join("pixbatch.toml"),
-        "[providers.topaz]\nunreachable_after = \"2s\"\n",
+        // A short grace: submissions cut off by the halt are reconciled at once.
+        "[providers.topaz]\nunreachable_after = \"2s\"\nreconcile_grace = \"1s\"\n",
     )
     .unwrap();
     let port = free_port();
@@ -264,6 +265,25 @@ fn an_unreachable_provider_is_halted_after_its_bound() {
         shown.contains(&format!("cannot connect to {target}")),
         "{shown}"
     );
+
+    // The right URL: the kept jobs (those cut off mid-submission reconciled first)
+    // finish, each charged once.
+    let mut again = pixbatch(d);
+    sim.env(&mut again);
+    again.arg("run");
+    let out = run_to_end(again, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(rows(d).iter().all(|(_, s, _)| s == "done"), "{:?}", rows(d));
+    let mut charged: Vec<String> = sim
+        .ledger()
+        .iter()
+        .filter(|e| e["provider"] == "topaz" && e["charged"] == true)
+        .filter_map(|e| e["request_key"].as_str().map(|k| job_of_key(k).to_string()))
+        .collect();
+    charged.sort();
+    let n = charged.len();
+    charged.dedup();
+    assert_eq!((n, charged.len()), (12, 12), "{charged:?}");
 }
 
 /// The end of a child whose output threads drain its pipes (killed after `limit`).
