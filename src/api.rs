@@ -89,6 +89,10 @@ pub trait RequestGate: Send + Sync {
     fn unanswered(&self, _why: &str) {
         self.answered(false);
     }
+    /// The engine halted the provider: nothing more is sent.
+    fn is_halted(&self) -> bool {
+        false
+    }
 }
 
 /// A gate that admits everything at once (for tools like `styles` and for tests).
@@ -227,6 +231,12 @@ impl Api {
         {
             let _waiting = self.metrics.as_deref().map(|m| m.waiting());
             self.gate.admit(kind).await;
+        }
+        if self.gate.is_halted() {
+            // Definitely not sent: safe for a submission to keep its key.
+            return Err(ProviderError::transient(
+                "not sent: the provider was halted (see the run's message)",
+            ));
         }
         let response = match request.send().await {
             Ok(r) => r,

@@ -70,12 +70,6 @@ impl ProviderHalt {
         }
     }
 
-    /// Steps of the provider under way are cut off (they wait on a host that does
-    /// not answer); after a refused credential they end on their own, at once.
-    pub fn cuts_steps(&self) -> bool {
-        matches!(self.reason, HaltReason::Unreachable { .. })
-    }
-
     /// One short line after the provider's name: "credential refused (401) — fix
     /// TOPAZ_API_KEY".
     pub fn summary(&self) -> String {

@@ -193,6 +193,10 @@ pub struct ProviderGate {
     /// last such failure: lets the engine halt a provider that stays unreachable.
     unreachable_since: AtomicU64,
     last_unanswered: std::sync::Mutex<String>,
+    /// The engine halted the provider: waiting requests are let go at once, and
+    /// `Api::send` sends none of them (`is_halted`).
+    halted: std::sync::atomic::AtomicBool,
+    halt_wake: Notify,
     /// Set for providers that drop a task not polled in time (Perfect).
     keep_alive: Option<KeepAlive>,
     /// Set for providers without a published limit (Dzine).
@@ -331,6 +335,8 @@ impl ProviderGate {
             outage_patience_ms: 30 * 60 * 1000,
             unreachable_since: AtomicU64::new(0),
             last_unanswered: std::sync::Mutex::new(String::new()),
+            halted: std::sync::atomic::AtomicBool::new(false),
+            halt_wake: Notify::new(),
             keep_alive: None,
             adaptive: None,
         }
@@ -448,6 +454,13 @@ impl ProviderGate {
         })
     }
 
+    /// The provider is halted: requests waiting here are released (and not sent),
+    /// so its steps end at once instead of after a rate window or outage pause.
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+        self.halt_wake.notify_waiters();
+    }
+
     /// Drops request-log entries older than the longest window.
     pub async fn prune(&self) {
         if let Some(store) = &self.store {
@@ -533,6 +546,9 @@ impl RequestGate for ProviderGate {
             let turn = self.turn.lock().await;
             loop {
                 let now = self.clock.now_ms();
+                if self.halted.load(Ordering::SeqCst) {
+                    break 'admission (turn, now);
+                }
                 let mut free = self
                     .with_limiter(|l| l.next_free(now))
                     .max(self.paused_until.load(Ordering::SeqCst));
@@ -557,7 +573,10 @@ impl RequestGate for ProviderGate {
                 if free <= now {
                     break 'admission (turn, now);
                 }
-                tokio::time::sleep(Duration::from_millis(free - now)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(free - now)) => {}
+                    _ = self.halt_wake.notified() => {}
+                }
             }
         };
         if let Some(a) = &self.adaptive {
@@ -600,6 +619,10 @@ impl RequestGate for ProviderGate {
         self.stats
             .waited_ms
             .fetch_add(sent_at.saturating_sub(started), Ordering::Relaxed);
+    }
+
+    fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
     }
 
     fn answered(&self, healthy: bool) {

@@ -123,7 +123,8 @@ pub struct Lane {
     /// soon, so they count as live tasks for the keep-alive budget.
     starting: std::sync::atomic::AtomicUsize,
     /// Set once when the provider is halted (refused credential, unreachable): the
-    /// dispatcher sends it nothing more, and steps waiting on it are cut off.
+    /// dispatcher starts no more steps for it, and its gate lets go of (and does not
+    /// send) the requests waiting there, so the steps under way end at once.
     halt: watch::Sender<Option<ProviderHalt>>,
 }
 
@@ -140,6 +141,7 @@ impl Lane {
             true
         });
         if first {
+            self.gate.halt();
             tracing::error!(
                 provider = %self.kind,
                 "{halt} ({}); its jobs {}, the other providers go on",
@@ -152,18 +154,6 @@ impl Lane {
 
     pub fn halted(&self) -> Option<ProviderHalt> {
         self.halt.borrow().clone()
-    }
-
-    /// Resolves when the provider is halted for a reason that cuts steps off.
-    async fn cut_off(&self) {
-        let mut rx = self.halt.subscribe();
-        if rx
-            .wait_for(|h| h.as_ref().is_some_and(ProviderHalt::cuts_steps))
-            .await
-            .is_err()
-        {
-            std::future::pending::<()>().await;
-        }
     }
 
     /// When to poll next: the provider's wish, but never so late that a provider
@@ -547,15 +537,13 @@ impl Engine {
                                 spend: &spend,
                                 halt: &halt,
                             };
-                            // A step waiting on a provider halted as unreachable is
-                            // cut off: its last durable state is safe to resume from.
-                            let result = tokio::select! {
-                                r = step::run(&env, &id) => r.map_err(|source| EngineError::Job {
-                                    job: id.clone(),
-                                    source,
-                                }),
-                                _ = lane.cut_off() => Ok(()),
-                            };
+                            let result =
+                                step::run(&env, &id)
+                                    .await
+                                    .map_err(|source| EngineError::Job {
+                                        job: id.clone(),
+                                        source,
+                                    });
                             if new_work {
                                 lane.starting.fetch_sub(1, Ordering::SeqCst);
                             }
