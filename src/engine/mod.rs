@@ -266,6 +266,9 @@ impl Engine {
             .filter(|((s, _), n)| !s.is_terminal() && **n > 0)
             .map(|((_, p), _)| *p)
             .collect();
+        // Counts are keyed by (state, provider): one provider shows up once per
+        // state, not always next to itself.
+        needed.sort();
         needed.dedup();
         let mut lanes = BTreeMap::new();
         let mut not_configured = Vec::new();
