@@ -83,6 +83,16 @@ pub trait RequestGate: Send + Sync {
     /// 5xx), not when it failed with 5xx or no answer. Lets the engine tell a
     /// provider outage from a job's own trouble.
     fn answered(&self, _healthy: bool) {}
+    /// A request got no answer at all (connect refused, DNS, timeout, reset); `why`
+    /// names the host. Counts as an unhealthy answer for the outage breaker, and
+    /// lets the engine halt a provider that stays unreachable.
+    fn unanswered(&self, _why: &str) {
+        self.answered(false);
+    }
+    /// The engine halted the provider: nothing more is sent.
+    fn is_halted(&self) -> bool {
+        false
+    }
 }
 
 /// A gate that admits everything at once (for tools like `styles` and for tests).
@@ -117,6 +127,11 @@ pub enum ProviderError {
     /// The provider no longer knows the remote task (expired, dropped).
     #[error("remote task lost: {0}")]
     Lost(String),
+    /// The provider refused the credential (401/403, or its own "bad key" code). Not
+    /// the job's fault and the same for every job: the engine halts the provider and
+    /// keeps its jobs, with no attempt used, for a run with a fixed key.
+    #[error("{0}")]
+    Credential(String),
 }
 
 impl ProviderError {
@@ -130,6 +145,11 @@ impl ProviderError {
 
     pub fn permanent(reason: impl Into<String>) -> Self {
         ProviderError::Permanent(reason.into())
+    }
+
+    /// A refused credential; `reason` should name the variable to fix.
+    pub fn credential(reason: impl Into<String>) -> Self {
+        ProviderError::Credential(reason.into())
     }
 
     /// A malformed answer. For a submission it means the outcome is unknown (the
@@ -212,14 +232,21 @@ impl Api {
             let _waiting = self.metrics.as_deref().map(|m| m.waiting());
             self.gate.admit(kind).await;
         }
+        if self.gate.is_halted() {
+            // Definitely not sent: safe for a submission to keep its key.
+            return Err(ProviderError::transient(
+                "not sent: the provider was halted (see the run's message)",
+            ));
+        }
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(m) = &self.metrics {
                     m.request(kind, None);
                 }
-                self.gate.answered(false);
-                return Err(classify_transport_error(kind, &e));
+                let error = classify_transport_error(kind, &e);
+                self.gate.unanswered(&error.to_string());
+                return Err(error);
             }
         };
         let status = response.status();
@@ -314,12 +341,56 @@ pub const MAX_JSON_ANSWER: u64 = 256 * 1024 * 1024;
 
 fn classify_transport_error(kind: RequestKind, e: &reqwest::Error) -> ProviderError {
     let reason = error_chain(e);
-    // A connect error means nothing reached the provider: safe to send again.
-    if e.is_connect() || kind != RequestKind::Submit {
+    // A connect error means nothing reached the provider: safe to send again. Said
+    // as such, with the host and port: "the provider looks down" alone does not tell
+    // a wrong base URL from an outage.
+    if e.is_connect() {
+        return ProviderError::transient(format!(
+            "request failed: cannot connect to {}: {}",
+            e.url()
+                .map(host_port)
+                .unwrap_or_else(|| "the provider".into()),
+            connect_cause(&reason)
+        ));
+    }
+    if kind != RequestKind::Submit {
         ProviderError::transient(format!("request failed: {reason}"))
     } else {
         ProviderError::Unknown(format!("request failed after it was sent: {reason}"))
     }
+}
+
+/// `host:port` of a URL (the scheme's port when it names none).
+pub fn host_port(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("?");
+    match url.port_or_known_default() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    }
+}
+
+/// The cause of a connect error in a few words, then the chain for the curious.
+fn connect_cause(chain: &str) -> String {
+    let lower = chain.to_ascii_lowercase();
+    let short = if lower.contains("connection refused") {
+        "connection refused"
+    } else if lower.contains("dns error") || lower.contains("failed to lookup") {
+        "the host name does not resolve"
+    } else if lower.contains("timed out") || lower.contains("timeout") {
+        "connect timed out"
+    } else if lower.contains("unreachable") {
+        "network unreachable"
+    } else {
+        return chain.to_string();
+    };
+    // The URL reqwest puts in front is left out: the host and port say it.
+    let tail = chain
+        .rsplit(": ")
+        .next()
+        .filter(|t| !t.eq_ignore_ascii_case(short))
+        .map(|t| format!(" ({t})"))
+        .unwrap_or_default();
+    format!("{short}{tail}")
 }
 
 /// The error and its sources, joined: reqwest's top-level message alone says little.

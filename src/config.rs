@@ -68,6 +68,10 @@ pub struct ProviderConfig {
     /// Operation name → the provider's path segment for it, overriding the built-in
     /// table (Perfect's document leaves some feature slugs unverified).
     pub operations: BTreeMap<String, String>,
+    /// How long the provider may go without a single answer (connect refused, DNS,
+    /// timeouts) before the run halts it, its jobs kept queued: a wrong base URL must
+    /// not make a cron run wait without end.
+    pub unreachable_after: Duration,
     pub credentials: Credentials,
 }
 
@@ -132,10 +136,16 @@ struct FileProvider {
     keep_alive: Option<String>,
     cost_per_job: Option<f64>,
     operations: Option<BTreeMap<String, String>>,
+    unreachable_after: Option<String>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
 }
+
+/// A provider without one answer for this long is halted (`unreachable_after`):
+/// long enough to ride out a restart or a network blip, short enough that a cron
+/// run with a wrong URL ends.
+pub const DEFAULT_UNREACHABLE_AFTER: Duration = Duration::from_secs(20 * 60);
 
 /// The documented or, where a provider publishes none, conservative defaults.
 /// `docs/providers.md` gives the reason for each.
@@ -166,6 +176,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         keep_alive: None,
         cost_per_job: None,
         operations: BTreeMap::new(),
+        unreachable_after: DEFAULT_UNREACHABLE_AFTER,
         credentials: Credentials::default(),
     }
 }
@@ -277,6 +288,13 @@ impl Config {
                 }
                 if let Some(v) = f.adaptive {
                     c.adaptive = v;
+                }
+                if let Some(v) = &f.unreachable_after {
+                    let d = parse_duration(v).map_err(|m| ctx("unreachable_after", m))?;
+                    if d.is_zero() {
+                        return Err(ctx("unreachable_after", "must be longer than 0".into()));
+                    }
+                    c.unreachable_after = d;
                 }
                 if let Some(v) = &f.keep_alive {
                     c.keep_alive = Some(parse_duration(v).map_err(|m| ctx("keep_alive", m))?);
@@ -515,5 +533,24 @@ concurrency = 2
         assert!(e.contains("c.toml") && e.contains("rate_limits"), "{e}");
         std::fs::write(&path, "[providers.nope]\n").unwrap();
         assert!(Config::load(Some(&path), &no_env).is_err());
+    }
+
+    #[test]
+    fn unreachable_after_is_per_provider_with_a_default_in_tens_of_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[providers.topaz]\nunreachable_after = \"90s\"\n").unwrap();
+        let c = Config::load(Some(&path), &no_env).unwrap();
+        assert_eq!(
+            c.provider(ProviderKind::Topaz).unreachable_after,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            c.provider(ProviderKind::Photio).unreachable_after,
+            DEFAULT_UNREACHABLE_AFTER
+        );
+        std::fs::write(&path, "[providers.topaz]\nunreachable_after = \"0s\"\n").unwrap();
+        let e = Config::load(Some(&path), &no_env).unwrap_err().to_string();
+        assert!(e.contains("unreachable_after"), "{e}");
     }
 }

@@ -51,6 +51,10 @@ pub struct LiveInfo {
     pub started_ms: u64,
     pub rate_per_sec: f64,
     pub finished_this_run: u64,
+    /// Providers this run halted (credential missing or refused, unreachable):
+    /// nothing more is sent to them, their jobs wait for a later run.
+    #[serde(default)]
+    pub halted: Vec<crate::engine::halt::ProviderHalt>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

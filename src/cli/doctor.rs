@@ -179,10 +179,10 @@ pub(super) fn explain(e: &ProviderError) -> String {
             || text.contains(&format!("{code} Forbidden"))
     };
     match e {
-        ProviderError::Permanent(_) if has("401") => {
+        ProviderError::Permanent(_) | ProviderError::Credential(_) if has("401") => {
             format!("the key was refused (401): {text}")
         }
-        ProviderError::Permanent(_) if has("403") => {
+        ProviderError::Permanent(_) | ProviderError::Credential(_) if has("403") => {
             format!("the key was refused (403): {text}")
         }
         ProviderError::Permanent(_) if has("404") || has("405") => {

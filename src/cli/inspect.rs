@@ -114,6 +114,9 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
                 Some(eta) => writeln!(out, ", ETA {}", query::human_secs(eta))?,
                 None => writeln!(out)?,
             }
+            for h in &l.halted {
+                println!("{h}");
+            }
         }
         None => writeln!(out, "not running")?,
     }

@@ -2,7 +2,9 @@
 //! one submodule per family (run, inspect, manage, provider).
 //!
 //! Errors a user can cause map to the documented exit codes: 0 all done, 2 some jobs
-//! failed, 3 another process holds the database, 1 anything else, 130 interrupted.
+//! failed, 3 another process holds the database, 4 the credit cap stopped new work,
+//! 5 a provider was halted (credential missing or refused, unreachable), 1 anything
+//! else, 130 interrupted.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,9 @@ pub const EXIT_FAILED_JOBS: i32 = 2;
 pub const EXIT_LOCKED: i32 = 3;
 /// `run --max-credits`: the cap stopped new work; what was submitted is finished.
 pub const EXIT_CREDIT_CAP: i32 = 4;
+/// `run`: a provider was halted (no credentials, credential refused, unreachable past
+/// `unreachable_after`); its jobs are kept queued, the other providers' were worked.
+pub const EXIT_PROVIDER_HALTED: i32 = 5;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser, Debug)]

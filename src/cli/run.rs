@@ -191,14 +191,25 @@ pub(super) async fn work(
     let observer = super::observe::Observer::start(metrics, &engine, &store).await?;
     let stats = engine.stats();
     let started = now_ms();
+    // Providers without credentials are named before any request; their jobs stay
+    // queued and the others are worked.
+    for h in engine.not_configured() {
+        progress::notice(&format!(
+            "{}: {}; its jobs stay queued, the other providers go on",
+            h.provider,
+            h.detail()
+        ));
+    }
     let live = {
         let stats = stats.clone();
+        let halts = engine.halt_view();
         Arc::new(move || LiveInfo {
             pid: std::process::id(),
             started_ms: started,
             rate_per_sec: stats.rate_per_sec(started),
             finished_this_run: stats.done.load(std::sync::atomic::Ordering::Relaxed)
                 + stats.failed.load(std::sync::atomic::Ordering::Relaxed),
+            halted: halts.list(),
         })
     };
     let canceller = Some(engine.canceller());
@@ -279,6 +290,9 @@ pub(super) async fn work(
         }
     }
     let code = exit_code(&summary, &gate);
+    if code != EXIT_INTERRUPTED {
+        print_halts(&store, &summary.halted);
+    }
     match code {
         EXIT_INTERRUPTED => progress::notice("interrupted; run again to resume"),
         EXIT_CREDIT_CAP => {
@@ -308,11 +322,36 @@ pub(super) async fn work(
     })
 }
 
-/// SPEC §1's codes, and 4 for a run the credit cap stopped. Interrupted wins; then
-/// the cap (work remains that only a higher cap will do); then failed jobs.
+/// One line per halted provider, with what to fix and how many of its jobs wait.
+fn print_halts(store: &Store, halted: &[engine::halt::ProviderHalt]) {
+    let counts = store.counts().unwrap_or_default();
+    for h in halted {
+        let waiting: u64 = counts
+            .iter()
+            .filter(|((s, p), _)| *p == h.provider && !s.is_terminal())
+            .map(|(_, n)| n)
+            .sum();
+        let detail = match h.reason {
+            // The fix already says all there is.
+            engine::halt::HaltReason::NotConfigured { .. } => String::new(),
+            _ => format!(" ({})", h.detail()),
+        };
+        progress::notice(&format!(
+            "{h}; its {waiting} unfinished job(s) {}; fix it and run again{detail}",
+            h.jobs_note()
+        ));
+    }
+}
+
+/// SPEC §1's codes, 4 for a run the credit cap stopped and 5 for one that halted a
+/// provider. Interrupted wins; then a halted provider (nothing more happens until a
+/// person fixes its key or URL); then the cap (work remains that only a higher cap
+/// will do); then failed jobs.
 fn exit_code(summary: &engine::RunSummary, gate: &engine::spend::SpendGate) -> i32 {
     if summary.interrupted {
         EXIT_INTERRUPTED
+    } else if !summary.halted.is_empty() {
+        EXIT_PROVIDER_HALTED
     } else if !gate.stopped().is_empty() && summary.unfinished > 0 {
         EXIT_CREDIT_CAP
     } else if summary.failed > 0 {
@@ -449,10 +488,23 @@ pub(super) async fn cmd_validate(
     let checked = intake::check(manifests, store, config)?;
     print_row_errors(&checked.errors);
     print_plan(&checked.plan, config);
+    let missing = missing_credentials(&checked.plan, config);
+    for line in &missing {
+        eprintln!("pixbatch: {line}");
+    }
     if !checked.errors.is_empty() {
         return Err(Fail(
             EXIT_ERROR,
             format!("{} bad row(s)", checked.errors.len()),
+        ));
+    }
+    if !missing.is_empty() {
+        return Err(Fail(
+            EXIT_ERROR,
+            format!(
+                "{} provider(s) without credentials: `run` would keep their jobs queued",
+                missing.len()
+            ),
         ));
     }
     // Nothing is asked of a provider about a manifest with bad rows.
@@ -468,6 +520,22 @@ pub(super) async fn cmd_validate(
     .await?;
     print_costs(&costs, "the new jobs");
     Ok(EXIT_OK)
+}
+
+/// One line per provider the plan has jobs for and no usable credentials, naming
+/// the variable to set (the adapter's own words).
+fn missing_credentials(plan: &Plan, config: &Config) -> Vec<String> {
+    plan.providers
+        .iter()
+        .filter(|(_, p)| p.jobs > 0)
+        .filter_map(|(kind, p)| {
+            let e = crate::providers::build(&config.provider(*kind)).err()?;
+            Some(format!(
+                "{e}; {} job(s) of the manifest are for {kind}",
+                p.jobs
+            ))
+        })
+        .collect()
 }
 
 /// `run --dry-run`: validate, plus what the database holds, the spend so far and the
@@ -508,6 +576,9 @@ async fn dry_run(
         }
         print_row_errors(&errors);
         print_plan(&checked.plan, config);
+        for line in missing_credentials(&checked.plan, config) {
+            eprintln!("pixbatch: {line}; `run` would keep their jobs queued");
+        }
         if !errors.is_empty() {
             return Err(Fail(EXIT_ERROR, format!("{} bad row(s)", errors.len())));
         }
@@ -879,6 +950,15 @@ impl FinishHook {
                     .map(|p| format!("{}={}", p.kind, crate::cost::amount(p.spent_this_run)))
                     .collect::<Vec<_>>()
                     .join(","),
+            ),
+            (
+                // One `provider: halted: what — fix` line per halted provider.
+                "PIXBATCH_HALTED".into(),
+                s.halted
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             ),
             ("PIXBATCH_SUMMARY".into(), line),
             ("PIXBATCH_ERROR".into(), error),

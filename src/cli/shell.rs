@@ -63,6 +63,9 @@ another process holds the database (the message names it); nothing was done
 4
 run \-\-max\-credits stopped submitting new work; what was submitted is finished
 .TP
+5
+run halted a provider (credential missing or refused, unreachable past unreachable_after); its jobs stay queued, the others were worked; the message names the variable to fix
+.TP
 130
 interrupted (Ctrl\-C or SIGTERM); run again to resume
 .SH ENVIRONMENT
@@ -132,6 +135,7 @@ pub(super) fn render_config(config: &Config, env: &dyn Fn(&str) -> Option<String
         let _ = writeln!(s, "max_in_flight = {}", pc.max_in_flight);
         let _ = writeln!(s, "reconcile_grace = {:?}", dur(pc.reconcile_grace));
         let _ = writeln!(s, "adaptive = {}", pc.adaptive);
+        let _ = writeln!(s, "unreachable_after = {:?}", dur(pc.unreachable_after));
         if let Some(k) = pc.keep_alive {
             let _ = writeln!(s, "keep_alive = {:?}", dur(k));
         }

@@ -189,6 +189,14 @@ pub struct ProviderGate {
     /// How many times the breaker tripped in this outage (sets the pause).
     outage_trips: AtomicU64,
     outage_patience_ms: u64,
+    /// Since when (ms; 0 = it answers) no request got any answer at all, and the
+    /// last such failure: lets the engine halt a provider that stays unreachable.
+    unreachable_since: AtomicU64,
+    last_unanswered: std::sync::Mutex<String>,
+    /// The engine halted the provider: waiting requests are let go at once, and
+    /// `Api::send` sends none of them (`is_halted`).
+    halted: std::sync::atomic::AtomicBool,
+    halt_wake: Notify,
     /// Set for providers that drop a task not polled in time (Perfect).
     keep_alive: Option<KeepAlive>,
     /// Set for providers without a published limit (Dzine).
@@ -325,6 +333,10 @@ impl ProviderGate {
             outage_since: AtomicU64::new(0),
             outage_trips: AtomicU64::new(0),
             outage_patience_ms: 30 * 60 * 1000,
+            unreachable_since: AtomicU64::new(0),
+            last_unanswered: std::sync::Mutex::new(String::new()),
+            halted: std::sync::atomic::AtomicBool::new(false),
+            halt_wake: Notify::new(),
             keep_alive: None,
             adaptive: None,
         }
@@ -428,6 +440,27 @@ impl ProviderGate {
         since > 0 && self.clock.now_ms() < since + self.outage_patience_ms
     }
 
+    /// Since when (ms) no request got any answer, with the last transport error;
+    /// `None` while the provider answers (any status).
+    pub fn unreachable_since(&self) -> Option<(u64, String)> {
+        let since = self.unreachable_since.load(Ordering::SeqCst);
+        (since > 0).then(|| {
+            let last = self
+                .last_unanswered
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_default();
+            (since, last)
+        })
+    }
+
+    /// The provider is halted: requests waiting here are released (and not sent),
+    /// so its steps end at once instead of after a rate window or outage pause.
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+        self.halt_wake.notify_waiters();
+    }
+
     /// Drops request-log entries older than the longest window.
     pub async fn prune(&self) {
         if let Some(store) = &self.store {
@@ -451,6 +484,41 @@ impl ProviderGate {
         self.paused_until
             .load(Ordering::SeqCst)
             .saturating_sub(self.clock.now_ms())
+    }
+}
+
+impl ProviderGate {
+    /// Counts an answer (healthy or not) toward the outage breaker.
+    fn note_answer(&self, healthy: bool) {
+        if let Some(a) = &self.adaptive {
+            a.adjust(healthy, self.clock.now_ms());
+        }
+        if healthy {
+            self.failures_in_a_row.store(0, Ordering::SeqCst);
+            if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
+                self.outage_trips.store(0, Ordering::SeqCst);
+                tracing::info!(provider = %self.provider, "answering again");
+            }
+            return;
+        }
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+        if n % OUTAGE_THRESHOLD != 0 {
+            return;
+        }
+        let _ = self.outage_since.compare_exchange(
+            0,
+            self.clock.now_ms(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
+        let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
+        tracing::warn!(
+            provider = %self.provider,
+            "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
+            pause.as_secs()
+        );
+        self.back_off(pause);
     }
 }
 
@@ -478,6 +546,9 @@ impl RequestGate for ProviderGate {
             let turn = self.turn.lock().await;
             loop {
                 let now = self.clock.now_ms();
+                if self.halted.load(Ordering::SeqCst) {
+                    break 'admission (turn, now);
+                }
                 let mut free = self
                     .with_limiter(|l| l.next_free(now))
                     .max(self.paused_until.load(Ordering::SeqCst));
@@ -502,7 +573,10 @@ impl RequestGate for ProviderGate {
                 if free <= now {
                     break 'admission (turn, now);
                 }
-                tokio::time::sleep(Duration::from_millis(free - now)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(free - now)) => {}
+                    _ = self.halt_wake.notified() => {}
+                }
             }
         };
         if let Some(a) = &self.adaptive {
@@ -547,36 +621,27 @@ impl RequestGate for ProviderGate {
             .fetch_add(sent_at.saturating_sub(started), Ordering::Relaxed);
     }
 
+    fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
+    }
+
     fn answered(&self, healthy: bool) {
-        if let Some(a) = &self.adaptive {
-            a.adjust(healthy, self.clock.now_ms());
-        }
-        if healthy {
-            self.failures_in_a_row.store(0, Ordering::SeqCst);
-            if self.outage_since.swap(0, Ordering::SeqCst) > 0 {
-                self.outage_trips.store(0, Ordering::SeqCst);
-                tracing::info!(provider = %self.provider, "answering again");
-            }
-            return;
-        }
-        let n = self.failures_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % OUTAGE_THRESHOLD != 0 {
-            return;
-        }
-        let _ = self.outage_since.compare_exchange(
+        // Any status is an answer: the host is reachable.
+        self.unreachable_since.store(0, Ordering::SeqCst);
+        self.note_answer(healthy);
+    }
+
+    fn unanswered(&self, why: &str) {
+        let _ = self.unreachable_since.compare_exchange(
             0,
             self.clock.now_ms(),
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
-        let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
-        let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
-        tracing::warn!(
-            provider = %self.provider,
-            "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
-            pause.as_secs()
-        );
-        self.back_off(pause);
+        if let Ok(mut last) = self.last_unanswered.lock() {
+            *last = why.to_string();
+        }
+        self.note_answer(false);
     }
 
     fn back_off(&self, wait: Duration) {
@@ -741,6 +806,22 @@ mod tests {
             !impatient.excuses_failures(),
             "past its patience an outage counts again"
         );
+    }
+
+    #[test]
+    fn unreachable_lasts_until_any_answer() {
+        use crate::api::RequestGate;
+        let gate = ProviderGate::new(ProviderKind::Topaz, &[], Duration::ZERO, None);
+        assert!(gate.unreachable_since().is_none());
+        gate.unanswered("cannot connect to 127.0.0.1:9: connection refused");
+        let (since, why) = gate.unreachable_since().expect("unreachable");
+        gate.unanswered("cannot connect to 127.0.0.1:9: connection refused (again)");
+        let (later, why2) = gate.unreachable_since().expect("still");
+        assert_eq!(since, later, "the first failure dates it");
+        assert!(why.contains("127.0.0.1:9") && why2.ends_with("(again)"));
+        // A 5xx is an answer: the host is there, only unwell.
+        gate.answered(false);
+        assert!(gate.unreachable_since().is_none());
     }
 
     #[tokio::test]

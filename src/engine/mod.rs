@@ -10,6 +10,7 @@
 //! its `Api` and its rate-limit gate.
 
 pub mod cancel;
+pub mod halt;
 pub mod limiter;
 pub mod retry;
 pub mod spend;
@@ -29,6 +30,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::model::{now_ms, JobState, ProviderKind};
 use crate::providers::Provider;
 use crate::store::{Store, StoreError};
+use halt::{HaltReason, ProviderHalt};
 use limiter::ProviderGate;
 
 /// How a run is asked to stop.
@@ -120,9 +122,40 @@ pub struct Lane {
     /// New-work steps (preparing or submitting) running now: they will need polls
     /// soon, so they count as live tasks for the keep-alive budget.
     starting: std::sync::atomic::AtomicUsize,
+    /// Set once when the provider is halted (refused credential, unreachable): the
+    /// dispatcher starts no more steps for it, and its gate lets go of (and does not
+    /// send) the requests waiting there, so the steps under way end at once.
+    halt: watch::Sender<Option<ProviderHalt>>,
 }
 
 impl Lane {
+    /// Halts the provider (the first reason wins). Says so once, with the provider's
+    /// own words, and returns whether this call halted it.
+    pub(crate) fn halt_with(&self, reason: HaltReason) -> bool {
+        let halt = ProviderHalt::new(self.kind, reason, &self.config.base_url);
+        let first = self.halt.send_if_modified(|h| {
+            if h.is_some() {
+                return false;
+            }
+            *h = Some(halt.clone());
+            true
+        });
+        if first {
+            self.gate.halt();
+            tracing::error!(
+                provider = %self.kind,
+                "{halt} ({}); its jobs {}, the other providers go on",
+                halt.detail(),
+                halt.jobs_note()
+            );
+        }
+        first
+    }
+
+    pub fn halted(&self) -> Option<ProviderHalt> {
+        self.halt.borrow().clone()
+    }
+
     /// When to poll next: the provider's wish, but never so late that a provider
     /// with a keep-alive drops the task (half of it: room for a slow answer, a
     /// wait at the gate, and one retry).
@@ -167,6 +200,9 @@ pub struct RunSummary {
     /// Of the unfinished, those the run was told to leave: other providers'
     /// (`--provider`) and queued ones past `--limit`.
     pub held_back: u64,
+    /// Providers the run halted (no credentials, credential refused, unreachable):
+    /// their jobs are kept for a later run.
+    pub halted: Vec<ProviderHalt>,
 }
 
 /// A snapshot for progress displays.
@@ -216,12 +252,31 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// How many queued jobs may still be started (`run --limit`); None: no limit.
     start_budget: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Providers with unfinished jobs and no usable credentials: no lane, halted
+    /// from the start.
+    not_configured: Vec<ProviderHalt>,
+}
+
+/// The halted providers of a run, for `status` while it works.
+#[derive(Clone)]
+pub struct HaltView {
+    lanes: Vec<Arc<Lane>>,
+    not_configured: Vec<ProviderHalt>,
+}
+
+impl HaltView {
+    pub fn list(&self) -> Vec<ProviderHalt> {
+        let mut all = self.not_configured.clone();
+        all.extend(self.lanes.iter().filter_map(|l| l.halted()));
+        all
+    }
 }
 
 impl Engine {
     /// Builds a lane for every provider that has unfinished jobs. A provider whose
-    /// adapter cannot be built (no credentials) is an error naming it: its jobs are
-    /// left as they are for a later run.
+    /// adapter cannot be built (no credentials) gets no lane: it is halted from the
+    /// start, named (with the variable to set) before any request, and its jobs are
+    /// left as they are for a later run while the other providers work.
     pub fn new(store: Store, config: Config, out_dir: PathBuf) -> Result<Engine, EngineError> {
         Engine::with_selection(store, config, out_dir, Selection::default())
     }
@@ -242,9 +297,12 @@ impl Engine {
             .map(|((_, p), _)| *p)
             .filter(|p| selection.includes(*p))
             .collect();
+        // Counts are keyed by (state, provider): one provider shows up once per
+        // state, not always next to itself.
+        needed.sort();
         needed.dedup();
         let mut lanes = BTreeMap::new();
-        let mut problems = Vec::new();
+        let mut not_configured = Vec::new();
         for kind in needed {
             if lanes.contains_key(&kind) {
                 continue;
@@ -253,7 +311,12 @@ impl Engine {
             let adapter = match crate::providers::build(&pc) {
                 Ok(a) => a,
                 Err(e) => {
-                    problems.push(e);
+                    let detail = halt::without_prefix(kind, &e);
+                    not_configured.push(ProviderHalt::new(
+                        kind,
+                        HaltReason::NotConfigured { detail },
+                        &pc.base_url,
+                    ));
                     continue;
                 }
             };
@@ -288,11 +351,9 @@ impl Engine {
                     metrics: metrics.provider(kind),
                     keep_alive,
                     starting: Default::default(),
+                    halt: watch::Sender::new(None),
                 }),
             );
-        }
-        if !problems.is_empty() {
-            return Err(EngineError::Setup(problems.join("\n")));
         }
         Ok(Engine {
             spend: Arc::new(spend::SpendGate::uncapped(&config)),
@@ -307,6 +368,7 @@ impl Engine {
             start_budget: selection
                 .max_new_jobs
                 .map(|n| Arc::new(std::sync::atomic::AtomicU64::new(n))),
+            not_configured,
         })
     }
 
@@ -315,6 +377,19 @@ impl Engine {
         self.start_budget
             .as_ref()
             .is_none_or(|b| b.load(Ordering::SeqCst) > 0)
+    }
+
+    /// Providers halted before the run starts (no credentials).
+    pub fn not_configured(&self) -> &[ProviderHalt] {
+        &self.not_configured
+    }
+
+    /// The run's halted providers, readable from other tasks (`status`).
+    pub fn halt_view(&self) -> HaltView {
+        HaltView {
+            lanes: self.lanes.values().cloned().collect(),
+            not_configured: self.not_configured.clone(),
+        }
     }
 
     /// Replaces the default gate (which records spend and never refuses).
@@ -353,9 +428,15 @@ impl Engine {
         progress: Option<Arc<dyn ProgressSink>>,
     ) -> Result<RunSummary, EngineError> {
         let started = now_ms();
-        for lane in self.lanes.values() {
-            authenticate(lane).await?;
-            self.check_balance(lane).await?;
+        // All at once: one provider slow to authenticate holds up no other.
+        let checks = self.lanes.values().map(|lane| async move {
+            if authenticate(lane).await? {
+                self.check_balance(lane).await?;
+            }
+            Ok::<(), EngineError>(())
+        });
+        for r in futures_util::future::join_all(checks).await {
+            r?;
         }
         self.spend.load(&self.store, &self.lanes).await?;
         let claimed = self.claimed.clone();
@@ -396,6 +477,20 @@ impl Engine {
             let now = now_ms();
             let mut next_wake = now + 1_000;
             for lane in self.lanes.values() {
+                if let Some((since, last)) = lane.gate.unreachable_since() {
+                    let bound = lane.config.unreachable_after.as_millis() as u64;
+                    if now.saturating_sub(since) >= bound && lane.halted().is_none() {
+                        lane.halt_with(HaltReason::Unreachable {
+                            target: api_target(&lane.config.base_url),
+                            detail: last,
+                            for_secs: now.saturating_sub(since) / 1000,
+                        });
+                    }
+                }
+                if lane.halted().is_some() {
+                    // Nothing more goes to it; its jobs wait for a later run.
+                    continue;
+                }
                 let mut remote_in_flight = [
                     JobState::Submitting,
                     JobState::Submitted,
@@ -543,7 +638,9 @@ impl Engine {
                 .store
                 .counts()?
                 .iter()
-                .filter(|((s, p), _)| !s.is_terminal() && self.lanes.contains_key(p))
+                .filter(|((s, p), _)| {
+                    !s.is_terminal() && self.lanes.get(p).is_some_and(|l| l.halted().is_none())
+                })
                 // New work the spend cap holds back is not waited for.
                 .filter(|((s, p), _)| !(is_new_work(*s) && self.spend.is_stopped(*p)))
                 // Nor queued jobs past `--limit`.
@@ -589,14 +686,17 @@ impl Engine {
             .counts()?
             .iter()
             .filter(|((s, p), _)| {
-                !s.is_terminal()
-                    && (!self.lanes.contains_key(p)
-                        || (*s == JobState::Queued && !self.may_start()))
+                // A provider without a lane was left out by `--provider`, unless it
+                // is halted for want of credentials (that is not "as asked").
+                let left_out = !self.lanes.contains_key(p)
+                    && !self.not_configured.iter().any(|h| h.provider == *p);
+                !s.is_terminal() && (left_out || (*s == JobState::Queued && !self.may_start()))
             })
             .map(|(_, n)| n)
             .sum();
         summary.finished_this_run =
             self.stats.done.load(Ordering::Relaxed) + self.stats.failed.load(Ordering::Relaxed);
+        summary.halted = self.halt_view().list();
         Ok(summary)
     }
 
@@ -661,18 +761,41 @@ impl Engine {
     }
 }
 
-/// Credentials are checked before any job is touched: a refusal (a wrong key) ends
-/// the run at once with the provider's reason, but a lost or garbled answer, a 5xx
-/// or a 429 is only bad luck and is tried again, with backoff, a few times.
-async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
+/// Credentials are checked before any job of the provider is touched. A refusal (a
+/// wrong key) halts the provider, and so does a host that never answered in all the
+/// tries (named with its host and port); the other providers go on. A garbled
+/// answer, a 5xx or a 429 is only bad luck and is tried again, with backoff, a few
+/// times. Returns whether the provider may be worked.
+async fn authenticate(lane: &Lane) -> Result<bool, EngineError> {
     const TRIES: u32 = 8;
     for attempt in 1..=TRIES {
         match lane.adapter.authenticate(&lane.api).await {
-            Ok(()) => return Ok(()),
-            Err(crate::api::ProviderError::Permanent(reason)) => {
-                return Err(EngineError::Setup(format!("{}: {reason}", lane.kind)));
+            Ok(()) => return Ok(true),
+            Err(
+                crate::api::ProviderError::Credential(reason)
+                | crate::api::ProviderError::Permanent(reason),
+            ) => {
+                lane.halt_with(HaltReason::CredentialRefused {
+                    status: halt::refused_status(&reason),
+                    detail: reason,
+                });
+                return Ok(false);
             }
-            Err(e) if attempt == TRIES => {
+            Err(e)
+                if attempt == TRIES
+                    || lane.gate.unreachable_since().is_some_and(|(since, _)| {
+                        now_ms().saturating_sub(since)
+                            >= lane.config.unreachable_after.as_millis() as u64
+                    }) =>
+            {
+                if let Some((since, last)) = lane.gate.unreachable_since() {
+                    lane.halt_with(HaltReason::Unreachable {
+                        target: api_target(&lane.config.base_url),
+                        detail: last,
+                        for_secs: now_ms().saturating_sub(since) / 1000,
+                    });
+                    return Ok(false);
+                }
                 return Err(EngineError::Setup(format!(
                     "{}: could not authenticate after {TRIES} tries: {e}",
                     lane.kind
@@ -698,7 +821,15 @@ async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
             }
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// `host:port` of a provider's API, for messages about reaching it.
+fn api_target(base_url: &str) -> String {
+    match reqwest::Url::parse(base_url) {
+        Ok(u) => crate::api::host_port(&u),
+        Err(_) => base_url.to_string(),
+    }
 }
 
 /// The HTTP client for one provider's requests (API host, uploads, downloads).

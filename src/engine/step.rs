@@ -695,6 +695,64 @@ async fn lose_remote(
     save(env, &mut job)
 }
 
+/// The provider refused the credential: the same for every job, so the provider is
+/// halted and this job goes back to where it was with no attempt used (see
+/// [`put_back`]), for a run with a fixed key.
+fn refused(env: &StepEnv<'_>, job: Job, reason: String, phase: Phase) -> Result<(), StoreError> {
+    event(
+        env,
+        &job,
+        EventKind::Note,
+        format!(
+            "credential refused: {reason}; {} halted, the job waits for a run with a fixed key (no attempt used)",
+            job.spec.provider
+        ),
+    )?;
+    put_back(env, job, reason.clone(), phase)?;
+    env.lane
+        .halt_with(crate::engine::halt::HaltReason::CredentialRefused {
+            status: crate::engine::halt::refused_status(&reason),
+            detail: reason,
+        });
+    Ok(())
+}
+
+/// A step of a provider halted meanwhile failed (or sent nothing): no attempt used.
+fn halted(env: &StepEnv<'_>, job: Job, reason: String, phase: Phase) -> Result<(), StoreError> {
+    event(
+        env,
+        &job,
+        EventKind::Note,
+        format!(
+            "{reason} ({} is halted; the job waits for a later run, attempt not counted)",
+            job.spec.provider
+        ),
+    )?;
+    // The job's error says why it waits (the halt), not "not sent".
+    let why = env.lane.halted().map(|h| h.to_string()).unwrap_or(reason);
+    put_back(env, job, why, phase)
+}
+
+/// Back to where the job was, due at once for the next run: queued (or waiting to
+/// retry) when nothing was accepted, else as it is.
+fn put_back(
+    env: &StepEnv<'_>,
+    mut job: Job,
+    reason: String,
+    phase: Phase,
+) -> Result<(), StoreError> {
+    job.state = match phase {
+        Phase::Prepare | Phase::Submit if job.attempts == 0 => JobState::Queued,
+        Phase::Prepare | Phase::Submit => JobState::RetryWait,
+        // The submission's outcome is still unknown: the next run asks again.
+        Phase::Reconcile => JobState::Submitting,
+        Phase::Poll | Phase::Download => job.state,
+    };
+    job.due_ms = now_ms();
+    job.error = Some(reason);
+    save(env, &mut job)
+}
+
 async fn on_error(
     env: &StepEnv<'_>,
     mut job: Job,
@@ -703,6 +761,7 @@ async fn on_error(
 ) -> Result<(), StoreError> {
     match error {
         ProviderError::Permanent(reason) => fail(env, job, reason).await,
+        ProviderError::Credential(reason) => refused(env, job, reason, phase),
         ProviderError::Lost(reason) => lose_remote(env, job, &reason, true).await,
         ProviderError::Unknown(reason) if phase == Phase::Submit => {
             // Not a retry: the provider may have the task. Ask it first.
@@ -728,6 +787,11 @@ async fn on_error(
             retry_after,
             rate_limited,
         } => {
+            if env.lane.halted().is_some() {
+                // The provider was halted while this step was under way (its request
+                // failed, or was never sent): the job waits for a later run as it is.
+                return halted(env, job, reason, phase);
+            }
             if rate_limited {
                 // The provider's wait is not the job's fault: no attempt used up.
                 event(env, &job, EventKind::RateLimited, reason.clone())?;

@@ -258,7 +258,7 @@ pub fn parse_answer(v: &Value) -> Result<(OutputData, Option<i64>), ProviderErro
     };
     let reason = format!("aithriving: {message}");
     Err(match code {
-        401 | 403 => ProviderError::permanent(format!("{reason} (check AITHRIVING_API_KEY)")),
+        401 | 403 => ProviderError::credential(format!("{reason} (check AITHRIVING_API_KEY)")),
         _ if looks_transient(&message) => ProviderError::transient(reason),
         _ => ProviderError::permanent(reason),
     })
@@ -277,8 +277,8 @@ pub fn read_answer(
 pub fn read_refusal(status: reqwest::StatusCode, body: &[u8]) -> ProviderError {
     let mut e = util::classify_http_error(RequestKind::Submit, status, body);
     if matches!(status.as_u16(), 401 | 403) {
-        if let ProviderError::Permanent(reason) = &mut e {
-            reason.push_str(" (check AITHRIVING_API_KEY)");
+        if let ProviderError::Permanent(reason) = &e {
+            e = ProviderError::credential(format!("{reason} (check AITHRIVING_API_KEY)"));
         }
     }
     e
@@ -817,7 +817,7 @@ mod sim_tests {
             .await
             .expect_err("bad key");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401")),
             "{e:?}"
         );
         let _ = sim.shutdown().await;

@@ -619,7 +619,7 @@ pub fn classify(code: i64, msg: &str) -> ProviderError {
             rate_limited: true,
         },
         500..=599 => ProviderError::transient(reason),
-        401 | 403 => ProviderError::permanent(format!("{reason} (check DZINE_API_KEY)")),
+        401 | 403 => ProviderError::credential(format!("{reason} (check DZINE_API_KEY)")),
         400..=499 => ProviderError::permanent(reason),
         CODE_STYLE_NOT_FOR_IMG2IMG => ProviderError::permanent(format!(
             "{reason} (this style cannot be used for img2img; pick another with `pixbatch styles dzine`)"
@@ -1650,7 +1650,7 @@ mod tests {
             matches!(classify(108005, "x"), ProviderError::Permanent(m) if m.contains("img2img"))
         );
         assert!(
-            matches!(classify(401, "x"), ProviderError::Permanent(m) if m.contains("DZINE_API_KEY"))
+            matches!(classify(401, "x"), ProviderError::Credential(m) if m.contains("DZINE_API_KEY"))
         );
         assert!(matches!(
             classify(402, "no tokens"),
@@ -1879,7 +1879,7 @@ mod sim_tests {
             .await
             .expect_err("bad key");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("DZINE_API_KEY")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401") && m.contains("DZINE_API_KEY")),
             "{e:?}"
         );
         let _ = sim.shutdown().await;

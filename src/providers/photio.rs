@@ -174,7 +174,7 @@ pub fn parse_answer(v: &Value) -> Result<OutputData, ProviderError> {
                 reason.push_str(&detail);
             }
             Err(match code {
-                401 | 403 => ProviderError::permanent(format!("{reason} (check PHOTIO_API_KEY)")),
+                401 | 403 => ProviderError::credential(format!("{reason} (check PHOTIO_API_KEY)")),
                 408 | 429 | 500..=599 => ProviderError::transient(reason),
                 400..=499 => ProviderError::permanent(reason),
                 // An unexpected code says nothing definite about the charge.
@@ -200,8 +200,8 @@ pub fn read_refusal(status: StatusCode, body: &[u8]) -> ProviderError {
         _ => util::classify_http_error(RequestKind::Submit, status, body),
     };
     if matches!(status.as_u16(), 401 | 403) {
-        if let ProviderError::Permanent(reason) = &mut e {
-            reason.push_str(" (check PHOTIO_API_KEY)");
+        if let ProviderError::Permanent(reason) = &e {
+            e = ProviderError::credential(format!("{reason} (check PHOTIO_API_KEY)"));
         }
     }
     e
@@ -421,7 +421,7 @@ mod tests {
         }
         let e = parse_answer(&json!({"status_code": 401, "body": "invalid key"})).expect_err("401");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("invalid key")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401") && m.contains("invalid key")),
             "{e:?}"
         );
         let e = parse_answer(&json!({"status_code": 422, "body": ""})).expect_err("422");
@@ -601,7 +601,7 @@ mod http_tests {
             .await
             .expect_err("401");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("PHOTIO_API_KEY")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401") && m.contains("PHOTIO_API_KEY")),
             "{e:?}"
         );
         let e = run("https://example.com/fail.png", "pk")
@@ -676,7 +676,7 @@ mod sim_tests {
             .await
             .expect_err("bad key");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401")),
             "{e:?}"
         );
         let _ = sim.shutdown().await;

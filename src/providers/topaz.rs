@@ -510,8 +510,8 @@ impl Topaz {
         let status = response.status();
         let mut e = util::http_error(kind, response).await;
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            if let ProviderError::Permanent(reason) = &mut e {
-                reason.push_str(" (check TOPAZ_API_KEY)");
+            if let ProviderError::Permanent(reason) = &e {
+                e = ProviderError::credential(format!("{reason} (check TOPAZ_API_KEY)"));
             }
         }
         e
@@ -1954,7 +1954,7 @@ mod sim_tests {
             .await
             .expect_err("bad key");
         assert!(
-            matches!(&e, ProviderError::Permanent(m) if m.contains("401") && m.contains("TOPAZ_API_KEY")),
+            matches!(&e, ProviderError::Credential(m) if m.contains("401") && m.contains("TOPAZ_API_KEY")),
             "{e:?}"
         );
         let _ = sim.shutdown().await;

@@ -7,6 +7,7 @@ mod answers;
 mod crash;
 mod demo;
 mod dzine;
+mod halt;
 mod lifecycle;
 mod limits;
 mod live_reads;

@@ -67,10 +67,10 @@ fn enqueue_is_idempotent_and_a_rerun_does_only_what_is_missing() {
                photio,upscale,a.png,,\n";
     std::fs::write(dir.path().join("jobs.csv"), csv).unwrap();
 
-    let plan = pixbatch(dir.path())
-        .args(["validate", "jobs.csv"])
-        .output()
-        .unwrap();
+    // With the keys: a provider without one is an error of `validate`.
+    let mut validate = pixbatch(dir.path());
+    sim.env(&mut validate);
+    let plan = validate.args(["validate", "jobs.csv"]).output().unwrap();
     assert!(plan.status.success(), "{}", text(&plan));
     let stdout = String::from_utf8_lossy(&plan.stdout);
     assert!(

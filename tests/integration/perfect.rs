@@ -294,8 +294,9 @@ fn an_expired_token_is_renewed_mid_run() {
     );
 }
 
-/// A secret key that is not the client's fails the run at the first auth call, with
-/// a message naming the variables, before any job is touched.
+/// A secret key that is not the client's halts Perfect at the first auth call (exit
+/// 5, a halted provider), with a message naming the variables, before any job is
+/// touched.
 #[test]
 fn a_wrong_secret_fails_fast() {
     let sim = Sim::start(&[]);
@@ -319,7 +320,7 @@ fn a_wrong_secret_fails_fast() {
     cmd.env("PERFECT_CLIENT_SECRET", &foreign);
     cmd.args(["run", "jobs.csv"]);
     let out = run_to_end(cmd, Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("PERFECT_CLIENT_SECRET"), "{stderr}");
     assert!(stderr.contains("InvalidIdToken"), "{stderr}");

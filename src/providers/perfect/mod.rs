@@ -252,10 +252,18 @@ impl Perfect {
             let e = self.error_of(RequestKind::Auth, status, &body);
             return Err(match e {
                 // Any refusal of the auth call is the credentials' fault.
-                ProviderError::Permanent(r) => ProviderError::permanent(format!(
-                    "perfect refused the authentication: {r} ({})",
-                    self.mode.hint()
-                )),
+                ProviderError::Permanent(r) | ProviderError::Credential(r) => {
+                    // The hint once: `error_of` may have added it already.
+                    let hint = self.mode.hint();
+                    let hint = if r.contains(hint) {
+                        String::new()
+                    } else {
+                        format!(" ({hint})")
+                    };
+                    ProviderError::credential(format!(
+                        "perfect refused the authentication: {r}{hint}"
+                    ))
+                }
                 other => other,
             });
         }
@@ -420,7 +428,7 @@ pub fn error_answer(
         };
     }
     match status.as_u16() {
-        401 | 403 => ProviderError::permanent(format!("{reason} ({})", hint)),
+        401 | 403 => ProviderError::credential(format!("{reason} ({})", hint)),
         _ => util::status_error(kind, status, reason),
     }
 }
