@@ -30,3 +30,4 @@ pub mod report;
 pub mod sim;
 pub mod store;
 pub mod versions;
+pub mod wait;

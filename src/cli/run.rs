@@ -159,12 +159,14 @@ pub(super) async fn work(
     let started = now_ms();
     let live = {
         let stats = stats.clone();
+        let view = engine.live_view();
         Arc::new(move || LiveInfo {
             pid: std::process::id(),
             started_ms: started,
             rate_per_sec: stats.rate_per_sec(started),
             finished_this_run: stats.done.load(std::sync::atomic::Ordering::Relaxed)
                 + stats.failed.load(std::sync::atomic::Ordering::Relaxed),
+            providers: view.providers(started),
         })
     };
     let canceller = Some(engine.canceller());
@@ -193,6 +195,7 @@ pub(super) async fn work(
                 let _ = stop_tx.send(StopSignal::Graceful);
             } else {
                 progress::notice("quitting now; the next run resumes");
+                progress::clear_bar();
                 std::process::exit(EXIT_INTERRUPTED);
             }
         }
@@ -212,6 +215,20 @@ pub(super) async fn work(
         summary.finished_this_run
     );
     println!("{line}");
+    if !quiet {
+        // How long it took, as cargo ends: on stderr, so stdout keeps the one line
+        // scripts read.
+        let secs = now_ms().saturating_sub(started) / 1000;
+        let n = summary.finished_this_run;
+        progress::notice(&match n {
+            0 => format!("ran {}", query::human_secs(secs)),
+            n => format!(
+                "ran {}: {n} jobs finished, {:.1} jobs/min",
+                query::human_secs(secs),
+                n as f64 * 60.0 / secs.max(1) as f64
+            ),
+        });
+    }
     let spend = gate.report();
     if !gate.caps().is_empty() {
         // The spend is part of the summary when a cap was asked for.

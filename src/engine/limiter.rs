@@ -24,6 +24,7 @@ use crate::api::{RequestGate, RequestKind};
 use crate::model::ProviderKind;
 use crate::rate::RateSpec;
 use crate::store::Store;
+use crate::wait::WaitReason;
 
 /// A sliding log of send times (ms) checked against every limit.
 #[derive(Debug, Clone)]
@@ -193,6 +194,15 @@ pub struct ProviderGate {
     keep_alive: Option<KeepAlive>,
     /// Set for providers without a published limit (Dzine).
     adaptive: Option<AdaptiveRate>,
+    /// What the request holding the turn waits for, while it waits (`status`).
+    waiting: std::sync::Mutex<Option<WaitReason>>,
+    /// The end of the last pause the outage breaker set (ms): a pause up to it is an
+    /// outage's, a later one a Retry-After's.
+    outage_pause_until: AtomicU64,
+    /// When new work last held back for the keep-alive reserve (ms; 0 = never).
+    keep_alive_held_at: AtomicU64,
+    /// Set when the provider is halted for the run (see [`ProviderGate::halt`]).
+    halted: std::sync::Mutex<Option<String>>,
 }
 
 /// What the gate needs to keep accepted tasks alive: how many there are, how often
@@ -327,6 +337,10 @@ impl ProviderGate {
             outage_patience_ms: 30 * 60 * 1000,
             keep_alive: None,
             adaptive: None,
+            waiting: std::sync::Mutex::new(None),
+            outage_pause_until: AtomicU64::new(0),
+            keep_alive_held_at: AtomicU64::new(0),
+            halted: std::sync::Mutex::new(None),
         }
     }
 
@@ -446,6 +460,76 @@ impl ProviderGate {
         f(&mut guard)
     }
 
+    /// Marks the provider halted for this run: `status` and the progress line show
+    /// `detail` (the cause and what to fix). The halting itself (keeping the jobs
+    /// queued, ending the run) is the engine's.
+    pub fn halt(&self, detail: String) {
+        *self.halted.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
+    }
+
+    /// New work was held back now for the keep-alive reserve (the dispatcher's
+    /// check; the gate's own check notes it too).
+    pub fn note_keep_alive_hold(&self) {
+        self.keep_alive_held_at
+            .store(self.clock.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    fn set_waiting(&self, reason: Option<WaitReason>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Why this provider sends nothing now, if it does not: halted, then a pause
+    /// (an outage's or a Retry-After's, whether or not a request waits on it), then
+    /// a request waiting for the rate window, then new work held back for the
+    /// keep-alive reserve (within the last second).
+    pub fn wait_reason(&self) -> Option<WaitReason> {
+        if let Some(detail) = self
+            .halted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(WaitReason::Halted { detail });
+        }
+        let now = self.clock.now_ms();
+        let paused = self.paused_until.load(Ordering::SeqCst);
+        if paused > now {
+            return Some(
+                if paused <= self.outage_pause_until.load(Ordering::SeqCst) {
+                    WaitReason::Outage { until_ms: paused }
+                } else {
+                    WaitReason::RetryAfter { until_ms: paused }
+                },
+            );
+        }
+        if let Some(w) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            if w.until_ms().is_none_or(|t| t > now) {
+                return Some(w);
+            }
+        }
+        let held = self.keep_alive_held_at.load(Ordering::Relaxed);
+        if held > 0 && now < held + 1_000 {
+            let live_tasks = self
+                .keep_alive
+                .as_ref()
+                .map(|k| k.live_tasks.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            return Some(WaitReason::KeepAliveReserve { live_tasks });
+        }
+        None
+    }
+
+    /// Requests admitted per second since the gate was made (the run's start).
+    pub fn requests_per_sec(&self) -> f64 {
+        let secs = (self.clock.start.elapsed().as_millis() as f64 / 1000.0).max(1.0);
+        self.stats.admitted.load(Ordering::Relaxed) as f64 / secs
+    }
+
     /// Milliseconds until the next request could go, for status lines.
     pub fn paused_for_ms(&self) -> u64 {
         self.paused_until
@@ -493,6 +577,7 @@ impl RequestGate for ProviderGate {
                         // may start: they end on their own, so the wait ends too.
                         let accepted = k.live_tasks.load(Ordering::Relaxed);
                         if !self.keep_alive_fits(accepted + 1) {
+                            self.note_keep_alive_hold();
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;
@@ -502,9 +587,15 @@ impl RequestGate for ProviderGate {
                 if free <= now {
                     break 'admission (turn, now);
                 }
+                let paused = self.paused_until.load(Ordering::SeqCst);
+                // A pause shows as itself (see `wait_reason`); the window otherwise.
+                if paused < free {
+                    self.set_waiting(Some(WaitReason::RateWindow { until_ms: free }));
+                }
                 tokio::time::sleep(Duration::from_millis(free - now)).await;
             }
         };
+        self.set_waiting(None);
         if let Some(a) = &self.adaptive {
             a.last_sent.store(admitted_at, Ordering::SeqCst);
         }
@@ -571,12 +662,15 @@ impl RequestGate for ProviderGate {
         );
         let trips = self.outage_trips.fetch_add(1, Ordering::SeqCst).min(6);
         let pause = Duration::from_secs(5 << trips).min(Duration::from_secs(300));
+
         tracing::warn!(
             provider = %self.provider,
             "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
             pause.as_secs()
         );
         self.back_off(pause);
+        self.outage_pause_until
+            .fetch_max(self.paused_until.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     fn back_off(&self, wait: Duration) {
