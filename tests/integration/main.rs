@@ -18,3 +18,4 @@ mod secrets;
 mod security;
 mod soak;
 mod storage;
+mod watch;
