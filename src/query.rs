@@ -184,6 +184,9 @@ pub fn answer(
                 // Each provider's own rate and remaining work; the slowest sets it.
                 Some(l) if !l.providers.is_empty() => {
                     for p in l.providers.iter_mut() {
+                        if p.wait.is_none() {
+                            p.wait = crate::wait::idle_backoff(store, p.provider, now_ms());
+                        }
                         let left = rows
                             .iter()
                             .filter(|c| c.provider == p.provider && !c.state.is_terminal())

@@ -30,6 +30,9 @@ pub enum WaitReason {
     /// The provider is halted for this run (a refused credential, a host that stays
     /// unreachable): its jobs stay queued.
     Halted { detail: String },
+    /// Nothing is under way: `jobs` jobs wait to be tried again after errors, the
+    /// first at `until_ms` (each job's own backoff).
+    Backoff { until_ms: u64, jobs: u64 },
 }
 
 impl WaitReason {
@@ -42,6 +45,7 @@ impl WaitReason {
             WaitReason::KeepAliveReserve { .. } => "keep_alive_reserve",
             WaitReason::SpendCap { .. } => "spend_cap",
             WaitReason::Halted { .. } => "halted",
+            WaitReason::Backoff { .. } => "backoff",
         }
     }
 
@@ -49,7 +53,8 @@ impl WaitReason {
         match self {
             WaitReason::RateWindow { until_ms }
             | WaitReason::RetryAfter { until_ms }
-            | WaitReason::Outage { until_ms } => Some(*until_ms),
+            | WaitReason::Outage { until_ms }
+            | WaitReason::Backoff { until_ms, .. } => Some(*until_ms),
             _ => None,
         }
     }
@@ -64,6 +69,7 @@ impl WaitReason {
             WaitReason::KeepAliveReserve { .. } => "keep-alive reserve".to_string(),
             WaitReason::SpendCap { .. } => "spend cap".to_string(),
             WaitReason::Halted { .. } => "halted".to_string(),
+            WaitReason::Backoff { until_ms, .. } => format!("retry {}", left(*until_ms)),
         }
     }
 
@@ -91,6 +97,10 @@ impl WaitReason {
             ),
             WaitReason::SpendCap { detail } => format!("spend cap reached: {detail}"),
             WaitReason::Halted { detail } => format!("halted: {detail}"),
+            WaitReason::Backoff { until_ms, jobs } => format!(
+                "{jobs} jobs wait to retry after errors, the first {}",
+                until(*until_ms)
+            ),
         }
     }
 }
@@ -139,6 +149,36 @@ impl ProviderLive {
         self.wait_text = self.wait.as_ref().map(|w| w.describe(now_ms()));
         self
     }
+}
+
+/// The reason of a provider that has nothing under way but jobs waiting out their
+/// retry backoff (errors that did not pause the provider as a whole): without it a
+/// person sees only "retry-wait 3".
+pub fn idle_backoff(
+    store: &crate::store::Store,
+    kind: ProviderKind,
+    now: u64,
+) -> Option<WaitReason> {
+    use crate::model::JobState;
+    let under_way = [
+        JobState::Preparing,
+        JobState::Submitting,
+        JobState::Submitted,
+        JobState::Polling,
+        JobState::Downloading,
+    ];
+    if under_way
+        .iter()
+        .any(|s| store.count(*s, kind).unwrap_or(0) > 0)
+    {
+        return None;
+    }
+    let jobs = store.count(JobState::RetryWait, kind).ok()?;
+    let due = store.next_due(JobState::RetryWait, kind).ok()??;
+    (jobs > 0 && due > now).then_some(WaitReason::Backoff {
+        until_ms: due,
+        jobs,
+    })
 }
 
 /// `remaining` jobs at `per_sec`: none while nothing has finished yet.
@@ -209,6 +249,15 @@ mod tests {
         };
         assert_eq!(serde_json::to_value(&h).unwrap()["reason"], "halted");
         assert!(h.describe(0).contains("TOPAZ_API_KEY refused"));
+        let b = WaitReason::Backoff {
+            until_ms: 10_000,
+            jobs: 3,
+        };
+        assert_eq!(serde_json::to_value(&b).unwrap()["reason"], "backoff");
+        assert_eq!(b.short(4_000), "retry 6s");
+        assert!(b
+            .describe(4_000)
+            .starts_with("3 jobs wait to retry after errors"));
     }
 
     #[test]

@@ -664,7 +664,10 @@ impl Engine {
             .live_view()
             .providers(started)
             .into_iter()
-            .map(|p| {
+            .map(|mut p| {
+                if p.wait.is_none() {
+                    p.wait = crate::wait::idle_backoff(&self.store, p.provider, now_ms());
+                }
                 let n = left.get(&p.provider).copied().unwrap_or(0);
                 p.with_remaining(n)
             })

@@ -215,3 +215,59 @@ fn a_50_column_terminal_shows_one_progress_line() {
     let summary = std::fs::read_to_string(dir.path().join("summary.txt")).unwrap();
     assert!(summary.contains("6 done"), "{summary}");
 }
+
+/// A 429 with Retry-After shows in `status --json` as `retry_after`, until its end.
+#[test]
+fn status_names_a_retry_after_pause() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "100",
+        "--no-limits",
+        "--seed",
+        "5",
+        "--chaos-429",
+        "0.3",
+        "--chaos-retry-after",
+        "3",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    topaz_manifest(dir.path(), 6);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\nrate_limits = []\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let mut run = cmd
+        .args(["run", "jobs.csv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the run");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = None;
+    while run.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        let out = pixbatch(dir.path())
+            .args(["status", "--json"])
+            .output()
+            .expect("status");
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            let wait = &v["running"]["providers"][0]["wait"];
+            if wait["reason"] == "retry_after" {
+                seen = Some(wait.clone());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = run.wait().expect("the run ends");
+    assert!(status.code().is_some());
+    let wait = seen.expect("status --json never named the Retry-After pause");
+    assert!(wait["until_ms"].as_u64().is_some(), "{wait}");
+    let stats = sim.stats();
+    assert!(
+        stats["faults"]["429"].as_u64().is_some_and(|n| n > 0),
+        "{stats}"
+    );
+}
