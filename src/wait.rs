@@ -23,7 +23,8 @@ pub enum WaitReason {
     /// Requests in a row failed (5xx, no answer): the provider looks down.
     Outage { until_ms: u64 },
     /// New work holds back so the rate budget covers the polls of `live_tasks`
-    /// accepted tasks that the provider drops when not polled in time.
+    /// tasks (accepted, or being submitted) that the provider drops when not polled
+    /// in time.
     KeepAliveReserve { live_tasks: usize },
     /// `--max-credits` stopped new work for this provider.
     SpendCap { detail: String },
@@ -93,7 +94,7 @@ impl WaitReason {
                 format!("provider looks down: paused {}", until(*until_ms))
             }
             WaitReason::KeepAliveReserve { live_tasks } => format!(
-                "new work held back: the rate budget is kept for the polls of {live_tasks} accepted tasks"
+                "new work held back: the rate budget is kept for the polls of {live_tasks} tasks under way"
             ),
             WaitReason::SpendCap { detail } => format!("spend cap reached: {detail}"),
             WaitReason::Halted { detail } => format!("halted: {detail}"),

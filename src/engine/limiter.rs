@@ -199,8 +199,10 @@ pub struct ProviderGate {
     /// The end of the last pause the outage breaker set (ms): a pause up to it is an
     /// outage's, a later one a Retry-After's.
     outage_pause_until: AtomicU64,
-    /// When new work last held back for the keep-alive reserve (ms; 0 = never).
+    /// When new work last held back for the keep-alive reserve (ms; 0 = never), and
+    /// for how many tasks (accepted ones and new work under way).
     keep_alive_held_at: AtomicU64,
+    keep_alive_held_for: AtomicUsize,
     /// Set when the provider is halted for the run (see [`ProviderGate::halt`]).
     halted: std::sync::Mutex<Option<String>>,
 }
@@ -340,6 +342,7 @@ impl ProviderGate {
             waiting: std::sync::Mutex::new(None),
             outage_pause_until: AtomicU64::new(0),
             keep_alive_held_at: AtomicU64::new(0),
+            keep_alive_held_for: AtomicUsize::new(0),
             halted: std::sync::Mutex::new(None),
         }
     }
@@ -467,9 +470,10 @@ impl ProviderGate {
         *self.halted.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
     }
 
-    /// New work was held back now for the keep-alive reserve (the dispatcher's
-    /// check; the gate's own check notes it too).
-    pub fn note_keep_alive_hold(&self) {
+    /// New work was held back now so the polls of `tasks` tasks keep fitting (the
+    /// dispatcher's check; the gate's own check notes it too).
+    pub fn note_keep_alive_hold(&self, tasks: usize) {
+        self.keep_alive_held_for.store(tasks, Ordering::Relaxed);
         self.keep_alive_held_at
             .store(self.clock.now_ms().max(1), Ordering::Relaxed);
     }
@@ -514,11 +518,7 @@ impl ProviderGate {
         }
         let held = self.keep_alive_held_at.load(Ordering::Relaxed);
         if held > 0 && now < held + 1_000 {
-            let live_tasks = self
-                .keep_alive
-                .as_ref()
-                .map(|k| k.live_tasks.load(Ordering::Relaxed))
-                .unwrap_or(0);
+            let live_tasks = self.keep_alive_held_for.load(Ordering::Relaxed);
             return Some(WaitReason::KeepAliveReserve { live_tasks });
         }
         None
@@ -577,7 +577,7 @@ impl RequestGate for ProviderGate {
                         // may start: they end on their own, so the wait ends too.
                         let accepted = k.live_tasks.load(Ordering::Relaxed);
                         if !self.keep_alive_fits(accepted + 1) {
-                            self.note_keep_alive_hold();
+                            self.note_keep_alive_hold(accepted);
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;

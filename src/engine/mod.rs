@@ -475,7 +475,7 @@ impl Engine {
                         if is_new_work(state) && !lane.gate.keep_alive_fits(live_tasks + 1) {
                             // The polls of the tasks already accepted come first; look
                             // again soon (the window slides, tasks finish).
-                            lane.gate.note_keep_alive_hold();
+                            lane.gate.note_keep_alive_hold(live_tasks);
                             next_wake = next_wake.min(now + 20);
                             break;
                         }
