@@ -31,3 +31,4 @@ pub mod sim;
 pub mod store;
 pub mod verify;
 pub mod versions;
+pub mod wait;

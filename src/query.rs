@@ -55,6 +55,9 @@ pub struct LiveInfo {
     /// nothing more is sent to them, their jobs wait for a later run.
     #[serde(default)]
     pub halted: Vec<crate::engine::halt::ProviderHalt>,
+    /// Per provider of the run: rate, what is left, its ETA and why it waits.
+    #[serde(default)]
+    pub providers: Vec<crate::wait::ProviderLive>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -219,10 +222,26 @@ pub fn answer(
                 .filter(|c| !c.state.is_terminal())
                 .map(|c| c.count)
                 .sum();
-            let eta_secs = live
-                .as_ref()
-                .filter(|l| l.rate_per_sec > 0.0)
-                .map(|l| (remaining as f64 / l.rate_per_sec).ceil() as u64);
+            let mut live = live;
+            let eta_secs = match live.as_mut() {
+                // Each provider's own rate and remaining work; the slowest sets it.
+                Some(l) if !l.providers.is_empty() => {
+                    for p in l.providers.iter_mut() {
+                        if p.wait.is_none() {
+                            p.wait = crate::wait::idle_backoff(store, p.provider, now_ms());
+                        }
+                        let left = rows
+                            .iter()
+                            .filter(|c| c.provider == p.provider && !c.state.is_terminal())
+                            .map(|c| c.count)
+                            .sum();
+                        *p = p.clone().with_remaining(left);
+                    }
+                    crate::wait::total_eta(&l.providers)
+                }
+                Some(l) => crate::wait::eta(remaining, l.rate_per_sec),
+                None => None,
+            };
             let report = StatusReport {
                 total,
                 states,

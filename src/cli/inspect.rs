@@ -117,10 +117,40 @@ pub(super) fn cmd_status(db: &Path, json: bool) -> Result<i32, Fail> {
             for h in &l.halted {
                 println!("{h}");
             }
+            for line in provider_lines(&l.providers) {
+                println!("{line}");
+            }
         }
         None => writeln!(out, "not running")?,
     }
     Ok(EXIT_OK)
+}
+
+/// One line per provider of the run: its rate, what is left, its ETA, and why it
+/// waits and until when.
+fn provider_lines(providers: &[crate::wait::ProviderLive]) -> Vec<String> {
+    let now = now_ms();
+    providers
+        .iter()
+        .map(|p| {
+            let eta = match p.eta_secs {
+                _ if p.remaining == 0 => "all finished".to_string(),
+                Some(s) => format!("ETA {}", query::human_secs(s)),
+                None => "ETA unknown (none finished yet)".to_string(),
+            };
+            let wait = match &p.wait {
+                Some(w) => format!("waiting: {}", w.describe(now)),
+                None => "working".to_string(),
+            };
+            format!(
+                "  {:<11} {:>6.1} jobs/min  {:>5.2} req/s  {:>6} left  {eta}  {wait}",
+                p.provider.name(),
+                p.jobs_per_min,
+                p.requests_per_sec,
+                p.remaining
+            )
+        })
+        .collect()
 }
 
 pub(super) fn cmd_list(db: &Path, query: &Query, json: bool) -> Result<i32, Fail> {

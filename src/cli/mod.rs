@@ -514,6 +514,8 @@ fn init_logging(verbose: u8, quiet: bool, format: LogFormat, secrets: Vec<String
         .with_env_filter(filter)
         .with_writer(writer);
     let _ = match format {
+        // At the default level, records look like the rest of stderr (one format).
+        LogFormat::Text if verbose == 0 => builder.event_format(progress::PlainFormat).try_init(),
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)

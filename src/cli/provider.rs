@@ -92,16 +92,10 @@ pub(super) async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32
         ));
     }
     let server = crate::sim::SimServer::bind(listener, config)?;
-    // Credentials a client cannot make up (Perfect's generated key pair), as the
-    // environment variables pixbatch reads, so `eval`-ing these lines configures it.
-    if let Some(providers) = server.credentials().as_object() {
-        for vars in providers.values().filter_map(|v| v.as_object()) {
-            for (name, value) in vars {
-                if let Some(value) = value.as_str() {
-                    println!("export {name}='{value}'");
-                }
-            }
-        }
+    // Every variable a client needs, as the environment variables pixbatch reads, so
+    // pasting these lines (or `eval`-ing them) points all five providers here.
+    for line in sim_exports(&format!("http://{local}"), &server.credentials()) {
+        println!("{line}");
     }
     // Tests read this line to learn the port.
     println!("pixbatch sim listening on http://{local}");
@@ -112,4 +106,60 @@ pub(super) async fn cmd_sim(addr: &str, args: crate::sim::SimArgs) -> Result<i32
         })
         .await?;
     Ok(EXIT_OK)
+}
+
+/// `export NAME='value'` lines for every provider: its base URL on the simulator, and
+/// its credentials: the ones the simulator generated (Perfect's key pair) as they
+/// are, a made-up key for the others (the simulator accepts any key that does not
+/// start with `invalid`).
+pub(super) fn sim_exports(base: &str, generated: &serde_json::Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    for kind in ProviderKind::ALL {
+        let (url_var, key_var, secret_var) = crate::config::env_names(kind);
+        lines.push(format!(
+            "export {url_var}='{base}{}'",
+            crate::providers::sim_base_path(kind)
+        ));
+        let own = generated.get(kind.name()).and_then(|v| v.as_object());
+        for var in std::iter::once(key_var).chain(secret_var) {
+            let value = own
+                .and_then(|o| o.get(var))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("sim-{}-key", kind.name()));
+            lines.push(format!("export {var}='{value}'"));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sim_exports_name_every_url_and_key() {
+        let generated = serde_json::json!({
+            "perfect": {"PERFECT_CLIENT_ID": "cid", "PERFECT_CLIENT_SECRET": "pub"},
+            "dzine": {},
+        });
+        let lines = super::sim_exports("http://127.0.0.1:9", &generated);
+        for expected in [
+            "export PIXBATCH_TOPAZ_URL='http://127.0.0.1:9/topaz/image/v1'",
+            "export PIXBATCH_PHOTIO_URL='http://127.0.0.1:9/photio/v1'",
+            "export PIXBATCH_AITHRIVING_URL='http://127.0.0.1:9/aithriving'",
+            "export PIXBATCH_PERFECT_URL='http://127.0.0.1:9/perfect'",
+            "export PIXBATCH_DZINE_URL='http://127.0.0.1:9/dzine/openapi/v1'",
+            "export TOPAZ_API_KEY='sim-topaz-key'",
+            "export PHOTIO_API_KEY='sim-photio-key'",
+            "export AITHRIVING_API_KEY='sim-aithriving-key'",
+            "export DZINE_API_KEY='sim-dzine-key'",
+            "export PERFECT_CLIENT_ID='cid'",
+            "export PERFECT_CLIENT_SECRET='pub'",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == expected),
+                "{expected} in {lines:?}"
+            );
+        }
+        assert_eq!(lines.len(), 11, "{lines:?}");
+    }
 }

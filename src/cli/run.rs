@@ -203,6 +203,7 @@ pub(super) async fn work(
     let live = {
         let stats = stats.clone();
         let halts = engine.halt_view();
+        let view = engine.live_view();
         Arc::new(move || LiveInfo {
             pid: std::process::id(),
             started_ms: started,
@@ -210,6 +211,7 @@ pub(super) async fn work(
             finished_this_run: stats.done.load(std::sync::atomic::Ordering::Relaxed)
                 + stats.failed.load(std::sync::atomic::Ordering::Relaxed),
             halted: halts.list(),
+            providers: view.providers(started),
         })
     };
     let canceller = Some(engine.canceller());
@@ -238,6 +240,7 @@ pub(super) async fn work(
                 let _ = stop_tx.send(StopSignal::Graceful);
             } else {
                 progress::notice("quitting now; the next run resumes");
+                progress::clear_bar();
                 std::process::exit(EXIT_INTERRUPTED);
             }
         }
@@ -262,6 +265,20 @@ pub(super) async fn work(
             "{} job(s) left for a later run, as asked (--provider/--limit)",
             summary.held_back
         ));
+    }
+    if !quiet {
+        // How long it took, as cargo ends: on stderr, so stdout keeps the one line
+        // scripts read.
+        let secs = now_ms().saturating_sub(started) / 1000;
+        let n = summary.finished_this_run;
+        progress::notice(&match n {
+            0 => format!("ran {}", query::human_secs(secs)),
+            n => format!(
+                "ran {}: {n} jobs finished, {:.1} jobs/min",
+                query::human_secs(secs),
+                n as f64 * 60.0 / secs.max(1) as f64
+            ),
+        });
     }
     let spend = gate.report();
     if !gate.caps().is_empty() {

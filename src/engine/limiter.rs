@@ -24,6 +24,7 @@ use crate::api::{RequestGate, RequestKind};
 use crate::model::ProviderKind;
 use crate::rate::RateSpec;
 use crate::store::Store;
+use crate::wait::WaitReason;
 
 /// A sliding log of send times (ms) checked against every limit.
 #[derive(Debug, Clone)]
@@ -201,6 +202,18 @@ pub struct ProviderGate {
     keep_alive: Option<KeepAlive>,
     /// Set for providers without a published limit (Dzine).
     adaptive: Option<AdaptiveRate>,
+    /// What the request holding the turn waits for, while it waits (`status`).
+    waiting: std::sync::Mutex<Option<WaitReason>>,
+    /// The end of the last pause the outage breaker set (ms): a pause up to it is an
+    /// outage's, a later one a Retry-After's.
+    outage_pause_until: AtomicU64,
+    /// When new work last held back for the keep-alive reserve (ms; 0 = never), and
+    /// for how many tasks (accepted ones and new work under way).
+    keep_alive_held_at: AtomicU64,
+    keep_alive_held_for: AtomicUsize,
+    /// Why the provider is halted for the run, for `status` and the progress line
+    /// (see [`ProviderGate::halt`]).
+    halt_detail: std::sync::Mutex<Option<String>>,
 }
 
 /// What the gate needs to keep accepted tasks alive: how many there are, how often
@@ -339,6 +352,11 @@ impl ProviderGate {
             halt_wake: Notify::new(),
             keep_alive: None,
             adaptive: None,
+            waiting: std::sync::Mutex::new(None),
+            outage_pause_until: AtomicU64::new(0),
+            keep_alive_held_at: AtomicU64::new(0),
+            keep_alive_held_for: AtomicUsize::new(0),
+            halt_detail: std::sync::Mutex::new(None),
         }
     }
 
@@ -456,7 +474,9 @@ impl ProviderGate {
 
     /// The provider is halted: requests waiting here are released (and not sent),
     /// so its steps end at once instead of after a rate window or outage pause.
-    pub fn halt(&self) {
+    /// `status` and the progress line show `detail` (the cause and what to fix).
+    pub fn halt(&self, detail: String) {
+        *self.halt_detail.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
         self.halted.store(true, Ordering::SeqCst);
         self.halt_wake.notify_waiters();
     }
@@ -477,6 +497,66 @@ impl ProviderGate {
         // method completes its change), so a poisoned lock is still usable.
         let mut guard = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
+    }
+
+    /// New work was held back now so the polls of `tasks` tasks keep fitting (the
+    /// dispatcher's check; the gate's own check notes it too).
+    pub fn note_keep_alive_hold(&self, tasks: usize) {
+        self.keep_alive_held_for.store(tasks, Ordering::Relaxed);
+        self.keep_alive_held_at
+            .store(self.clock.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    fn set_waiting(&self, reason: Option<WaitReason>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Why this provider sends nothing now, if it does not: halted, then a pause
+    /// (an outage's or a Retry-After's, whether or not a request waits on it), then
+    /// a request waiting for the rate window, then new work held back for the
+    /// keep-alive reserve (within the last second).
+    pub fn wait_reason(&self) -> Option<WaitReason> {
+        if let Some(detail) = self
+            .halt_detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(WaitReason::Halted { detail });
+        }
+        let now = self.clock.now_ms();
+        let paused = self.paused_until.load(Ordering::SeqCst);
+        if paused > now {
+            return Some(
+                if paused <= self.outage_pause_until.load(Ordering::SeqCst) {
+                    WaitReason::Outage { until_ms: paused }
+                } else {
+                    WaitReason::RetryAfter { until_ms: paused }
+                },
+            );
+        }
+        if let Some(w) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            if w.until_ms().is_none_or(|t| t > now) {
+                return Some(w);
+            }
+        }
+        let held = self.keep_alive_held_at.load(Ordering::Relaxed);
+        if held > 0 && now < held + 1_000 {
+            let live_tasks = self.keep_alive_held_for.load(Ordering::Relaxed);
+            return Some(WaitReason::KeepAliveReserve { live_tasks });
+        }
+        None
+    }
+
+    /// Requests admitted per second since the gate was made (the run's start).
+    pub fn requests_per_sec(&self) -> f64 {
+        let secs = (self.clock.start.elapsed().as_millis() as f64 / 1000.0).max(1.0);
+        self.stats.admitted.load(Ordering::Relaxed) as f64 / secs
     }
 
     /// Milliseconds until the next request could go, for status lines.
@@ -519,6 +599,8 @@ impl ProviderGate {
             pause.as_secs()
         );
         self.back_off(pause);
+        self.outage_pause_until
+            .fetch_max(self.paused_until.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
@@ -564,6 +646,7 @@ impl RequestGate for ProviderGate {
                         // may start: they end on their own, so the wait ends too.
                         let accepted = k.live_tasks.load(Ordering::Relaxed);
                         if !self.keep_alive_fits(accepted + 1) {
+                            self.note_keep_alive_hold(accepted);
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;
@@ -573,12 +656,18 @@ impl RequestGate for ProviderGate {
                 if free <= now {
                     break 'admission (turn, now);
                 }
+                let paused = self.paused_until.load(Ordering::SeqCst);
+                // A pause shows as itself (see `wait_reason`); the window otherwise.
+                if paused < free {
+                    self.set_waiting(Some(WaitReason::RateWindow { until_ms: free }));
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(free - now)) => {}
                     _ = self.halt_wake.notified() => {}
                 }
             }
         };
+        self.set_waiting(None);
         if let Some(a) = &self.adaptive {
             a.last_sent.store(admitted_at, Ordering::SeqCst);
         }

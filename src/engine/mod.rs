@@ -71,38 +71,105 @@ pub struct RunStats {
     pub failed: AtomicU64,
     /// Finish times (ms) of the last minute, for the rate and the ETA.
     recent: Mutex<VecDeque<u64>>,
+    /// The same per provider: each provider's own rate sets its own ETA.
+    recent_by: Mutex<BTreeMap<ProviderKind, VecDeque<u64>>>,
 }
 
 impl RunStats {
-    pub fn record_done(&self) {
+    pub fn record_done(&self, kind: ProviderKind) {
         self.done.fetch_add(1, Ordering::Relaxed);
-        self.note_finish();
+        self.note_finish(kind);
     }
 
-    pub fn record_failed(&self) {
+    pub fn record_failed(&self, kind: ProviderKind) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        self.note_finish();
+        self.note_finish(kind);
     }
 
-    fn note_finish(&self) {
+    fn note_finish(&self, kind: ProviderKind) {
         let now = now_ms();
-        if let Ok(mut r) = self.recent.lock() {
+        let keep = |r: &mut VecDeque<u64>| {
             r.push_back(now);
             while r.front().is_some_and(|&t| t + 60_000 < now) {
                 r.pop_front();
             }
+        };
+        if let Ok(mut r) = self.recent.lock() {
+            keep(&mut r);
         }
+        if let Ok(mut by) = self.recent_by.lock() {
+            keep(by.entry(kind).or_default());
+        }
+    }
+
+    fn rate_of(r: &VecDeque<u64>, run_started_ms: u64) -> f64 {
+        let now = now_ms();
+        let n = r.iter().filter(|&&t| t + 60_000 >= now).count();
+        let span = (now.saturating_sub(run_started_ms)).clamp(1, 60_000) as f64 / 1000.0;
+        n as f64 / span.max(1.0)
     }
 
     /// Jobs finished per second over the last minute (or since the start).
     pub fn rate_per_sec(&self, run_started_ms: u64) -> f64 {
-        let now = now_ms();
-        let Ok(r) = self.recent.lock() else {
-            return 0.0;
-        };
-        let n = r.iter().filter(|&&t| t + 60_000 >= now).count();
-        let span = (now.saturating_sub(run_started_ms)).clamp(1, 60_000) as f64 / 1000.0;
-        n as f64 / span.max(1.0)
+        self.recent
+            .lock()
+            .map(|r| Self::rate_of(&r, run_started_ms))
+            .unwrap_or(0.0)
+    }
+
+    /// One provider's jobs finished per second, the same way.
+    pub fn provider_rate_per_sec(&self, kind: ProviderKind, run_started_ms: u64) -> f64 {
+        self.recent_by
+            .lock()
+            .ok()
+            .and_then(|by| by.get(&kind).map(|r| Self::rate_of(r, run_started_ms)))
+            .unwrap_or(0.0)
+    }
+}
+
+/// What a run's providers are doing, for `status` (over the control socket) and the
+/// progress line: built once, read from any thread while the engine runs.
+#[derive(Clone)]
+pub struct LiveView {
+    lanes: BTreeMap<ProviderKind, Arc<Lane>>,
+    stats: Arc<RunStats>,
+    spend: Arc<spend::SpendGate>,
+}
+
+impl LiveView {
+    /// Per provider of the run: its rate and why it waits (what is left is the
+    /// queue's: see [`crate::wait::ProviderLive::with_remaining`]).
+    pub fn providers(&self, run_started_ms: u64) -> Vec<crate::wait::ProviderLive> {
+        self.lanes
+            .values()
+            .map(|lane| {
+                let mut p = crate::wait::ProviderLive::new(lane.kind);
+                p.jobs_per_min = self.stats.provider_rate_per_sec(lane.kind, run_started_ms) * 60.0;
+                p.requests_per_sec = lane.gate.requests_per_sec();
+                p.wait = self.wait_reason(lane);
+                p
+            })
+            .collect()
+    }
+
+    /// The gate's reason, but a halt or the spend cap first: they stop the provider
+    /// for the rest of the run, a window or a pause only for a while.
+    fn wait_reason(&self, lane: &Lane) -> Option<crate::wait::WaitReason> {
+        let reason = lane.gate.wait_reason();
+        if matches!(reason, Some(crate::wait::WaitReason::Halted { .. })) {
+            return reason;
+        }
+        if self.spend.is_stopped(lane.kind) {
+            let detail = self
+                .spend
+                .stopped()
+                .into_iter()
+                .find(|s| s.kind == lane.kind)
+                .and_then(|s| s.stopped)
+                .unwrap_or_default();
+            return Some(crate::wait::WaitReason::SpendCap { detail });
+        }
+        reason
     }
 }
 
@@ -141,7 +208,7 @@ impl Lane {
             true
         });
         if first {
-            self.gate.halt();
+            self.gate.halt(format!("{halt} ({})", halt.detail()));
             tracing::error!(
                 provider = %self.kind,
                 "{halt} ({}); its jobs {}, the other providers go on",
@@ -211,7 +278,12 @@ pub struct Progress {
     pub counts: BTreeMap<JobState, u64>,
     pub total: u64,
     pub rate_per_sec: f64,
+    /// The slowest provider's: see [`crate::wait::total_eta`].
     pub eta_secs: Option<u64>,
+    /// Since the run started.
+    pub elapsed_secs: u64,
+    /// Per provider of the run: rate, what is left, ETA and why it waits.
+    pub providers: Vec<crate::wait::ProviderLive>,
 }
 
 /// Receives progress snapshots (the CLI draws a bar or prints lines).
@@ -412,6 +484,15 @@ impl Engine {
         self.stats.clone()
     }
 
+    /// The providers' rates and wait reasons, readable while the engine runs.
+    pub fn live_view(&self) -> LiveView {
+        LiveView {
+            lanes: self.lanes.clone(),
+            stats: self.stats.clone(),
+            spend: self.spend.clone(),
+        }
+    }
+
     /// The run's counters, and the providers it works (see `metrics`).
     pub fn metrics(&self) -> (Arc<crate::metrics::Metrics>, Vec<ProviderKind>) {
         (self.metrics.clone(), self.lanes.keys().copied().collect())
@@ -533,6 +614,7 @@ impl Engine {
                         if is_new_work(state) && !lane.gate.keep_alive_fits(live_tasks + 1) {
                             // The polls of the tasks already accepted come first; look
                             // again soon (the window slides, tasks finish).
+                            lane.gate.note_keep_alive_hold(live_tasks);
                             next_wake = next_wake.min(now + 20);
                             break;
                         }
@@ -737,22 +819,34 @@ impl Engine {
 
     fn progress(&self, started: u64) -> Result<Progress, StoreError> {
         let mut counts = BTreeMap::new();
-        for ((s, _), n) in self.store.counts()? {
+        let mut left: BTreeMap<ProviderKind, u64> = BTreeMap::new();
+        for ((s, p), n) in self.store.counts()? {
             *counts.entry(s).or_insert(0) += n;
+            if !s.is_terminal() {
+                *left.entry(p).or_insert(0) += n;
+            }
         }
         let total = counts.values().sum();
-        let remaining: u64 = counts
-            .iter()
-            .filter(|(s, _)| !s.is_terminal())
-            .map(|(_, n)| n)
-            .sum();
         let rate = self.stats.rate_per_sec(started);
-        let eta_secs = (rate > 0.0).then(|| (remaining as f64 / rate).ceil() as u64);
+        let providers: Vec<_> = self
+            .live_view()
+            .providers(started)
+            .into_iter()
+            .map(|mut p| {
+                if p.wait.is_none() {
+                    p.wait = crate::wait::idle_backoff(&self.store, p.provider, now_ms());
+                }
+                let n = left.get(&p.provider).copied().unwrap_or(0);
+                p.with_remaining(n)
+            })
+            .collect();
         Ok(Progress {
             counts,
             total,
             rate_per_sec: rate,
-            eta_secs,
+            eta_secs: crate::wait::total_eta(&providers),
+            elapsed_secs: now_ms().saturating_sub(started) / 1000,
+            providers,
         })
     }
 

@@ -621,7 +621,7 @@ async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
     save(env, &mut job)?;
     // Done is durable before the provider's copy is deleted.
     env.store.sync().await?;
-    env.lane.stats.record_done();
+    env.lane.stats.record_done(env.lane.kind);
     env.lane.metrics.job_done();
     if let Some(remote) = &job.remote_id {
         if let Err(e) = env.lane.adapter.cleanup(&env.lane.api, remote).await {
@@ -648,7 +648,7 @@ async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), Sto
     job.due_ms = 0;
     job.finished_ms = Some(now_ms());
     save(env, &mut job)?;
-    env.lane.stats.record_failed();
+    env.lane.stats.record_failed(env.lane.kind);
     env.lane.metrics.job_failed();
     Ok(())
 }

@@ -42,8 +42,8 @@ pub struct Sim {
     child: Child,
     pub base: String,
     pub port: u16,
-    /// `export NAME='value'` lines the simulator printed (Perfect's generated
-    /// client id and key).
+    /// `export NAME='value'` lines the simulator printed (every provider's URL and
+    /// key; Perfect's generated client id and key among them).
     pub credentials: Vec<(String, String)>,
 }
 
@@ -95,10 +95,12 @@ impl Sim {
     /// Environment pointing all five providers at the simulator, with made-up keys
     /// (and the Perfect key pair the simulator generated).
     pub fn env(&self, cmd: &mut Command) {
-        sim_env(cmd, &self.base);
+        // The simulator prints every variable (URLs and made-up keys too); the tests'
+        // own made-up keys win, so tests that search for them keep finding them.
         for (name, value) in &self.credentials {
             cmd.env(name, value);
         }
+        sim_env(cmd, &self.base);
     }
 
     pub fn get_json(&self, path: &str) -> serde_json::Value {

@@ -22,3 +22,4 @@ mod security;
 mod shell;
 mod soak;
 mod storage;
+mod watch;
