@@ -177,6 +177,7 @@ mod tests {
             prompt: Some(prompt.into()),
             params_json: "{}".into(),
             output: output.map(str::to_string),
+            metadata: Vec::new(),
         }
     }
 
@@ -216,6 +217,8 @@ mod tests {
             path: "a.png".into(),
             size: 3,
             sha256: "abc".into(),
+            width: None,
+            height: None,
         });
         store.insert_new(std::slice::from_ref(&old)).unwrap();
         let update = Update {

@@ -140,13 +140,28 @@ pub(super) fn cmd_list(
     Ok(EXIT_OK)
 }
 
-pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
+pub(super) fn cmd_show(
+    db: &Path,
+    out_dir: Option<&Path>,
+    id: &str,
+    json: bool,
+) -> Result<i32, Fail> {
     let mut detail: Option<JobDetail> = None;
     ask(db, &Query::Show { id: id.to_string() }, &mut |v| {
         detail = serde_json::from_value(v).ok();
         Ok(())
     })?;
-    let d = detail.ok_or_else(|| Fail(EXIT_ERROR, format!("no job with id {id:?}")))?;
+    let mut d = detail.ok_or_else(|| Fail(EXIT_ERROR, format!("no job with id {id:?}")))?;
+    if out_dir.is_some() || d.files.is_empty() {
+        // `--out` names where the files are now; without it and without a recorded
+        // folder, the default `out`.
+        let dir = crate::report::out_dir_of(&d.row, out_dir);
+        d.files = d
+            .outputs
+            .iter()
+            .map(|o| dir.join(&o.path).display().to_string())
+            .collect();
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(EXIT_OK);
@@ -155,13 +170,16 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     println!("job        {}", r.id);
     println!("from       {}", r.origin);
     println!("provider   {} / {}", r.provider, r.operation);
-    println!("inputs     {}", r.inputs);
+    println!("inputs     {}", r.inputs.join(" | "));
     if let Some(p) = &d.prompt {
         println!("prompt     {p}");
     }
     println!("params     {}", d.params);
     if let Some(o) = &d.output {
         println!("output     {o}");
+    }
+    for (k, v) in &r.metadata.0 {
+        println!("{:<10} {v}", format!("{k}:"));
     }
     println!("state      {}", r.state);
     if let Some(remote) = &r.remote_id {
@@ -180,16 +198,24 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     if let Some(e) = &r.error {
         println!("error      {e}");
     }
-    for o in &d.outputs {
+    for (i, o) in d.outputs.iter().enumerate() {
+        let path = d.files.get(i).cloned().unwrap_or_else(|| o.path.clone());
+        let pixels = match query::pixels(o) {
+            Some(p) => format!("{p} px, "),
+            None => String::new(),
+        };
         println!(
-            "output {}   {} ({} bytes, sha256 {})",
-            o.index, o.path, o.size, o.sha256
+            "output {}   {} ({pixels}{} bytes, sha256 {})",
+            o.index, path, o.size, o.sha256
         );
     }
     for v in &d.versions {
         println!(
             "version {}  {} ({}), outputs {}",
-            v.version, v.job.state, v.params, v.job.outputs
+            v.version,
+            v.job.state,
+            v.params,
+            v.job.outputs.join(", ")
         );
     }
     println!("events:");
@@ -206,8 +232,9 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
 
 pub(super) fn cmd_report(
     db: &Path,
-    out_dir: &Path,
+    out_dir: Option<&Path>,
     format: ReportFormat,
+    filter: &Query,
     output: Option<&Path>,
     thumbnails: u64,
 ) -> Result<i32, Fail> {
@@ -225,7 +252,7 @@ pub(super) fn cmd_report(
         ),
         None => Box::new(std::io::stdout().lock()),
     };
-    let result = write_report(db, out_dir, format, sink, thumbnails);
+    let result = write_report(db, out_dir, format, filter, sink, thumbnails);
     if let (Some(t), Some(p)) = (&tmp, output) {
         match &result {
             Ok(_) => std::fs::rename(t, p)
@@ -238,10 +265,31 @@ pub(super) fn cmd_report(
     result
 }
 
+/// The rows of `filter`, each completed from the files (`report::complete_row`).
+fn rows(
+    db: &Path,
+    filter: &Query,
+    out_dir: Option<&Path>,
+    each: &mut dyn FnMut(JobRow) -> std::io::Result<()>,
+) -> Result<(), Fail> {
+    ask(
+        db,
+        filter,
+        &mut |v| match serde_json::from_value::<JobRow>(v) {
+            Ok(mut r) => {
+                crate::report::complete_row(&mut r, out_dir);
+                each(r)
+            }
+            Err(e) => Err(std::io::Error::other(format!("a report row: {e}"))),
+        },
+    )
+}
+
 fn write_report(
     db: &Path,
-    out_dir: &Path,
+    out_dir: Option<&Path>,
     format: ReportFormat,
+    filter: &Query,
     sink: Box<dyn Write>,
     thumbnails: u64,
 ) -> Result<i32, Fail> {
@@ -249,37 +297,43 @@ fn write_report(
     match format {
         ReportFormat::Jsonl => {
             let mut out = out;
-            ask(db, &Query::Report, &mut |v| writeln!(out, "{v}"))?;
+            rows(db, filter, out_dir, &mut |r| {
+                let line = serde_json::to_string(&r).map_err(std::io::Error::other)?;
+                writeln!(out, "{line}")
+            })?;
             out.flush()?;
         }
         ReportFormat::Csv => {
-            let mut w = csv::Writer::from_writer(out);
-            w.write_record(crate::report::CSV_COLUMNS)?;
-            ask(db, &Query::Report, &mut |v| {
-                if let Ok(r) = serde_json::from_value::<JobRow>(v) {
-                    w.write_record(crate::report::csv_record(&r))
-                        .map_err(std::io::Error::other)?;
+            // The extra columns are known only from the rows: a first pass collects
+            // their names (in the order first seen), the second writes.
+            let mut extra: Vec<String> = Vec::new();
+            ask(db, filter, &mut |v| {
+                if let Some(m) = v.get("metadata").and_then(|m| m.as_object()) {
+                    for k in m.keys() {
+                        if !extra.contains(k) {
+                            extra.push(k.clone());
+                        }
+                    }
                 }
                 Ok(())
+            })?;
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(crate::report::csv_header(&extra))?;
+            rows(db, filter, out_dir, &mut |r| {
+                w.write_record(crate::report::csv_record(&r, &extra))
+                    .map_err(std::io::Error::other)
             })?;
             w.flush()?;
         }
         ReportFormat::Html => {
             let opts = crate::report::html::HtmlOptions {
-                out_dir: out_dir.to_path_buf(),
+                out_dir: out_dir.map(Path::to_path_buf),
                 max_thumbnail_jobs: thumbnails,
                 source: db.display().to_string(),
                 ..Default::default()
             };
             let mut page = crate::report::html::HtmlReport::new(out, opts)?;
-            ask(
-                db,
-                &Query::Report,
-                &mut |v| match serde_json::from_value::<JobRow>(v) {
-                    Ok(r) => page.push(r),
-                    Err(_) => Ok(()),
-                },
-            )?;
+            rows(db, filter, out_dir, &mut |r| page.push(r))?;
             page.finish()?;
         }
     }

@@ -32,8 +32,9 @@ const THUMB_CACHE: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct HtmlOptions {
-    /// The folder output paths are relative to (`--out`).
-    pub out_dir: PathBuf,
+    /// The folder output paths are relative to when given (`--out`); else each
+    /// job's recorded folder (`JobRow::out_dir`), else `out`.
+    pub out_dir: Option<PathBuf>,
     /// Jobs (in report order) whose pictures are previewed.
     pub max_thumbnail_jobs: u64,
     /// Longest side of a preview, in pixels.
@@ -45,7 +46,7 @@ pub struct HtmlOptions {
 impl Default for HtmlOptions {
     fn default() -> Self {
         HtmlOptions {
-            out_dir: PathBuf::from("out"),
+            out_dir: None,
             max_thumbnail_jobs: 1000,
             thumb_side: 128,
             source: String::new(),
@@ -78,6 +79,11 @@ struct Card {
     state: String,
     error: Option<String>,
     origin: String,
+    prompt: Option<String>,
+    /// The params as JSON text ("" when none).
+    params: String,
+    /// The manifest's extra columns.
+    metadata: crate::query::Metadata,
     remote_id: Option<String>,
     attempts: u32,
     submissions: u32,
@@ -97,7 +103,8 @@ struct Card {
 struct Meta<'a> {
     generated: String,
     source: &'a str,
-    out_dir: String,
+    /// The folders the outputs shown are in (`--out`, or the runs' own).
+    out_dirs: Vec<String>,
     jobs: u64,
     thumbnail_jobs: u64,
     max_thumbnail_jobs: u64,
@@ -115,11 +122,12 @@ pub struct HtmlReport<W: Write> {
     thumbnail_jobs: u64,
     counts: BTreeMap<String, BTreeMap<String, u64>>,
     thumbs: HashMap<String, Thumb>,
+    out_dirs: std::collections::BTreeSet<String>,
 }
 
 impl<W: Write> HtmlReport<W> {
     pub fn new(mut out: W, mut opts: HtmlOptions) -> io::Result<Self> {
-        opts.out_dir = std::path::absolute(&opts.out_dir).unwrap_or(opts.out_dir);
+        opts.out_dir = opts.out_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
         write!(
             out,
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
@@ -147,6 +155,7 @@ impl<W: Write> HtmlReport<W> {
             thumbnail_jobs: 0,
             counts: BTreeMap::new(),
             thumbs: HashMap::new(),
+            out_dirs: Default::default(),
         })
     }
 
@@ -181,6 +190,15 @@ impl<W: Write> HtmlReport<W> {
         for (i, row) in rows.iter().enumerate() {
             let thumbs = (i < with_thumbs).then_some(&self.thumbs);
             let card = card(row, thumbs, &self.opts);
+            if !row.outputs.is_empty() && self.out_dirs.len() < 8 {
+                let dir = super::out_dir_of(row, self.opts.out_dir.as_deref());
+                self.out_dirs.insert(
+                    std::path::absolute(&dir)
+                        .unwrap_or(dir)
+                        .display()
+                        .to_string(),
+                );
+            }
             *self
                 .counts
                 .entry(row.state.name().to_string())
@@ -202,7 +220,7 @@ impl<W: Write> HtmlReport<W> {
         let meta = Meta {
             generated: query::rfc3339(crate::model::now_ms()),
             source: &self.opts.source,
-            out_dir: self.opts.out_dir.display().to_string(),
+            out_dirs: std::mem::take(&mut self.out_dirs).into_iter().collect(),
             jobs: self.jobs,
             thumbnail_jobs: self.thumbnail_jobs,
             max_thumbnail_jobs: self.opts.max_thumbnail_jobs,
@@ -230,26 +248,24 @@ fn script_safe_json<T: Serialize>(value: &T) -> io::Result<String> {
 /// The files (or URLs) a job's previews are made from: its first inputs, and its
 /// first outputs under the output folder.
 fn sources(r: &JobRow, opts: &HtmlOptions) -> Vec<String> {
-    let (inputs, outputs) = (split(&r.inputs), split(&r.outputs));
-    let mut out: Vec<String> = inputs.into_iter().take(PICS_PER_SIDE).collect();
+    let mut out: Vec<String> = r.inputs.iter().take(PICS_PER_SIDE).cloned().collect();
     out.extend(
-        outputs
+        r.outputs
             .iter()
             .take(PICS_PER_SIDE)
-            .map(|o| output_path(o, opts)),
+            .map(|o| output_path(r, o, opts)),
     );
     out
 }
 
-fn split(s: &str) -> Vec<String> {
-    s.split('|')
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-fn output_path(rel: &str, opts: &HtmlOptions) -> String {
-    opts.out_dir.join(rel).to_string_lossy().into_owned()
+/// Where output `rel` of row `r` is: under `--out`, or the folder the run recorded.
+fn output_path(r: &JobRow, rel: &str, opts: &HtmlOptions) -> String {
+    let dir = super::out_dir_of(r, opts.out_dir.as_deref());
+    std::path::absolute(&dir)
+        .unwrap_or(dir)
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Previews of `sources`, made on a few threads (decoding a photo takes tens of
@@ -290,8 +306,8 @@ fn make_thumbs(sources: Vec<String>, side: u32) -> Vec<(String, Thumb)> {
 
 /// A job's card; `thumbs` holds its previews, or is None past the preview cap.
 fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions) -> Card {
-    let inputs = split(&r.inputs);
-    let outputs = split(&r.outputs);
+    let inputs = &r.inputs;
+    let outputs = &r.outputs;
     let pics = |items: &[String], resolve: &dyn Fn(&str) -> String| -> Vec<Pic> {
         items
             .iter()
@@ -314,6 +330,13 @@ fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions)
         state: r.state.name().to_string(),
         error: r.error.clone(),
         origin: r.origin.clone(),
+        prompt: r.prompt.clone(),
+        params: if r.params.is_empty() {
+            String::new()
+        } else {
+            serde_json::Value::Object(r.params.clone()).to_string()
+        },
+        metadata: r.metadata.clone(),
         remote_id: r.remote_id.clone(),
         attempts: r.attempts,
         submissions: r.submissions,
@@ -322,8 +345,8 @@ fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions)
         started: r.started_ms.map(query::rfc3339),
         finished: r.finished_ms.map(query::rfc3339),
         duration_s: r.duration_s,
-        inputs: pics(&inputs, &|s| s.to_string()),
-        outputs: pics(&outputs, &|s| output_path(s, opts)),
+        inputs: pics(inputs, &|s| s.to_string()),
+        outputs: pics(outputs, &|s| output_path(r, s, opts)),
         more_inputs: inputs.len().saturating_sub(PICS_PER_SIDE),
         more_outputs: outputs.len().saturating_sub(PICS_PER_SIDE),
     }
@@ -385,9 +408,23 @@ mod tests {
             provider: ProviderKind::Topaz,
             operation: "enhance".into(),
             state,
-            inputs: inputs.into(),
-            outputs: outputs.into(),
-            sha256: String::new(),
+            inputs: inputs
+                .split('|')
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect(),
+            prompt: None,
+            params: Default::default(),
+            output: None,
+            metadata: Default::default(),
+            outputs: outputs
+                .split('|')
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect(),
+            sha256: Vec::new(),
+            pixels: Vec::new(),
+            out_dir: None,
             bytes: 0,
             remote_id: None,
             attempts: 0,
@@ -430,7 +467,7 @@ mod tests {
             .save(out_dir.join("o.png"))
             .unwrap();
         let opts = HtmlOptions {
-            out_dir: out_dir.clone(),
+            out_dir: Some(out_dir.clone()),
             max_thumbnail_jobs: 50,
             thumb_side: 32,
             source: "test".into(),

@@ -55,7 +55,8 @@
       });
     });
     var summary = meta.jobs + " jobs · generated " + meta.generated +
-      (meta.source ? " from " + meta.source : "") + " · outputs in " + meta.out_dir;
+      (meta.source ? " from " + meta.source : "") +
+      (meta.out_dirs.length ? " · outputs in " + meta.out_dirs.join(", ") : "");
     if (meta.thumbnail_jobs < meta.jobs) {
       summary += " · previews for the first " + meta.thumbnail_jobs +
         " jobs (pixbatch report --thumbnails N for more)";
@@ -165,6 +166,9 @@
       dl.appendChild(el("dt", null, k));
       dl.appendChild(el("dd", null, v));
     };
+    row("prompt", j.prompt);
+    row("params", j.params);
+    (j.metadata ? Object.keys(j.metadata) : []).forEach(function (k) { row(k, j.metadata[k]); });
     row("created", j.created);
     row("started", j.started);
     row("finished", j.finished);

@@ -14,6 +14,7 @@ mod metrics;
 mod ops;
 mod perfect;
 mod report_html;
+mod reports;
 mod secrets;
 mod security;
 mod soak;
