@@ -326,6 +326,7 @@ pub fn documented_max_of(kind: ProviderKind) -> Option<f64> {
         prompt: None,
         params_json: "{}".into(),
         output: None,
+        metadata: Vec::new(),
     };
     providers::documented_max_cost(&probe)
 }
@@ -398,6 +399,7 @@ mod tests {
             prompt: None,
             params_json: params.into(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 

@@ -576,6 +576,7 @@ mod tests {
             prompt: None,
             params_json: "{}".into(),
             output: output.map(Into::into),
+            metadata: Vec::new(),
         }
     }
 

@@ -393,14 +393,74 @@ impl Column {
     }
 }
 
-fn unknown_names_message(kind: &str, names: &[String]) -> String {
-    let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
-    let plural = if names.len() == 1 { "" } else { "s" };
-    format!(
-        "unknown {kind}{plural} {} (the {kind}s are {})",
-        list.join(", "),
-        COLUMNS.join(", ")
-    )
+/// The columns (JSON keys) a `pixbatch report` writes besides the manifest's own. A
+/// manifest column of one of these names is taken for a report's and ignored: they
+/// tell what became of a job, not what to do, and so a report is a manifest again
+/// (`report --state failed -o redo.csv`, then `run redo.csv`). `*_ms` are the JSON
+/// Lines report's spelling of the times.
+pub const REPORT_ONLY_COLUMNS: [&str; 19] = [
+    "state",
+    "outputs",
+    "pixels",
+    "sha256",
+    "bytes",
+    "out_dir",
+    "error",
+    "attempts",
+    "submissions",
+    "possible_duplicates",
+    "remote_id",
+    "origin",
+    "created",
+    "started",
+    "finished",
+    "duration_s",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+];
+
+/// What a header name (or JSON key) is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Name {
+    Known(Column),
+    /// One of [`REPORT_ONLY_COLUMNS`]: read past.
+    ReportOnly,
+    /// The user's own column: kept as the job's metadata under this name.
+    Extra(String),
+}
+
+/// Sorts a header name or key; a near-typo of a known column (`promt`) is an error
+/// with the suggestion, never metadata: it would silently drop a parameter of a
+/// paid request.
+fn classify(kind: &str, name: &str) -> Result<Name, String> {
+    if let Some(c) = Column::parse(name) {
+        return Ok(Name::Known(c));
+    }
+    let lower = name.trim().to_lowercase();
+    if REPORT_ONLY_COLUMNS.contains(&lower.as_str()) {
+        return Ok(Name::ReportOnly);
+    }
+    if let Some(near) = near_typo(&lower) {
+        return Err(format!(
+            "unknown {kind} {:?}: did you mean {near}? (a {kind} of your own needs a name \
+             less like one of {}; it is then kept as the job's metadata)",
+            name.trim(),
+            COLUMNS.join(", ")
+        ));
+    }
+    Ok(Name::Extra(name.trim().to_string()))
+}
+
+/// The known column `name` is probably a misspelling of: one edit (or swap of two
+/// neighbours) away for short names, two for names of 6 letters or more.
+fn near_typo(name: &str) -> Option<&'static str> {
+    COLUMNS
+        .iter()
+        .map(|c| (strsim::osa_distance(name, c), *c))
+        .filter(|(d, c)| *d <= if c.len() >= 6 { 2 } else { 1 })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
 }
 
 #[derive(Debug, Default)]
@@ -425,6 +485,8 @@ enum RawParams {
 /// A row's values as read, before any check.
 #[derive(Debug, Default)]
 struct RawRow {
+    /// The extra columns with a value, in column order.
+    metadata: Vec<(String, String)>,
     id: Option<String>,
     provider: Option<String>,
     operation: Option<String>,
@@ -523,6 +585,7 @@ fn build_spec(raw: RawRow, base: &Path) -> Result<JobSpec, Vec<String>> {
         prompt,
         params_json,
         output,
+        metadata: raw.metadata,
     };
     spec.id = if id.is_empty() {
         derived_id(&spec)
@@ -873,10 +936,10 @@ fn all_fields_empty(fields: &[&[u8]]) -> bool {
     fields.iter().all(|f| f.trim_ascii().is_empty())
 }
 
-/// The header: a column (or None for an unnamed, ignored one) per field.
-fn parse_csv_header(fields: &[&[u8]], line: u64) -> Result<Vec<Option<Column>>, String> {
-    let mut cols = Vec::with_capacity(fields.len());
-    let mut unknown = Vec::new();
+/// The header: what each field is (None for an unnamed one, which must stay empty).
+fn parse_csv_header(fields: &[&[u8]], line: u64) -> Result<Vec<Option<Name>>, String> {
+    let mut cols: Vec<Option<Name>> = Vec::with_capacity(fields.len());
+    let mut problems = Vec::new();
     for field in fields {
         let name = std::str::from_utf8(field)
             .map_err(|_| format!("line {line}: the header row is not valid UTF-8"))?
@@ -885,22 +948,29 @@ fn parse_csv_header(fields: &[&[u8]], line: u64) -> Result<Vec<Option<Column>>, 
             cols.push(None);
             continue;
         }
-        match Column::parse(name) {
-            Some(c) if cols.contains(&Some(c)) => {
-                return Err(format!("line {line}: column {} appears twice", c.name()));
+        let twice = |n: &Name| {
+            cols.iter().flatten().any(|c| match (c, n) {
+                (Name::Known(a), Name::Known(b)) => a == b,
+                (Name::Extra(a), Name::Extra(b)) => a.to_lowercase() == b.to_lowercase(),
+                _ => false,
+            })
+        };
+        match classify("column", name) {
+            Ok(n) if twice(&n) => {
+                return Err(format!(
+                    "line {line}: column {} appears twice",
+                    name.to_lowercase()
+                ));
             }
-            Some(c) => cols.push(Some(c)),
-            None => unknown.push(name.to_string()),
+            Ok(n) => cols.push(Some(n)),
+            Err(e) => problems.push(e),
         }
     }
-    if !unknown.is_empty() {
-        return Err(format!(
-            "line {line}: {}",
-            unknown_names_message("column", &unknown)
-        ));
+    if !problems.is_empty() {
+        return Err(format!("line {line}: {}", problems.join("; ")));
     }
     for required in [Column::Provider, Column::Operation] {
-        if !cols.contains(&Some(required)) {
+        if !cols.contains(&Some(Name::Known(required))) {
             return Err(format!(
                 "line {line}: the header has no {} column (the columns are {})",
                 required.name(),
@@ -911,7 +981,7 @@ fn parse_csv_header(fields: &[&[u8]], line: u64) -> Result<Vec<Option<Column>>, 
     Ok(cols)
 }
 
-fn csv_row(header: &[Option<Column>], fields: &[&[u8]]) -> Result<RawRow, Vec<String>> {
+fn csv_row(header: &[Option<Name>], fields: &[&[u8]]) -> Result<RawRow, Vec<String>> {
     let mut raw = RawRow::default();
     let mut errs = Vec::new();
     let extra_values = fields
@@ -928,9 +998,15 @@ fn csv_row(header: &[Option<Column>], fields: &[&[u8]]) -> Result<RawRow, Vec<St
     }
     for (i, (field, col)) in fields.iter().zip(header).enumerate() {
         match col {
-            Some(col) => match std::str::from_utf8(field) {
+            Some(Name::Known(col)) => match std::str::from_utf8(field) {
                 Ok(s) => raw.set_text(*col, s.to_string()),
                 Err(_) => errs.push(format!("column {} is not valid UTF-8", col.name())),
+            },
+            Some(Name::ReportOnly) => {}
+            Some(Name::Extra(name)) => match std::str::from_utf8(field) {
+                Ok(s) if s.trim().is_empty() => {}
+                Ok(s) => raw.metadata.push((name.clone(), s.to_string())),
+                Err(_) => errs.push(format!("column {name} is not valid UTF-8")),
             },
             None if field.trim_ascii().is_empty() => {}
             None => errs.push(format!(
@@ -1111,6 +1187,27 @@ fn set_json_value(raw: &mut RawRow, col: Column, value: Value) -> Result<(), Str
     Ok(())
 }
 
+/// Keeps a JSON row's own key as metadata: text as is, numbers and true/false as
+/// written, nested values as JSON text; null is no value.
+fn add_json_metadata(raw: &mut RawRow, key: String, value: Value, errs: &mut Vec<String>) {
+    if raw
+        .metadata
+        .iter()
+        .any(|(k, _)| k.to_lowercase() == key.to_lowercase())
+    {
+        errs.push(format!("key {key} is given twice"));
+        return;
+    }
+    let text = match value {
+        Value::Null => return,
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    if !text.trim().is_empty() {
+        raw.metadata.push((key, text));
+    }
+}
+
 /// Parses one JSON row. `line`/`col` are where its first byte is, so parse errors can
 /// name the real position.
 fn json_row(bytes: &[u8], line: u64, col: u64) -> Result<RawRow, Vec<String>> {
@@ -1140,9 +1237,26 @@ fn json_row(bytes: &[u8], line: u64, col: u64) -> Result<RawRow, Vec<String>> {
     let mut unknown = Vec::new();
     let mut seen: Vec<Column> = Vec::new();
     for (key, value) in entries {
-        let Some(col) = Column::parse(&key) else {
-            unknown.push(key);
-            continue;
+        let col = match classify("key", &key) {
+            Ok(Name::Known(c)) => c,
+            Ok(Name::ReportOnly) => continue,
+            // A JSON Lines report's `metadata` object: the extra columns again.
+            Ok(Name::Extra(k)) if k == "metadata" && value.is_object() => {
+                if let Value::Object(m) = value {
+                    for (k, v) in m {
+                        add_json_metadata(&mut raw, k, v, &mut errs);
+                    }
+                }
+                continue;
+            }
+            Ok(Name::Extra(k)) => {
+                add_json_metadata(&mut raw, k, value, &mut errs);
+                continue;
+            }
+            Err(e) => {
+                unknown.push(e);
+                continue;
+            }
         };
         if seen.contains(&col) {
             errs.push(format!("key {} is given twice", col.name()));
@@ -1154,7 +1268,7 @@ fn json_row(bytes: &[u8], line: u64, col: u64) -> Result<RawRow, Vec<String>> {
         }
     }
     if !unknown.is_empty() {
-        errs.insert(0, unknown_names_message("key", &unknown));
+        errs.splice(0..0, unknown);
     }
     if errs.is_empty() {
         Ok(raw)
@@ -1887,10 +2001,18 @@ mod tests {
     #[test]
     fn csv_unknown_and_duplicate_columns_are_file_errors() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(d.path(), "m.csv", "\nid,provider,operation,inptu,colour\n");
+        let p = write(
+            d.path(),
+            "m.csv",
+            "\nid,provider,operation,inptu,colour,Promt\n",
+        );
         let e = run(&p).0.unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
-        assert!(e.contains("\"inptu\"") && e.contains("\"colour\""), "{e}");
+        // Near-typos of known columns are refused with the suggestion; a name of the
+        // user's own (colour) is not an error.
+        assert!(e.contains("\"inptu\": did you mean input?"), "{e}");
+        assert!(e.contains("\"Promt\": did you mean prompt?"), "{e}");
+        assert!(!e.contains("colour"), "{e}");
         assert!(e.starts_with(&p.display().to_string()), "{e}");
         let p = write(d.path(), "m2.csv", "id,provider,operation,ID\n");
         let e = run(&p).0.unwrap_err().to_string();
@@ -2115,7 +2237,7 @@ mod tests {
 {"provider": "topaz", "operation": "enhance", "params": 5},
 {"provider": "topaz", "operation": "enhance", "params": "[1, 2]"},
 {"provider": "topaz", "operation": "enhance", "Provider": "topaz"},
-{"provider": "topaz", "operation": "enhance", "colour": "red", "Extra": 1},
+{"provider": "topaz", "operation": "enhance", "colour": "red", "parms": {}},
 "not an object",
 {"provider": "topaz", "operation": "enhance", "prompt": "x" "y"},
 {"provider": "topaz", "operation": "enhance"}
@@ -2135,7 +2257,7 @@ mod tests {
             (6, "params is not a JSON object: got a number"),
             (7, "params is not a JSON object: got an array"),
             (8, "key provider is given twice"),
-            (9, "unknown keys \"colour\", \"Extra\""),
+            (9, "unknown key \"parms\": did you mean params?"),
             (10, "not a JSON object (found a string)"),
             (11, "invalid JSON at line 11 column 61"),
         ];
@@ -2148,6 +2270,66 @@ mod tests {
             oks(&rows).iter().map(|(l, _)| *l).collect::<Vec<_>>(),
             vec![12]
         );
+    }
+
+    #[test]
+    fn extra_columns_become_metadata_and_report_columns_are_read_past() {
+        let d = tempfile::tempdir().unwrap();
+        png(d.path(), "a.png");
+        let p = write(
+            d.path(),
+            "m.csv",
+            "id,provider,operation,input,SKU,notes,state,error,outputs,customer\n\
+             a,topaz,enhance,a.png,A-1,\"big, blue\",failed,boom,a.jpg,\n\
+             b,topaz,enhance,a.png,B-2,,done,,b.jpg,ACME\n",
+        );
+        let (res, rows) = run(&p);
+        assert_eq!(res.unwrap(), 2);
+        let ok = oks(&rows);
+        assert_eq!(ok.len(), 2, "{:?}", errs(&rows));
+        let meta = |i: usize| ok[i].1.metadata.clone();
+        // Column order, names as written, empty values left out; the report's own
+        // columns (state, error, outputs) are not metadata.
+        assert_eq!(
+            meta(0),
+            vec![
+                ("SKU".into(), "A-1".into()),
+                ("notes".into(), "big, blue".into())
+            ]
+        );
+        assert_eq!(
+            meta(1),
+            vec![
+                ("SKU".into(), "B-2".into()),
+                ("customer".into(), "ACME".into())
+            ]
+        );
+        // Metadata is bookkeeping: it does not make a job different.
+        let mut plain = ok[0].1.clone();
+        plain.metadata.clear();
+        assert_eq!(plain.content_hash(), ok[0].1.content_hash());
+
+        let p = write(
+            d.path(),
+            "m.jsonl",
+            "{\"provider\":\"topaz\",\"operation\":\"enhance\",\"sku\":7,\"tags\":[\"x\"],\"state\":\"done\",\"metadata\":{\"notes\":\"n\"},\"gone\":null}\n",
+        );
+        let (res, rows) = run(&p);
+        assert_eq!(res.unwrap(), 1);
+        let ok = oks(&rows);
+        assert_eq!(ok.len(), 1, "{:?}", errs(&rows));
+        assert_eq!(
+            ok[0].1.metadata,
+            vec![
+                ("sku".into(), "7".into()),
+                ("tags".into(), "[\"x\"]".into()),
+                ("notes".into(), "n".into())
+            ]
+        );
+
+        let p = write(d.path(), "m2.csv", "provider,operation,sku,SKU\n");
+        let e = run(&p).0.unwrap_err().to_string();
+        assert!(e.contains("column sku appears twice"), "{e}");
     }
 
     // --- JSON Lines ----------------------------------------------------------------
@@ -2615,6 +2797,7 @@ mod tests {
             prompt: None,
             params_json: "{}".into(),
             output: output.map(str::to_string),
+            metadata: Vec::new(),
         }
     }
 

@@ -186,6 +186,10 @@ pub struct JobSpec {
     pub params_json: String,
     /// Output folder (ends with `/`) or file stem, relative to the output directory.
     pub output: Option<String>,
+    /// The manifest's other columns (`sku`, `notes` …), name and value in column
+    /// order: the user's own bookkeeping, carried into every report. Not part of the
+    /// content hash: a note changed later must not make a paid job "different".
+    pub metadata: Vec<(String, String)>,
 }
 
 impl JobSpec {
@@ -251,6 +255,10 @@ pub struct OutputFile {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// The picture's size in pixels, read from its header when it was written (None:
+    /// not a format whose header pixbatch reads).
+    pub width: Option<u32>,
+    pub height: Option<u32>,
 }
 
 /// An output the provider has announced but that is not yet in place.
@@ -350,6 +358,9 @@ pub struct Job {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     pub updated_ms: u64,
+    /// The output folder (absolute) the job's files were written under, so `report`
+    /// and `show` find them without being told `--out` again.
+    pub out_dir: Option<String>,
 }
 
 impl Job {
@@ -374,6 +385,7 @@ impl Job {
             started_ms: None,
             finished_ms: None,
             updated_ms: now_ms,
+            out_dir: None,
         }
     }
 
@@ -429,6 +441,7 @@ mod tests {
             prompt: None,
             params_json: r#"{"b":2,"a":1}"#.into(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 

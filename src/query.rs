@@ -79,17 +79,40 @@ pub struct StatusReport {
     pub eta_secs: Option<u64>,
 }
 
-/// One row of `list` and `report`.
+/// One row of `list` and `report`: the job's manifest row (so a report is a
+/// manifest `run` accepts again) and what became of it. Lists are JSON arrays.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobRow {
     pub id: String,
     pub provider: ProviderKind,
     pub operation: String,
     pub state: JobState,
-    pub inputs: String,
-    pub outputs: String,
-    pub sha256: String,
+    /// Named as the manifest's column, so a JSON Lines report is a manifest too.
+    #[serde(rename = "input")]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// The provider's parameters, as the JSON object the manifest gave.
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The manifest's `output` column (a folder or file stem), if it had one.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// The manifest's own extra columns, in column order.
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// Output files, relative to `out_dir`.
+    pub outputs: Vec<String>,
+    /// Their SHA-256, in the same order.
+    pub sha256: Vec<String>,
+    /// Their size in pixels, `WxH` (None: not known).
+    #[serde(default)]
+    pub pixels: Vec<Option<String>>,
     pub bytes: u64,
+    /// The output folder the files were written under (None: done before pixbatch
+    /// recorded it; readers fall back to `--out`).
+    #[serde(default)]
+    pub out_dir: Option<String>,
     pub remote_id: Option<String>,
     pub attempts: u32,
     pub submissions: u32,
@@ -102,6 +125,62 @@ pub struct JobRow {
     pub duration_s: Option<f64>,
 }
 
+/// A job's extra manifest columns, name → value, in column order: a JSON object on
+/// the wire (whose key order is kept).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metadata(pub Vec<(String, String)>);
+
+impl Metadata {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, String>()? {
+                    out.push((k, v));
+                }
+                Ok(Metadata(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `WxH` of an output whose size is known.
+pub fn pixels(o: &crate::model::OutputFile) -> Option<String> {
+    match (o.width, o.height) {
+        (Some(w), Some(h)) => Some(format!("{w}x{h}")),
+        _ => None,
+    }
+}
+
 impl JobRow {
     pub fn from_job(job: &Job) -> JobRow {
         JobRow {
@@ -109,20 +188,16 @@ impl JobRow {
             provider: job.spec.provider,
             operation: job.spec.operation.clone(),
             state: job.state,
-            inputs: job.spec.inputs.join("|"),
-            outputs: job
-                .outputs
-                .iter()
-                .map(|o| o.path.as_str())
-                .collect::<Vec<_>>()
-                .join("|"),
-            sha256: job
-                .outputs
-                .iter()
-                .map(|o| o.sha256.as_str())
-                .collect::<Vec<_>>()
-                .join("|"),
+            inputs: job.spec.inputs.clone(),
+            prompt: job.spec.prompt.clone(),
+            params: job.spec.params(),
+            output: job.spec.output.clone(),
+            metadata: Metadata(job.spec.metadata.clone()),
+            outputs: job.outputs.iter().map(|o| o.path.clone()).collect(),
+            sha256: job.outputs.iter().map(|o| o.sha256.clone()).collect(),
+            pixels: job.outputs.iter().map(pixels).collect(),
             bytes: job.outputs.iter().map(|o| o.size).sum(),
+            out_dir: job.out_dir.clone(),
             remote_id: job.remote_id.clone(),
             attempts: job.attempts,
             submissions: job.submissions,
@@ -148,6 +223,10 @@ pub struct JobDetail {
     pub output: Option<String>,
     pub due_ms: u64,
     pub outputs: Vec<crate::model::OutputFile>,
+    /// The output files' full paths: under the folder the run recorded (or `show
+    /// --out`'s); empty when neither is known.
+    #[serde(default)]
+    pub files: Vec<String>,
     pub events: Vec<JobEvent>,
     /// Earlier versions replaced by `enqueue --update`, oldest first.
     #[serde(default)]
@@ -306,6 +385,14 @@ pub fn answer(
                 output: job.spec.output.clone(),
                 due_ms: job.due_ms,
                 outputs: job.outputs.clone(),
+                files: match &job.out_dir {
+                    Some(d) => job
+                        .outputs
+                        .iter()
+                        .map(|o| std::path::Path::new(d).join(&o.path).display().to_string())
+                        .collect(),
+                    None => Vec::new(),
+                },
                 events: store.events(id)?,
                 versions: store
                     .versions(id)?

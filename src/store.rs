@@ -51,8 +51,12 @@ use crate::model::{EventKind, Job, JobEvent, JobState, ProviderKind};
 
 /// The record format this build writes. Records carry it in their first byte; a
 /// record with a higher number was written by a newer pixbatch and is refused, not
-/// misread.
-pub const FORMAT_VERSION: u8 = 1;
+/// misread; one with a lower number is read with its own frozen layout (`legacy`)
+/// and migrated. 2: jobs gained `out_dir`, `JobSpec::metadata` and the outputs'
+/// pixel sizes.
+pub const FORMAT_VERSION: u8 = 2;
+
+mod legacy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -212,6 +216,12 @@ impl Store {
                         key: "database".into(),
                         found,
                     });
+                }
+                if found < FORMAT_VERSION {
+                    // Old records stay as they are and are migrated as they are read;
+                    // records written from now on are of this format, so an older
+                    // pixbatch is told at open that the database is newer than it.
+                    meta.insert("format", &[FORMAT_VERSION])?;
                 }
             }
         }
@@ -883,7 +893,24 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+/// A type kept in versioned records, and how it reads a body of format 1.
+trait Record: serde::de::DeserializeOwned {
+    /// Types whose layout has not changed since format 1 read it as today's.
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(body, bincode_config()).map(|(v, _)| v)
+    }
+}
+
+impl Record for JobEvent {}
+impl Record for SavingEntry {}
+impl Record for Job {
+    fn from_v1(body: &[u8]) -> std::result::Result<Self, bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice::<legacy::JobV1, _>(body, bincode_config())
+            .map(|(v, _)| v.into())
+    }
+}
+
+fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T> {
     let Some((&version, body)) = bytes.split_first() else {
         return Err(StoreError::Corrupt {
             key: key.into(),
@@ -897,6 +924,10 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> 
                 key: key.into(),
                 reason: e.to_string(),
             }),
+        1 => T::from_v1(body).map_err(|e| StoreError::Corrupt {
+            key: key.into(),
+            reason: format!("format 1 record: {e}"),
+        }),
         v if v > FORMAT_VERSION => Err(StoreError::NewerFormat {
             key: key.into(),
             found: v,
@@ -930,6 +961,7 @@ mod tests {
             prompt: None,
             params_json: "{}".into(),
             output: None,
+            metadata: Vec::new(),
         };
         Job::new(
             spec,
@@ -1197,5 +1229,78 @@ mod tests {
             store.count(JobState::Queued, ProviderKind::Topaz).unwrap(),
             50
         );
+    }
+
+    /// A job record as pixbatch wrote it in format 1 (bytes from the release before
+    /// format 2, made by its `encode`): it must keep decoding, migrated.
+    const V1_JOB: &str = "01056f6c642d31030775707363616c6501092f696e2f612e706e67010561206361740b7b227363616c65223a327d0105636174732f455b843d26cf8da3d8b4f2789601ff632a3d5aefe7cb278ad2108107979d39a8056d2e6373760707000102010675706c6f616403752d39000104722d343202000a687474703a2f2f782f7903706e6702036a706701000e636174732f6f6c642d312e706e67fbd20440616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261620000fd0068e5cf8b01000001fde86be5cf8b01000001fdd06fe5cf8b010000fdd06fe5cf8b010000";
+
+    #[test]
+    fn a_format_1_job_record_still_decodes_and_migrates() {
+        let (_d, store) = open();
+        let bytes = hex::decode(V1_JOB).unwrap();
+        assert_eq!(bytes[0], 1);
+        store.jobs.insert("old-1", bytes).unwrap();
+        let job = store.get("old-1").unwrap().unwrap();
+        assert_eq!(job.spec.id, "old-1");
+        assert_eq!(job.spec.provider, ProviderKind::Photio);
+        assert_eq!(job.spec.prompt.as_deref(), Some("a cat"));
+        assert_eq!(job.spec.params_json, r#"{"scale":2}"#);
+        assert_eq!(job.spec.output.as_deref(), Some("cats/"));
+        assert!(job.spec.metadata.is_empty());
+        assert_eq!(job.origin.to_string(), "m.csv:7");
+        assert_eq!(job.state, JobState::Done);
+        assert_eq!((job.attempts, job.submissions), (1, 2));
+        assert_eq!(job.prepared, vec![("upload".into(), "u-9".into())]);
+        assert_eq!(job.remote_id.as_deref(), Some("r-42"));
+        assert_eq!(
+            job.pending_outputs,
+            vec![
+                crate::model::PendingOutput::Url {
+                    url: "http://x/y".into(),
+                    ext: "png".into()
+                },
+                crate::model::PendingOutput::Inline { ext: "jpg".into() }
+            ]
+        );
+        assert_eq!(job.outputs.len(), 1);
+        assert_eq!(job.outputs[0].path, "cats/old-1.png");
+        assert_eq!(job.outputs[0].size, 1234);
+        assert_eq!(job.outputs[0].sha256, "ab".repeat(32));
+        assert_eq!((job.outputs[0].width, job.outputs[0].height), (None, None));
+        assert_eq!(job.finished_ms, Some(1_700_000_002_000));
+        assert_eq!(job.updated_ms, 1_700_000_002_000);
+        assert_eq!(job.out_dir, None);
+        assert_eq!(job.content_hash, job.spec.content_hash());
+        // Saved again, it is written in today's format and reads back the same.
+        let mut job = job;
+        job.out_dir = Some("/data/out".into());
+        job.spec.metadata = vec![("sku".into(), "A-1".into())];
+        store.save(&job).unwrap();
+        let raw = store.jobs.get("old-1").unwrap().unwrap();
+        assert_eq!(raw[0], FORMAT_VERSION);
+        assert_eq!(store.get("old-1").unwrap().unwrap(), job);
+    }
+
+    #[test]
+    fn a_format_1_database_opens_and_is_marked_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path, &StoreOptions::default()).unwrap();
+            store.meta.insert("format", &[1u8]).unwrap();
+            store
+                .jobs
+                .insert("old-1", hex::decode(V1_JOB).unwrap())
+                .unwrap();
+        }
+        let store = Store::open(&path, &StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.meta.get("format").unwrap().unwrap().to_vec(),
+            vec![FORMAT_VERSION]
+        );
+        let jobs: Vec<Job> = store.all_jobs().collect::<Result<_>>().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].spec.id, "old-1");
     }
 }

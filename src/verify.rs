@@ -212,6 +212,7 @@ mod tests {
             prompt: None,
             params_json: "{}".into(),
             output: None,
+            metadata: Vec::new(),
         };
         let mut j = Job::new(
             spec,
@@ -228,6 +229,8 @@ mod tests {
                 path: path.to_string(),
                 size: bytes.len() as u64,
                 sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)),
+                width: None,
+                height: None,
             });
         }
         j

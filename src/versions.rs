@@ -213,6 +213,7 @@ mod tests {
             prompt: Some(prompt.into()),
             params_json: "{}".into(),
             output: output.map(str::to_string),
+            metadata: Vec::new(),
         }
     }
 
@@ -252,6 +253,8 @@ mod tests {
             path: "a.png".into(),
             size: 3,
             sha256: "abc".into(),
+            width: None,
+            height: None,
         });
         store.insert_new(std::slice::from_ref(&old)).unwrap();
         let update = Update {

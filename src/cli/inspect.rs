@@ -195,7 +195,12 @@ pub(super) fn cmd_list(db: &Path, query: &Query, json: bool) -> Result<i32, Fail
     Ok(EXIT_OK)
 }
 
-pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
+pub(super) fn cmd_show(
+    db: &Path,
+    out_dir: Option<&Path>,
+    id: &str,
+    json: bool,
+) -> Result<i32, Fail> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut detail: Option<JobDetail> = None;
@@ -203,7 +208,17 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
         detail = serde_json::from_value(v).ok();
         Ok(())
     })?;
-    let d = detail.ok_or_else(|| Fail(EXIT_ERROR, format!("no job with id {id:?}")))?;
+    let mut d = detail.ok_or_else(|| Fail(EXIT_ERROR, format!("no job with id {id:?}")))?;
+    if out_dir.is_some() || d.files.is_empty() {
+        // `--out` names where the files are now; without it and without a recorded
+        // folder, the default `out`.
+        let dir = crate::report::out_dir_of(&d.row, out_dir);
+        d.files = d
+            .outputs
+            .iter()
+            .map(|o| dir.join(&o.path).display().to_string())
+            .collect();
+    }
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&d)?)?;
         return Ok(EXIT_OK);
@@ -212,13 +227,16 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     writeln!(out, "job        {}", r.id)?;
     writeln!(out, "from       {}", r.origin)?;
     writeln!(out, "provider   {} / {}", r.provider, r.operation)?;
-    writeln!(out, "inputs     {}", r.inputs)?;
+    writeln!(out, "inputs     {}", r.inputs.join(" | "))?;
     if let Some(p) = &d.prompt {
         writeln!(out, "prompt     {p}")?;
     }
     writeln!(out, "params     {}", d.params)?;
     if let Some(o) = &d.output {
         writeln!(out, "output     {o}")?;
+    }
+    for (k, v) in &r.metadata.0 {
+        writeln!(out, "{:<10} {v}", format!("{k}:"))?;
     }
     writeln!(out, "state      {}", r.state)?;
     if let Some(remote) = &r.remote_id {
@@ -239,18 +257,26 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
     if let Some(e) = &r.error {
         writeln!(out, "error      {e}")?;
     }
-    for o in &d.outputs {
+    for (i, o) in d.outputs.iter().enumerate() {
+        let path = d.files.get(i).cloned().unwrap_or_else(|| o.path.clone());
+        let pixels = match query::pixels(o) {
+            Some(p) => format!("{p} px, "),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "output {}   {} ({} bytes, sha256 {})",
-            o.index, o.path, o.size, o.sha256
+            "output {}   {} ({pixels}{} bytes, sha256 {})",
+            o.index, path, o.size, o.sha256
         )?;
     }
     for v in &d.versions {
         writeln!(
             out,
             "version {}  {} ({}), outputs {}",
-            v.version, v.job.state, v.params, v.job.outputs
+            v.version,
+            v.job.state,
+            v.params,
+            v.job.outputs.join(", ")
         )?;
     }
     writeln!(out, "events:")?;
@@ -268,8 +294,9 @@ pub(super) fn cmd_show(db: &Path, id: &str, json: bool) -> Result<i32, Fail> {
 
 pub(super) fn cmd_report(
     db: &Path,
-    out_dir: &Path,
+    out_dir: Option<&Path>,
     format: ReportFormat,
+    filter: &Query,
     output: Option<&Path>,
     thumbnails: u64,
 ) -> Result<i32, Fail> {
@@ -287,7 +314,7 @@ pub(super) fn cmd_report(
         ),
         None => Box::new(std::io::stdout().lock()),
     };
-    let result = write_report(db, out_dir, format, sink, thumbnails);
+    let result = write_report(db, out_dir, format, filter, sink, thumbnails);
     if let (Some(t), Some(p)) = (&tmp, output) {
         match &result {
             Ok(_) => std::fs::rename(t, p)
@@ -300,10 +327,31 @@ pub(super) fn cmd_report(
     result
 }
 
+/// The rows of `filter`, each completed from the files (`report::complete_row`).
+fn rows(
+    db: &Path,
+    filter: &Query,
+    out_dir: Option<&Path>,
+    each: &mut dyn FnMut(JobRow) -> std::io::Result<()>,
+) -> Result<(), Fail> {
+    ask(
+        db,
+        filter,
+        &mut |v| match serde_json::from_value::<JobRow>(v) {
+            Ok(mut r) => {
+                crate::report::complete_row(&mut r, out_dir);
+                each(r)
+            }
+            Err(e) => Err(std::io::Error::other(format!("a report row: {e}"))),
+        },
+    )
+}
+
 fn write_report(
     db: &Path,
-    out_dir: &Path,
+    out_dir: Option<&Path>,
     format: ReportFormat,
+    filter: &Query,
     sink: Box<dyn Write>,
     thumbnails: u64,
 ) -> Result<i32, Fail> {
@@ -311,50 +359,48 @@ fn write_report(
     match format {
         ReportFormat::Jsonl => {
             let mut out = out;
-            ask(db, &Query::Report, &mut |v| writeln!(out, "{v}"))?;
+            rows(db, filter, out_dir, &mut |r| {
+                let line = serde_json::to_string(&r).map_err(std::io::Error::other)?;
+                writeln!(out, "{line}")
+            })?;
             out.flush()?;
         }
         ReportFormat::Csv => {
+            // The extra columns are known only from the rows: a first pass collects
+            // their names (in the order first seen), the second writes.
+            let mut extra: Vec<String> = Vec::new();
+            ask(db, filter, &mut |v| {
+                if let Some(m) = v.get("metadata").and_then(|m| m.as_object()) {
+                    for k in m.keys() {
+                        if !extra.contains(k) {
+                            extra.push(k.clone());
+                        }
+                    }
+                }
+                Ok(())
+            })?;
             let mut w = csv::Writer::from_writer(out);
-            // The header goes out with the first row (or after an empty answer), so a
-            // failed query writes nothing.
-            let mut started = false;
+            // Keeps a closed pipe's error kind, so `report | head` ends quietly.
             let csv_io = |e: csv::Error| match e.into_kind() {
                 csv::ErrorKind::Io(io) => io,
                 other => std::io::Error::other(format!("{other:?}")),
             };
-            ask(db, &Query::Report, &mut |v| {
-                if let Ok(r) = serde_json::from_value::<JobRow>(v) {
-                    if !started {
-                        w.write_record(crate::report::CSV_COLUMNS).map_err(csv_io)?;
-                        started = true;
-                    }
-                    w.write_record(crate::report::csv_record(&r))
-                        .map_err(csv_io)?;
-                }
-                Ok(())
+            w.write_record(crate::report::csv_header(&extra))?;
+            rows(db, filter, out_dir, &mut |r| {
+                w.write_record(crate::report::csv_record(&r, &extra))
+                    .map_err(csv_io)
             })?;
-            if !started {
-                w.write_record(crate::report::CSV_COLUMNS)?;
-            }
             w.flush()?;
         }
         ReportFormat::Html => {
             let opts = crate::report::html::HtmlOptions {
-                out_dir: out_dir.to_path_buf(),
+                out_dir: out_dir.map(Path::to_path_buf),
                 max_thumbnail_jobs: thumbnails,
                 source: db.display().to_string(),
                 ..Default::default()
             };
             let mut page = crate::report::html::HtmlReport::new(out, opts)?;
-            ask(
-                db,
-                &Query::Report,
-                &mut |v| match serde_json::from_value::<JobRow>(v) {
-                    Ok(r) => page.push(r),
-                    Err(_) => Ok(()),
-                },
-            )?;
+            rows(db, filter, out_dir, &mut |r| page.push(r))?;
             page.finish()?;
         }
     }

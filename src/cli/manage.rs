@@ -539,6 +539,7 @@ mod tests {
             prompt: None,
             params_json: "{}".into(),
             output: None,
+            metadata: Vec::new(),
         };
         let mut j = Job::new(
             spec,

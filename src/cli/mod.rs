@@ -112,11 +112,20 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Every job as CSV, JSON Lines, or an HTML page with input and output previews.
     Report {
-        #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
-        format: ReportFormat,
+        /// The format; default: from the extension of -o (.html, .jsonl/.ndjson/.json,
+        /// .csv), else csv.
+        #[arg(long, value_enum)]
+        format: Option<ReportFormat>,
         /// Write to FILE instead of stdout (replaced whole when complete).
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Only jobs in this state (`--state failed -o redo.csv` is a manifest of the
+        /// failures, for `run` here or elsewhere).
+        #[arg(long)]
+        state: Option<JobState>,
+        /// Only this provider's jobs.
+        #[arg(long)]
+        provider: Option<ProviderKind>,
         /// HTML: preview the pictures of the first N jobs (the rest are listed
         /// without previews; each preview adds ~5 KB to the page).
         #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -302,6 +311,20 @@ pub enum ReportFormat {
     Html,
 }
 
+impl ReportFormat {
+    /// The format a report file's name asks for (csv when it says nothing).
+    pub fn for_file(path: Option<&Path>) -> ReportFormat {
+        let ext = path
+            .and_then(|p| p.extension())
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("html" | "htm") => ReportFormat::Html,
+            Some("jsonl" | "ndjson" | "json") => ReportFormat::Jsonl,
+            _ => ReportFormat::Csv,
+        }
+    }
+}
+
 /// Parses the arguments and runs; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -446,14 +469,33 @@ async fn dispatch(cli: Cli) -> i32 {
             };
             cmd_list(&db, &query, json)
         }
-        Command::Show { job_id, json } => cmd_show(&db, &job_id, json),
+        Command::Show { job_id, json } => cmd_show(&db, cli.out.as_deref(), &job_id, json),
         Command::Retry(args) => cmd_retry(&db, &args),
         Command::Cancel(args) => cmd_cancel(&db, &config, &args).await,
         Command::Report {
             format,
             output,
+            state,
+            provider,
             thumbnails,
-        } => cmd_report(&db, &out, format, output.as_deref(), thumbnails),
+        } => {
+            let format = format.unwrap_or_else(|| ReportFormat::for_file(output.as_deref()));
+            let filter = Query::List {
+                state,
+                provider,
+                manifest: None,
+                limit: None,
+            };
+            // The jobs' own recorded folder unless --out says otherwise.
+            cmd_report(
+                &db,
+                cli.out.as_deref(),
+                format,
+                &filter,
+                output.as_deref(),
+                thumbnails,
+            )
+        }
         Command::Styles {
             provider,
             feature,
@@ -577,7 +619,6 @@ mod run;
 mod shell;
 mod verify;
 
-pub use crate::report::CSV_COLUMNS as REPORT_COLUMNS;
 use inspect::{cmd_list, cmd_report, cmd_show, cmd_status};
 mod observe;
 use manage::{cmd_cancel, cmd_retry};

@@ -430,7 +430,9 @@ impl Engine {
         Ok(Engine {
             spend: Arc::new(spend::SpendGate::uncapped(&config)),
             store,
-            out_dir,
+            // Absolute: it is recorded in each job (`Job::out_dir`) for later readers,
+            // which may run from another folder.
+            out_dir: std::path::absolute(&out_dir).unwrap_or(out_dir),
             config,
             lanes,
             stats,

@@ -116,7 +116,25 @@ fn event(
 
 fn save(env: &StepEnv<'_>, job: &mut Job) -> Result<(), StoreError> {
     job.updated_ms = now_ms();
+    if !job.outputs.is_empty() {
+        // Where the files are, for `report` and `show` (which are not told `--out`).
+        job.out_dir = Some(env.out_dir.to_string_lossy().into_owned());
+    }
     env.store.save(job)
+}
+
+/// The record of an output just written at `rel`, with its pixel size read from
+/// the file's header (reports show it; nothing is decoded).
+fn output_file(env: &StepEnv<'_>, index: usize, rel: &Path, w: download::Written) -> OutputFile {
+    let dims = crate::providers::util::dimensions_of_file(&env.out_dir.join(rel));
+    OutputFile {
+        index: index as u32,
+        path: rel.to_string_lossy().into_owned(),
+        size: w.size,
+        sha256: w.sha256,
+        width: dims.map(|d| d.0),
+        height: dims.map(|d| d.1),
+    }
 }
 
 async fn prepare_and_submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
@@ -229,12 +247,7 @@ async fn submit(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
                             recorded: None,
                         };
                         match download::write_bytes(&env.out_dir.join(&rel), owner, &data) {
-                            Ok(w) => job.outputs.push(OutputFile {
-                                index: index as u32,
-                                path: rel.to_string_lossy().into_owned(),
-                                size: w.size,
-                                sha256: w.sha256,
-                            }),
+                            Ok(w) => job.outputs.push(output_file(env, index, &rel, w)),
                             Err(e) => {
                                 write_error = Some(e);
                                 break;
@@ -479,12 +492,7 @@ async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         };
         match fetched {
             Ok((rel, w)) => {
-                job.outputs.push(OutputFile {
-                    index: index as u32,
-                    path: rel.to_string_lossy().into_owned(),
-                    size: w.size,
-                    sha256: w.sha256,
-                });
+                job.outputs.push(output_file(env, index, &rel, w));
                 // The last one is saved by `finish`, with `done`.
                 if index + 1 < count {
                     save(env, &mut job)?;

@@ -400,6 +400,7 @@ mod tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -674,6 +675,7 @@ mod http_tests {
                 json!({"width": 512, "height": 576, "image_strength": 0.35, "steps": "20"})
                     .to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -791,6 +793,7 @@ mod sim_tests {
             params_json: json!({"width": 512, "height": 384, "cfg_scale": 7, "steps": 20})
                 .to_string(),
             output: None,
+            metadata: Vec::new(),
         };
         assert!(validate(&spec).is_empty());
         let job = JobContext {

@@ -1361,6 +1361,7 @@ mod tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -1817,6 +1818,7 @@ mod sim_tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 

@@ -317,6 +317,7 @@ mod tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -528,6 +529,7 @@ mod http_tests {
             prompt: Some("a lighthouse".into()),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -650,6 +652,7 @@ mod sim_tests {
             prompt: None,
             params_json: json!({"upscale_by": 2, "quality": "HIGH"}).to_string(),
             output: None,
+            metadata: Vec::new(),
         };
         assert!(validate(&spec).is_empty());
         let job = JobContext {

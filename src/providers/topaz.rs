@@ -959,6 +959,7 @@ mod tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -1525,6 +1526,7 @@ mod http_tests {
             prompt: None,
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -1808,6 +1810,7 @@ mod sim_tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 

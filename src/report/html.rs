@@ -1,14 +1,18 @@
-//! The HTML gallery: one page, no network. Each job's input and output previews side
-//! by side with its state, error and timings, filterable by state and provider.
+//! The HTML gallery: one page, no network. A dense grid of tiles (a job's first input
+//! and output side by side, its state, provider, duration, output pixel size and the
+//! start of its error), sortable by state, provider, duration and error, filterable
+//! by state, provider and text, the failures one button away; a tile opens the job in
+//! full (every preview, the error, the row, the timings). Usable at 420 px wide.
 //!
 //! The page is written as it streams: the rows go into one JSON array inside a
 //! `<script type="application/json">`, then the totals, then the inline script that
-//! renders a page of cards at a time (100), so a report of 100,000 jobs is a long
-//! JSON text, not 100,000 DOM nodes. Previews are `data:` URIs made by `thumbnail`
-//! for the first `max_thumbnail_jobs` jobs only (the rest are listed with a note), so
-//! the file stays a size a browser opens: ~10 KB per job with previews. A
-//! Content-Security-Policy forbids every fetch: the page cannot reach the network
-//! even for a URL input.
+//! renders a page of tiles at a time (200), so a report of 100,000 jobs is a long
+//! JSON text, not 100,000 DOM nodes. Without JavaScript a `<noscript>` table lists the
+//! first 1,000 jobs, the failed first. Previews are `data:` URIs made by `thumbnail`
+//! for the first `max_thumbnail_jobs` jobs and for as many failed jobs after them
+//! (the rest are listed with a note), so the file stays a size a browser opens:
+//! ~10 KB per job with previews. A Content-Security-Policy forbids every fetch: the
+//! page cannot reach the network even for a URL input.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
@@ -32,8 +36,9 @@ const THUMB_CACHE: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct HtmlOptions {
-    /// The folder output paths are relative to (`--out`).
-    pub out_dir: PathBuf,
+    /// The folder output paths are relative to when given (`--out`); else each
+    /// job's recorded folder (`JobRow::out_dir`), else `out`.
+    pub out_dir: Option<PathBuf>,
     /// Jobs (in report order) whose pictures are previewed.
     pub max_thumbnail_jobs: u64,
     /// Longest side of a preview, in pixels.
@@ -45,7 +50,7 @@ pub struct HtmlOptions {
 impl Default for HtmlOptions {
     fn default() -> Self {
         HtmlOptions {
-            out_dir: PathBuf::from("out"),
+            out_dir: None,
             max_thumbnail_jobs: 1000,
             thumb_side: 128,
             source: String::new(),
@@ -78,6 +83,11 @@ struct Card {
     state: String,
     error: Option<String>,
     origin: String,
+    prompt: Option<String>,
+    /// The params as JSON text ("" when none).
+    params: String,
+    /// The manifest's extra columns.
+    metadata: crate::query::Metadata,
     remote_id: Option<String>,
     attempts: u32,
     submissions: u32,
@@ -97,9 +107,11 @@ struct Card {
 struct Meta<'a> {
     generated: String,
     source: &'a str,
-    out_dir: String,
+    /// The folders the outputs shown are in (`--out`, or the runs' own).
+    out_dirs: Vec<String>,
     jobs: u64,
     thumbnail_jobs: u64,
+    failed_previews: u64,
     max_thumbnail_jobs: u64,
     /// state → provider → jobs.
     counts: BTreeMap<String, BTreeMap<String, u64>>,
@@ -113,13 +125,23 @@ pub struct HtmlReport<W: Write> {
     batch: Vec<JobRow>,
     jobs: u64,
     thumbnail_jobs: u64,
+    /// Failed jobs past the cap that got previews all the same.
+    failed_previews: u64,
     counts: BTreeMap<String, BTreeMap<String, u64>>,
     thumbs: HashMap<String, Thumb>,
+    out_dirs: std::collections::BTreeSet<String>,
+    /// The listing shown without JavaScript (`<noscript>`): the failed jobs first,
+    /// then the others, [`STATIC_ROWS`] at most.
+    static_failed: Vec<String>,
+    static_other: Vec<String>,
 }
+
+/// Jobs in the listing shown without JavaScript (a table row each, no previews).
+const STATIC_ROWS: usize = 1000;
 
 impl<W: Write> HtmlReport<W> {
     pub fn new(mut out: W, mut opts: HtmlOptions) -> io::Result<Self> {
-        opts.out_dir = std::path::absolute(&opts.out_dir).unwrap_or(opts.out_dir);
+        opts.out_dir = opts.out_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
         write!(
             out,
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
@@ -132,11 +154,10 @@ impl<W: Write> HtmlReport<W> {
              <form id=\"filters\" onsubmit=\"return false\">\n\
              <label>State <select id=\"f-state\"><option value=\"\">all</option></select></label>\n\
              <label>Provider <select id=\"f-provider\"><option value=\"\">all</option></select></label>\n\
-             <label>Search <input id=\"f-q\" type=\"search\" placeholder=\"id, error or file\"></label>\n\
+             <label>Sort <select id=\"f-sort\"></select></label>\n\
+             <label>Search <input id=\"f-q\" type=\"search\" placeholder=\"id, error, file, sku…\"></label>\n\
              <span id=\"pager\"></span>\n</form>\n</header>\n\
-             <noscript><p class=\"noscript\">This report draws its job list with \
-             JavaScript; the same data is in <code>pixbatch report --format csv</code>.</p></noscript>\n\
-             <main id=\"jobs\"></main>\n\
+             <main id=\"jobs\"></main>\n<div id=\"detail\" hidden></div>\n\
              <script id=\"jobs-data\" type=\"application/json\">["
         )?;
         Ok(HtmlReport {
@@ -145,8 +166,12 @@ impl<W: Write> HtmlReport<W> {
             batch: Vec::with_capacity(BATCH),
             jobs: 0,
             thumbnail_jobs: 0,
+            failed_previews: 0,
             counts: BTreeMap::new(),
             thumbs: HashMap::new(),
+            out_dirs: Default::default(),
+            static_failed: Vec::new(),
+            static_other: Vec::new(),
         })
     }
 
@@ -160,15 +185,29 @@ impl<W: Write> HtmlReport<W> {
 
     fn flush_batch(&mut self) -> io::Result<()> {
         let rows = std::mem::take(&mut self.batch);
-        let with_thumbs = self
-            .opts
-            .max_thumbnail_jobs
-            .saturating_sub(self.thumbnail_jobs)
-            .min(rows.len() as u64) as usize;
-        self.thumbnail_jobs += with_thumbs as u64;
-        let mut wanted: Vec<String> = rows[..with_thumbs]
+        // The first `max_thumbnail_jobs` jobs get previews, and failed jobs past them
+        // as many again: the failures are what a person opens the report for.
+        let previewed: Vec<bool> = rows
             .iter()
-            .flat_map(|r| sources(r, &self.opts))
+            .map(|r| {
+                if self.thumbnail_jobs < self.opts.max_thumbnail_jobs {
+                    self.thumbnail_jobs += 1;
+                    true
+                } else if r.state == crate::model::JobState::Failed
+                    && self.failed_previews < self.opts.max_thumbnail_jobs
+                {
+                    self.failed_previews += 1;
+                    true
+                } else {
+                    false
+                }
+            })
+            .collect();
+        let mut wanted: Vec<String> = rows
+            .iter()
+            .zip(&previewed)
+            .filter(|(_, p)| **p)
+            .flat_map(|(r, _)| sources(r, &self.opts))
             .filter(|s| !self.thumbs.contains_key(s))
             .collect();
         wanted.sort();
@@ -179,8 +218,25 @@ impl<W: Write> HtmlReport<W> {
         self.thumbs
             .extend(make_thumbs(wanted, self.opts.thumb_side));
         for (i, row) in rows.iter().enumerate() {
-            let thumbs = (i < with_thumbs).then_some(&self.thumbs);
+            let thumbs = previewed[i].then_some(&self.thumbs);
             let card = card(row, thumbs, &self.opts);
+            let list = if row.state == crate::model::JobState::Failed {
+                &mut self.static_failed
+            } else {
+                &mut self.static_other
+            };
+            if list.len() < STATIC_ROWS {
+                list.push(static_row(row));
+            }
+            if !row.outputs.is_empty() && self.out_dirs.len() < 8 {
+                let dir = super::out_dir_of(row, self.opts.out_dir.as_deref());
+                self.out_dirs.insert(
+                    std::path::absolute(&dir)
+                        .unwrap_or(dir)
+                        .display()
+                        .to_string(),
+                );
+            }
             *self
                 .counts
                 .entry(row.state.name().to_string())
@@ -202,9 +258,10 @@ impl<W: Write> HtmlReport<W> {
         let meta = Meta {
             generated: query::rfc3339(crate::model::now_ms()),
             source: &self.opts.source,
-            out_dir: self.opts.out_dir.display().to_string(),
+            out_dirs: std::mem::take(&mut self.out_dirs).into_iter().collect(),
             jobs: self.jobs,
             thumbnail_jobs: self.thumbnail_jobs,
+            failed_previews: self.failed_previews,
             max_thumbnail_jobs: self.opts.max_thumbnail_jobs,
             counts: std::mem::take(&mut self.counts),
             version: env!("CARGO_PKG_VERSION"),
@@ -212,12 +269,81 @@ impl<W: Write> HtmlReport<W> {
         write!(
             self.out,
             "]</script>\n<script id=\"meta-data\" type=\"application/json\">{}</script>\n\
-             <script>\n{JS}</script>\n</body>\n</html>\n",
+             <script>\n{JS}</script>\n",
             script_safe_json(&meta)?
         )?;
+        let (jobs, counts) = (meta.jobs, meta.counts);
+        self.write_static(jobs, &counts)?;
+        self.out.write_all(b"</body>\n</html>\n")?;
         self.out.flush()?;
         Ok(self.out)
     }
+}
+
+impl<W: Write> HtmlReport<W> {
+    /// The page without JavaScript: the totals and a table of the jobs (failures
+    /// first), so the report can be read in a mail client or a locked-down browser.
+    fn write_static(
+        &mut self,
+        jobs: u64,
+        counts: &BTreeMap<String, BTreeMap<String, u64>>,
+    ) -> io::Result<()> {
+        let mut totals = Vec::new();
+        for (state, per) in counts {
+            totals.push(format!("{} {state}", per.values().sum::<u64>()));
+        }
+        write!(
+            self.out,
+            "<noscript>\n<style>#filters, #chips, main {{ display: none; }}</style>\n<p class=\"noscript\">{} jobs: {}. Without JavaScript this page \
+             lists {} of them (the failed first) without previews, sorting or filters; \
+             every job is in <code>pixbatch report --format csv</code>.</p>\n\
+             <table class=\"static\"><tr><th>id</th><th>state</th><th>provider · operation</th>\
+             <th>took</th><th>outputs</th><th>error</th></tr>\n",
+            jobs,
+            esc(&totals.join(", ")),
+            (self.static_failed.len() + self.static_other.len()).min(STATIC_ROWS),
+        )?;
+        let room = STATIC_ROWS.saturating_sub(self.static_failed.len());
+        for row in self
+            .static_failed
+            .iter()
+            .chain(self.static_other.iter().take(room))
+            .take(STATIC_ROWS)
+        {
+            self.out.write_all(row.as_bytes())?;
+        }
+        self.out.write_all(b"</table>\n</noscript>\n")
+    }
+}
+
+/// One job's row of the listing shown without JavaScript.
+fn static_row(r: &JobRow) -> String {
+    let outputs: Vec<String> = r
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| match r.pixels.get(i).and_then(|p| p.as_deref()) {
+            Some(px) => format!("{o} ({})", px.replace('x', "×")),
+            None => o.clone(),
+        })
+        .collect();
+    format!(
+        "<tr><td>{}</td><td>{}</td><td>{} · {}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>\n",
+        esc(&r.id),
+        r.state,
+        r.provider,
+        esc(&r.operation),
+        r.duration_s.map(|d| format!("{d:.1} s")).unwrap_or_default(),
+        esc(&outputs.join(", ")),
+        esc(r.error.as_deref().unwrap_or("")),
+    )
+}
+
+/// Text for HTML element content.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// JSON that cannot end the `<script>` element it sits in: `<` only occurs inside
@@ -230,26 +356,24 @@ fn script_safe_json<T: Serialize>(value: &T) -> io::Result<String> {
 /// The files (or URLs) a job's previews are made from: its first inputs, and its
 /// first outputs under the output folder.
 fn sources(r: &JobRow, opts: &HtmlOptions) -> Vec<String> {
-    let (inputs, outputs) = (split(&r.inputs), split(&r.outputs));
-    let mut out: Vec<String> = inputs.into_iter().take(PICS_PER_SIDE).collect();
+    let mut out: Vec<String> = r.inputs.iter().take(PICS_PER_SIDE).cloned().collect();
     out.extend(
-        outputs
+        r.outputs
             .iter()
             .take(PICS_PER_SIDE)
-            .map(|o| output_path(o, opts)),
+            .map(|o| output_path(r, o, opts)),
     );
     out
 }
 
-fn split(s: &str) -> Vec<String> {
-    s.split('|')
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-fn output_path(rel: &str, opts: &HtmlOptions) -> String {
-    opts.out_dir.join(rel).to_string_lossy().into_owned()
+/// Where output `rel` of row `r` is: under `--out`, or the folder the run recorded.
+fn output_path(r: &JobRow, rel: &str, opts: &HtmlOptions) -> String {
+    let dir = super::out_dir_of(r, opts.out_dir.as_deref());
+    std::path::absolute(&dir)
+        .unwrap_or(dir)
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Previews of `sources`, made on a few threads (decoding a photo takes tens of
@@ -290,8 +414,8 @@ fn make_thumbs(sources: Vec<String>, side: u32) -> Vec<(String, Thumb)> {
 
 /// A job's card; `thumbs` holds its previews, or is None past the preview cap.
 fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions) -> Card {
-    let inputs = split(&r.inputs);
-    let outputs = split(&r.outputs);
+    let inputs = &r.inputs;
+    let outputs = &r.outputs;
     let pics = |items: &[String], resolve: &dyn Fn(&str) -> String| -> Vec<Pic> {
         items
             .iter()
@@ -314,6 +438,13 @@ fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions)
         state: r.state.name().to_string(),
         error: r.error.clone(),
         origin: r.origin.clone(),
+        prompt: r.prompt.clone(),
+        params: if r.params.is_empty() {
+            String::new()
+        } else {
+            serde_json::Value::Object(r.params.clone()).to_string()
+        },
+        metadata: r.metadata.clone(),
         remote_id: r.remote_id.clone(),
         attempts: r.attempts,
         submissions: r.submissions,
@@ -322,8 +453,22 @@ fn card(r: &JobRow, thumbs: Option<&HashMap<String, Thumb>>, opts: &HtmlOptions)
         started: r.started_ms.map(query::rfc3339),
         finished: r.finished_ms.map(query::rfc3339),
         duration_s: r.duration_s,
-        inputs: pics(&inputs, &|s| s.to_string()),
-        outputs: pics(&outputs, &|s| output_path(s, opts)),
+        inputs: pics(inputs, &|s| s.to_string()),
+        outputs: pics(outputs, &|s| output_path(r, s, opts))
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut p)| {
+                // The recorded pixel size, past the preview cap too.
+                if p.size.is_none() {
+                    p.size = r
+                        .pixels
+                        .get(i)
+                        .and_then(|px| px.as_deref())
+                        .map(|px| px.replace('x', "×"));
+                }
+                p
+            })
+            .collect(),
         more_inputs: inputs.len().saturating_sub(PICS_PER_SIDE),
         more_outputs: outputs.len().saturating_sub(PICS_PER_SIDE),
     }
@@ -385,9 +530,23 @@ mod tests {
             provider: ProviderKind::Topaz,
             operation: "enhance".into(),
             state,
-            inputs: inputs.into(),
-            outputs: outputs.into(),
-            sha256: String::new(),
+            inputs: inputs
+                .split('|')
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect(),
+            prompt: None,
+            params: Default::default(),
+            output: None,
+            metadata: Default::default(),
+            outputs: outputs
+                .split('|')
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect(),
+            sha256: Vec::new(),
+            pixels: Vec::new(),
+            out_dir: None,
             bytes: 0,
             remote_id: None,
             attempts: 0,
@@ -430,7 +589,7 @@ mod tests {
             .save(out_dir.join("o.png"))
             .unwrap();
         let opts = HtmlOptions {
-            out_dir: out_dir.clone(),
+            out_dir: Some(out_dir.clone()),
             max_thumbnail_jobs: 50,
             thumb_side: 32,
             source: "test".into(),
@@ -460,6 +619,7 @@ mod tests {
         assert_eq!(jobs.len(), 70);
         assert_eq!(meta["jobs"], 70);
         assert_eq!(meta["thumbnail_jobs"], 50);
+        assert_eq!(meta["failed_previews"], 2);
         assert_eq!(meta["counts"]["failed"]["topaz"], 7);
         assert_eq!(meta["counts"]["done"]["topaz"], 63);
         for (i, j) in jobs.iter().enumerate() {
@@ -467,7 +627,8 @@ mod tests {
             let input = &j["inputs"][0];
             assert_eq!(input["name"], "in.png");
             assert!(input["href"].as_str().unwrap().starts_with("file:///"));
-            if i < 50 {
+            // Past the cap only the failed jobs (j53, j63) keep their previews.
+            if i < 50 || i % 10 == 3 {
                 assert!(input["src"]
                     .as_str()
                     .unwrap()

@@ -272,3 +272,17 @@ pub fn sigint(child: &Child) {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
 }
+
+/// A report row's list (`outputs`, `sha256`, `inputs`: JSON arrays) as one
+/// `|`-joined string ("" for an empty list).
+pub fn joined(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("|"),
+        serde_json::Value::String(s) => s.clone(),
+        _ => String::new(),
+    }
+}

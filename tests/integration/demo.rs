@@ -55,8 +55,9 @@ fn demo_finishes_and_every_output_is_an_image_of_the_expected_size() {
             .find(|r| r["id"] == id)
             .unwrap_or_else(|| panic!("no row {id}"));
         assert_eq!(row["state"], "done", "{id}: {row}");
-        let outputs: Vec<&str> = row["outputs"].as_str().unwrap().split('|').collect();
-        let hashes: Vec<&str> = row["sha256"].as_str().unwrap().split('|').collect();
+        let (outputs, hashes) = (joined(&row["outputs"]), joined(&row["sha256"]));
+        let outputs: Vec<&str> = outputs.split('|').collect();
+        let hashes: Vec<&str> = hashes.split('|').collect();
         assert_eq!(outputs.len(), files, "{id}: {row}");
         for (output, sha) in outputs.iter().zip(&hashes) {
             let path = dir.path().join("out").join(output);

@@ -84,11 +84,9 @@ fn check_outputs(dir: &Path, rows: &[serde_json::Value], ledger: &[serde_json::V
     for r in rows {
         let id = r["id"].as_str().unwrap();
         assert_eq!(r["state"], "done", "{r}");
-        for (path, sha) in r["outputs"]
-            .as_str()
-            .unwrap()
+        for (path, sha) in joined(&r["outputs"])
             .split('|')
-            .zip(r["sha256"].as_str().unwrap().split('|'))
+            .zip(joined(&r["sha256"]).split('|'))
         {
             let file = dir.join("out").join(path);
             assert_eq!(
@@ -161,9 +159,7 @@ fn every_operation_end_to_end() {
         .map(|r| (r["id"].as_str().unwrap(), r))
         .collect();
     let files = |id: &str| -> Vec<String> {
-        by_id[id]["outputs"]
-            .as_str()
-            .unwrap()
+        joined(&by_id[id]["outputs"])
             .split('|')
             .map(str::to_string)
             .collect()
@@ -173,7 +169,8 @@ fn every_operation_end_to_end() {
     for f in &t1 {
         assert_eq!(dims(&d.join("out").join(f)), (192, 256));
     }
-    let hashes: BTreeSet<&str> = by_id["t1"]["sha256"].as_str().unwrap().split('|').collect();
+    let t1_hashes = joined(&by_id["t1"]["sha256"]);
+    let hashes: BTreeSet<&str> = t1_hashes.split('|').collect();
     assert_eq!(hashes.len(), 4, "four different pictures");
     assert_eq!(files("i1"), ["i1_0.jpg", "i1_1.jpg"]);
     assert_eq!(dims(&d.join("out/i1_0.jpg")), (160, 96));

@@ -17,6 +17,7 @@ mod ops;
 mod outputs;
 mod perfect;
 mod report_html;
+mod reports;
 mod secrets;
 mod security;
 mod shell;

@@ -116,7 +116,7 @@ fn enqueue_is_idempotent_and_a_rerun_does_only_what_is_missing() {
     let csv = pixbatch(dir.path()).args(["report"]).output().unwrap();
     let text_csv = String::from_utf8_lossy(&csv.stdout);
     assert!(
-        text_csv.starts_with("id,provider,operation,state"),
+        text_csv.starts_with("id,provider,operation,input,prompt,params,output,state"),
         "{text_csv}"
     );
     assert_eq!(text_csv.lines().count(), 4);

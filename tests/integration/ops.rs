@@ -282,10 +282,16 @@ fn update_makes_a_second_version_and_keeps_the_first_files() {
     assert!(show.status.success(), "{}", text(&show));
     let detail: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(detail["row"]["state"], "done");
-    assert_eq!(detail["row"]["outputs"], "v.v2.jpg");
+    assert_eq!(detail["row"]["outputs"], serde_json::json!(["v.v2.jpg"]));
     assert_eq!(detail["versions"][0]["version"], 1);
-    assert_eq!(detail["versions"][0]["job"]["outputs"], "v.jpg");
-    assert_eq!(detail["versions"][0]["job"]["sha256"], v1_sha.as_str());
+    assert_eq!(
+        detail["versions"][0]["job"]["outputs"],
+        serde_json::json!(["v.jpg"])
+    );
+    assert_eq!(
+        detail["versions"][0]["job"]["sha256"],
+        serde_json::json!([v1_sha.as_str()])
+    );
     let human = go(&sim, d, &["show", "v"]);
     assert!(
         stdout(&human).contains("version 2 from jobs.csv:2 replaces version 1"),

@@ -120,8 +120,9 @@ fn check_outputs(dir: &Path, sim_ledger: &[Value]) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for row in report(dir, &dir.join("pixbatch.db")) {
         assert_eq!(row["state"], "done", "{row}");
-        let files: Vec<&str> = row["outputs"].as_str().unwrap().split('|').collect();
-        let shas: Vec<&str> = row["sha256"].as_str().unwrap().split('|').collect();
+        let (files, shas) = (joined(&row["outputs"]), joined(&row["sha256"]));
+        let files: Vec<&str> = files.split('|').collect();
+        let shas: Vec<&str> = shas.split('|').collect();
         assert_eq!(files.len(), shas.len());
         for (f, sha) in files.iter().zip(&shas) {
             let path = dir.join("out").join(f);

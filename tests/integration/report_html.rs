@@ -73,6 +73,17 @@ fn chromium(browser: &Path, profile: &Path) -> Command {
 
 /// A screenshot of `url` at 1000×`height`, decoded.
 fn screenshot(browser: &Path, dir: &Path, url: &str, height: u32) -> image::RgbImage {
+    screenshot_at(browser, dir, url, 1000, height)
+}
+
+/// A screenshot of `url` in a `width`×`height` window, decoded.
+fn screenshot_at(
+    browser: &Path,
+    dir: &Path,
+    url: &str,
+    width: u32,
+    height: u32,
+) -> image::RgbImage {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -80,7 +91,7 @@ fn screenshot(browser: &Path, dir: &Path, url: &str, height: u32) -> image::RgbI
     let png = dir.join(format!("shot-{n}.png"));
     let mut c = chromium(browser, &dir.join(format!("profile-{n}")));
     c.arg(format!("--screenshot={}", png.display()))
-        .arg(format!("--window-size=1000,{height}"))
+        .arg(format!("--window-size={width},{height}"))
         .arg(url);
     let out = run_to_end(c, Duration::from_secs(90));
     assert!(png.exists(), "chromium made no screenshot\n{}", text(&out));
@@ -226,14 +237,14 @@ fn html_report_shows_input_and_output_previews_side_by_side_in_chromium() {
         let ins = blobs(&shot, input);
         let outs = blobs(&shot, output);
         // The 64 px input is shown at its size; the output (128 px or larger) fills
-        // the 128 px preview box.
+        // the tile's preview box (76 px).
         let input_blob = ins
             .iter()
             .find(|b| b.pixels >= 60 * 60)
             .unwrap_or_else(|| panic!("{}", why(&format!("no {job} input preview: {ins:?}"))));
         let output_blob = outs
             .iter()
-            .find(|b| b.pixels >= 120 * 120 && b.x0 > input_blob.x1)
+            .find(|b| b.pixels >= 70 * 70 && b.x0 > input_blob.x1)
             .unwrap_or_else(|| {
                 panic!(
                     "{}",
@@ -274,7 +285,12 @@ fn html_report_shows_input_and_output_previews_side_by_side_in_chromium() {
     }
 
     // The provider filter and the rest of the card, in the DOM after the script ran.
-    let dom = dump_dom(&browser, dir.path(), &format!("{url}#provider=aithriving"));
+    // (`open=` shows the job in full, as a click on its tile does.)
+    let dom = dump_dom(
+        &browser,
+        dir.path(),
+        &format!("{url}#provider=aithriving&open=bad-yellow"),
+    );
     assert!(dom.contains("data-id=\"bad-yellow\""), "{dom}");
     assert!(!dom.contains("data-id=\"up-magenta\""), "{dom}");
     assert!(!dom.contains("data-id=\"enh-cyan\""), "{dom}");
@@ -376,4 +392,222 @@ fn html_report_works_while_a_run_is_going_on() {
     }
     let _ = run.kill();
     let _ = run.wait();
+}
+
+/// The areas of colour `rgb` as 4-connected regions of at least `min` pixels
+/// (previews stacked in a column stay apart, unlike [`blobs`]).
+fn regions(img: &image::RgbImage, rgb: [u8; 3], min: u32) -> Vec<Blob> {
+    let (w, h) = img.dimensions();
+    let near = |x: u32, y: u32| {
+        img.get_pixel(x, y)
+            .0
+            .iter()
+            .zip(rgb)
+            .all(|(a, b)| a.abs_diff(b) <= TOLERANCE)
+    };
+    let mut seen = vec![false; (w * h) as usize];
+    let mut out = Vec::new();
+    for y0 in 0..h {
+        for x0 in 0..w {
+            if seen[(y0 * w + x0) as usize] || !near(x0, y0) {
+                continue;
+            }
+            seen[(y0 * w + x0) as usize] = true;
+            let mut b = Blob {
+                x0,
+                x1: x0,
+                y0,
+                y1: y0,
+                pixels: 0,
+            };
+            let mut stack = vec![(x0, y0)];
+            while let Some((x, y)) = stack.pop() {
+                b.pixels += 1;
+                b.x0 = b.x0.min(x);
+                b.x1 = b.x1.max(x);
+                b.y0 = b.y0.min(y);
+                b.y1 = b.y1.max(y);
+                let mut push = |nx: u32, ny: u32| {
+                    let i = (ny * w + nx) as usize;
+                    if !seen[i] && near(nx, ny) {
+                        seen[i] = true;
+                        stack.push((nx, ny));
+                    }
+                };
+                if x > 0 {
+                    push(x - 1, y);
+                }
+                if x + 1 < w {
+                    push(x + 1, y);
+                }
+                if y > 0 {
+                    push(x, y - 1);
+                }
+                if y + 1 < h {
+                    push(x, y + 1);
+                }
+            }
+            if b.pixels >= min {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// The `data-id`s of the tiles in a DOM dump, in page order.
+fn tile_ids(dom: &str) -> Vec<String> {
+    dom.split("<article class=\"tile ")
+        .skip(1)
+        .filter_map(|t| {
+            let rest = &t[t.find("data-id=\"")? + 9..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .collect()
+}
+
+/// A report of 1,100 jobs: a dense grid (dozens of previews on one screen at
+/// 1400 px), whole tiles two abreast at 420 px, the failures one click away, and
+/// the sorts by state, provider, duration and error.
+#[test]
+fn html_report_of_a_thousand_jobs_is_a_dense_grid_at_1400_and_420_px() {
+    let Some(browser) = browser_or_skip("html_report_of_a_thousand_jobs_is_a_dense_grid") else {
+        return;
+    };
+    let sim = Sim::start(&["--task-ms", "1", "--no-limits"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    solid_png(&d.join("magenta.png"), 48, 40, MAGENTA);
+    solid_png(&d.join("yellow.png"), 48, 40, YELLOW);
+    let mut csv = String::from("id,provider,operation,input,prompt,params\n");
+    let mut failing = 0;
+    for i in 0..1100 {
+        if i % 37 == 5 {
+            failing += 1;
+            csv.push_str(&format!(
+                "f-{i:04},aithriving,img2img,yellow.png,sim-nsfw,\"{{\"\"width\"\":320,\"\"height\"\":320}}\"\n"
+            ));
+        } else {
+            csv.push_str(&format!("a-{i:04},photio,upscale,magenta.png,,\n"));
+        }
+    }
+    std::fs::write(d.join("jobs.csv"), csv).unwrap();
+    let mut toml = String::new();
+    for p in ["photio", "aithriving"] {
+        toml.push_str(&format!(
+            "[providers.{p}]\nrate_limits = []\nconcurrency = 16\n"
+        ));
+    }
+    std::fs::write(d.join("pixbatch.toml"), toml).unwrap();
+    let mut cmd = pixbatch(d);
+    sim.env(&mut cmd);
+    cmd.args(["run", "--quiet", "jobs.csv"]);
+    let out = run_to_end(cmd, Duration::from_secs(300));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let rows = report(d, &d.join("pixbatch.db"));
+    assert_eq!(rows.len(), 1100);
+    let page = html_report(d, "grid.html");
+    let url = url::Url::from_file_path(d.join("grid.html"))
+        .unwrap()
+        .to_string();
+    let keep = |shot: &image::RgbImage, name: &str| {
+        let kept = std::env::temp_dir().join(format!("pixbatch-report-{name}.png"));
+        shot.save(&kept).unwrap();
+        kept
+    };
+
+    // 1400 px: every done tile shows a magenta input and a magenta output.
+    let wide = screenshot_at(&browser, d, &url, 1400, 900);
+    let kept = keep(&wide, "grid-1400");
+    let pics = regions(&wide, MAGENTA, 30 * 30);
+    assert!(
+        pics.len() >= 60,
+        "{} previews on a 1400×900 screen (want dozens of jobs); see {}",
+        pics.len(),
+        kept.display()
+    );
+
+    // 420 px: whole tiles (no preview cut by the edge), two abreast.
+    let narrow = screenshot_at(&browser, d, &url, 420, 900);
+    let kept = keep(&narrow, "grid-420");
+    let pics = regions(&narrow, MAGENTA, 30 * 30);
+    assert!(pics.len() >= 8, "{pics:?}; see {}", kept.display());
+    for b in &pics {
+        assert!(
+            b.x1 < 416 && b.x1 - b.x0 >= 44,
+            "a preview cut at the edge: {b:?}; see {}",
+            kept.display()
+        );
+    }
+    let first_row: Vec<&Blob> = pics
+        .iter()
+        .filter(|b| b.y0 <= pics[0].y1 && pics[0].y0 <= b.y1)
+        .collect();
+    assert_eq!(
+        first_row.len(),
+        4,
+        "two tiles (input and output each) per row at 420 px: {first_row:?}; see {}",
+        kept.display()
+    );
+
+    // The failures, one click away: the button sets #state=failed&sort=error.
+    assert!(page.contains("failures"), "no failures button");
+    let dom = dump_dom(&browser, d, &url);
+    assert!(
+        dom.contains(&format!("Show the {failing} failed")),
+        "no one-click failures button"
+    );
+    let failed_url = format!("{url}#state=failed&sort=error");
+    let failed = screenshot_at(&browser, d, &failed_url, 1400, 900);
+    let kept = keep(&failed, "grid-failed-1400");
+    assert!(
+        regions(&failed, YELLOW, 30 * 30).len() >= 8,
+        "see {}",
+        kept.display()
+    );
+    assert!(
+        regions(&failed, MAGENTA, 30 * 30).is_empty(),
+        "a done job among the failures; see {}",
+        kept.display()
+    );
+    let ids = tile_ids(&dump_dom(&browser, d, &failed_url));
+    assert_eq!(ids.len(), failing);
+    assert!(ids.iter().all(|id| id.starts_with("f-")), "{ids:?}");
+
+    // Sorts: by state (failures first), provider, duration (longest first).
+    let by_id: std::collections::HashMap<String, &serde_json::Value> = rows
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+        .collect();
+    let ids = tile_ids(&dump_dom(&browser, d, &format!("{url}#sort=state")));
+    assert_eq!(ids.len(), 200, "a page of tiles");
+    assert!(
+        ids[..failing].iter().all(|id| id.starts_with("f-")),
+        "{ids:?}"
+    );
+    let ids = tile_ids(&dump_dom(&browser, d, &format!("{url}#sort=provider")));
+    let providers: Vec<&str> = ids
+        .iter()
+        .map(|id| by_id[id]["provider"].as_str().unwrap())
+        .collect();
+    assert!(providers.windows(2).all(|w| w[0] <= w[1]), "{providers:?}");
+    let ids = tile_ids(&dump_dom(&browser, d, &format!("{url}#sort=duration")));
+    let took: Vec<f64> = ids
+        .iter()
+        .map(|id| by_id[id]["duration_s"].as_f64().unwrap())
+        .collect();
+    assert!(took.windows(2).all(|w| w[0] >= w[1]), "{took:?}");
+    let ids = tile_ids(&dump_dom(&browser, d, &format!("{url}#sort=error")));
+    assert!(
+        ids[..failing].iter().all(|id| id.starts_with("f-")),
+        "{ids:?}"
+    );
+
+    // Pixel sizes on the tiles (the output's, from the record).
+    let px = rows
+        .iter()
+        .find(|r| r["state"] == "done")
+        .map(|r| r["pixels"][0].as_str().unwrap().replace('x', "×"))
+        .unwrap();
+    assert!(dom.contains(&format!("{px} px")), "no {px} px on the tiles");
 }

@@ -473,14 +473,12 @@ fn check(sim: &Sim, d: &Path, p: &Preset, f: &mut Figures) {
                 problems.push(format!("{id}: charged {n} times, {dups} recorded: {r}"));
             }
         }
-        let outputs = r["outputs"].as_str().unwrap();
+        let outputs = joined(&r["outputs"]);
         if outputs.is_empty() {
             continue;
         }
-        for (path, sha) in outputs
-            .split('|')
-            .zip(r["sha256"].as_str().unwrap().split('|'))
-        {
+        let hashes = joined(&r["sha256"]);
+        for (path, sha) in outputs.split('|').zip(hashes.split('|')) {
             let file = out.join(path);
             recorded_files.insert(file.clone());
             let whole = file.is_file() && sha256_file(&file) == sha;

@@ -1091,6 +1091,7 @@ mod tests {
             prompt: prompt.map(str::to_string),
             params_json: params.to_string(),
             output: None,
+            metadata: Vec::new(),
         }
     }
 
