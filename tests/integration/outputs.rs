@@ -166,8 +166,8 @@ fn verify_passes_after_a_run_and_finds_changed_deleted_and_foreign_files() {
     let file = |id: &str| {
         let r = rows.iter().find(|r| r["id"] == id).unwrap();
         (
-            r["outputs"].as_str().unwrap().to_string(),
-            r["sha256"].as_str().unwrap().to_string(),
+            joined(&r["outputs"]),
+            joined(&r["sha256"]),
         )
     };
     let (p0, _) = file("j0");
@@ -230,8 +230,8 @@ fn a_run_never_replaces_a_file_it_did_not_write_and_keeps_its_own_result_aside()
     let first = run(&sim, d, &["--db", "a.db", "run", "a.csv"]);
     assert!(first.status.success(), "{}", text(&first));
     let theirs = report(d, &d.join("a.db"));
-    let path = theirs[0]["outputs"].as_str().unwrap().to_string();
-    let sha = theirs[0]["sha256"].as_str().unwrap().to_string();
+    let path = joined(&theirs[0]["outputs"]);
+    let sha = joined(&theirs[0]["sha256"]);
     let second = run(&sim, d, &["--db", "b.db", "run", "b.csv"]);
     assert_eq!(second.status.code(), Some(2), "{}", text(&second));
     assert_eq!(sha256_file(&d.join("out").join(&path)), sha, "replaced");
