@@ -74,8 +74,10 @@ pub struct Verified {
     pub done_jobs: u64,
     /// Recorded outputs of done jobs that were hashed.
     pub files_checked: u64,
-    /// Files found under the output folder.
+    /// Files found under the output folders.
     pub files_found: u64,
+    /// The output folders looked at (each job's recorded one, or `--out`).
+    pub folders: Vec<String>,
     pub problems: Vec<Finding>,
 }
 
@@ -89,26 +91,61 @@ impl Verified {
     }
 }
 
-/// Checks `store`'s done jobs against `out_dir`, and `out_dir` against every job.
-/// Paths starting with one of `skip` (the database's own files, when they sit inside
-/// the output folder) are not looked at.
-pub fn verify(store: &Store, out_dir: &Path, skip: &[PathBuf]) -> Result<Verified, VerifyError> {
+/// A path as people want to read it: relative to the current folder when under it.
+fn shown(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Where a job's files are: under `out_override` (`verify --out`) if given, else
+/// under the folder the job recorded when it wrote them, else under `default_out`
+/// (jobs written before folders were recorded).
+fn job_root(out_override: Option<&Path>, recorded: Option<&str>, default_out: &Path) -> PathBuf {
+    let root = out_override
+        .map(Path::to_path_buf)
+        .or_else(|| recorded.map(PathBuf::from))
+        .unwrap_or_else(|| default_out.to_path_buf());
+    std::path::absolute(&root).unwrap_or(root)
+}
+
+/// Checks `store`'s done jobs against their output folders (see [`job_root`]), and
+/// every such folder against every job. Paths starting with one of `skip` (the
+/// database's own files, when they sit inside an output folder) are not looked at.
+pub fn verify(
+    store: &Store,
+    out_override: Option<&Path>,
+    default_out: &Path,
+    skip: &[PathBuf],
+) -> Result<Verified, VerifyError> {
     let mut v = Verified::default();
-    let mut known: HashSet<String> = HashSet::new();
+    // Every recorded file, by its full path; and every folder files were written to.
+    let mut known: HashSet<PathBuf> = HashSet::new();
+    let mut roots: std::collections::BTreeSet<PathBuf> = Default::default();
+    if let Some(o) = out_override {
+        roots.insert(job_root(Some(o), None, default_out));
+    }
     for job in store.all_jobs() {
         let job = job?;
+        let root = job_root(out_override, job.out_dir.as_deref(), default_out);
         let done = job.state == JobState::Done;
         if done {
             v.done_jobs += 1;
         }
+        if !job.outputs.is_empty() {
+            roots.insert(root.clone());
+        }
         for o in &job.outputs {
-            known.insert(o.path.clone());
+            let path = root.join(&o.path);
+            known.insert(path.clone());
             if !done {
                 continue;
             }
             v.files_checked += 1;
-            let path = out_dir.join(&o.path);
-            let shown = path.display().to_string();
+            let shown = shown(&path);
             let problem = match std::fs::symlink_metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Problem::Missing),
                 Err(e) => Some(Problem::Changed {
@@ -133,29 +170,38 @@ pub fn verify(store: &Store, out_dir: &Path, skip: &[PathBuf]) -> Result<Verifie
         }
     }
     for job in store.all_versions() {
-        for o in job?.outputs {
-            known.insert(o.path);
+        let job = job?;
+        let root = job_root(out_override, job.out_dir.as_deref(), default_out);
+        for o in job.outputs {
+            known.insert(root.join(o.path));
         }
+    }
+    if roots.is_empty() {
+        roots.insert(job_root(None, None, default_out));
     }
     let skip: Vec<PathBuf> = skip
         .iter()
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
         .collect();
-    let mut files = Vec::new();
-    if out_dir.exists() {
-        walk(out_dir, Path::new(""), &skip, &mut files)?;
-    }
-    files.sort();
-    for rel in files {
-        v.files_found += 1;
-        if !known.contains(&rel) {
-            v.problems.push(Finding {
-                job: None,
-                path: out_dir.join(&rel).display().to_string(),
-                problem: Problem::Foreign,
-            });
+    for root in &roots {
+        let mut files = Vec::new();
+        if root.exists() {
+            walk(root, Path::new(""), &skip, &mut files)?;
+        }
+        files.sort();
+        for rel in files {
+            v.files_found += 1;
+            let path = root.join(&rel);
+            if !known.contains(&path) {
+                v.problems.push(Finding {
+                    job: None,
+                    path: shown(&path),
+                    problem: Problem::Foreign,
+                });
+            }
         }
     }
+    v.folders = roots.iter().map(|r| shown(r)).collect();
     Ok(v)
 }
 
@@ -260,7 +306,7 @@ mod tests {
         std::fs::write(out.join("d/a_1.png"), b"a1").unwrap();
         std::fs::write(out.join("b.png"), b"changed").unwrap();
         std::fs::write(out.join("f.png"), b"whatever").unwrap();
-        let v = verify(&store, &out, &[]).unwrap();
+        let v = verify(&store, Some(&out), &out, &[]).unwrap();
         let lines: Vec<String> = v.problems.iter().map(|p| p.to_string()).collect();
         let o = out.display();
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -271,9 +317,9 @@ mod tests {
         assert_eq!(lines[1], format!("c: {o}/c.png: missing"));
         std::fs::write(out.join("c.png"), b"cc").unwrap();
         std::fs::write(out.join("b.png"), b"bb").unwrap();
-        assert!(verify(&store, &out, &[]).unwrap().ok());
+        assert!(verify(&store, Some(&out), &out, &[]).unwrap().ok());
         std::fs::write(out.join("d/stray.png.part"), b"x").unwrap();
-        let v = verify(&store, &out, &[]).unwrap();
+        let v = verify(&store, Some(&out), &out, &[]).unwrap();
         assert_eq!(
             v.problems,
             vec![Finding {
@@ -287,7 +333,7 @@ mod tests {
         let inside = Store::open(&out.join("pixbatch.db"), &StoreOptions::default()).unwrap();
         drop(inside);
         std::fs::remove_file(out.join("d/stray.png.part")).unwrap();
-        assert!(verify(&store, &out, &[out.join("pixbatch.db")])
+        assert!(verify(&store, Some(&out), &out, &[out.join("pixbatch.db")])
             .unwrap()
             .ok());
     }

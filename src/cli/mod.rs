@@ -151,7 +151,8 @@ pub enum Command {
         json: bool,
     },
     /// Check every done job's files against the database (missing, changed) and
-    /// the --out folder for files no job wrote (foreign); exit 1 on any. Needs the
+    /// the output folders for files no job wrote (foreign); exit 1 on any. Files are
+    /// looked for where each job wrote them, or under --out if given. Needs the
     /// database free (not during a run: exit 3). Also after a disk incident.
     Verify {
         /// One JSON document: counts and every problem.
@@ -512,7 +513,7 @@ async fn dispatch(cli: Cli) -> i32 {
             };
             cmd_styles(&config, provider, &query, json).await
         }
-        Command::Verify { json } => verify::cmd_verify(&db, &out, json),
+        Command::Verify { json } => verify::cmd_verify(&db, cli.out.as_deref(), &out, json),
         Command::Balance { provider, json } => cmd_balance(&config, provider, json).await,
         Command::Sim { addr, sim } => cmd_sim(&addr, sim).await,
         Command::Demo => cmd_demo(cli.db, &out, config, bar).await,

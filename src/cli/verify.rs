@@ -3,7 +3,15 @@
 
 use super::*;
 
-pub(super) fn cmd_verify(db: &Path, out: &Path, json: bool) -> Result<i32, Fail> {
+/// `out`: the `--out` the user gave (every job's files are looked for there), or
+/// None to look where each job recorded writing them (`default_out` for jobs that
+/// recorded no folder).
+pub(super) fn cmd_verify(
+    db: &Path,
+    out: Option<&Path>,
+    default_out: &Path,
+    json: bool,
+) -> Result<i32, Fail> {
     if !db.exists() {
         return Err(Fail(
             EXIT_ERROR,
@@ -20,7 +28,7 @@ pub(super) fn cmd_verify(db: &Path, out: &Path, json: bool) -> Result<i32, Fail>
     // The database's own files (its folder, lock and socket all start with its
     // path), should they sit inside the output folder.
     let skip = [db.to_path_buf()];
-    let v = crate::verify::verify(&store, out, &skip)?;
+    let v = crate::verify::verify(&store, out, default_out, &skip)?;
     let is = |f: fn(&crate::verify::Problem) -> bool| v.count(f);
     let missing = is(|p| matches!(p, crate::verify::Problem::Missing));
     let changed = is(|p| matches!(p, crate::verify::Problem::Changed { .. }));
@@ -28,7 +36,7 @@ pub(super) fn cmd_verify(db: &Path, out: &Path, json: bool) -> Result<i32, Fail>
     if json {
         let mut doc = serde_json::to_value(&v)?;
         doc["ok"] = serde_json::Value::Bool(v.ok());
-        doc["out"] = serde_json::Value::String(out.display().to_string());
+        doc["out"] = serde_json::Value::String(v.folders.join(", "));
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         let stdout = std::io::stdout();
@@ -44,7 +52,7 @@ pub(super) fn cmd_verify(db: &Path, out: &Path, json: bool) -> Result<i32, Fail>
         v.done_jobs,
         db.display(),
         v.files_found,
-        out.display()
+        v.folders.join(", ")
     );
     if v.ok() {
         progress::notice(&format!("{summary}: all in place"));

@@ -165,10 +165,7 @@ fn verify_passes_after_a_run_and_finds_changed_deleted_and_foreign_files() {
     let rows = report(d, &d.join("pixbatch.db"));
     let file = |id: &str| {
         let r = rows.iter().find(|r| r["id"] == id).unwrap();
-        (
-            joined(&r["outputs"]),
-            joined(&r["sha256"]),
-        )
+        (joined(&r["outputs"]), joined(&r["sha256"]))
     };
     let (p0, _) = file("j0");
     let (p1, sha1) = file("j1");
@@ -271,5 +268,57 @@ fn a_run_never_replaces_a_file_it_did_not_write_and_keeps_its_own_result_aside()
         format!("-: out/pics/{kept_name}: foreign file\n"),
         "{}",
         text(&v)
+    );
+}
+
+/// `verify` looks where each job wrote its files: a run with `--out elsewhere` is
+/// checked without being told `--out` again.
+#[test]
+fn verify_finds_the_files_where_the_run_wrote_them() {
+    let sim = Sim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_png(&d.join("in/a.png"), 32, 32, 5);
+    write(
+        d,
+        "jobs.csv",
+        &[
+            "one,topaz,enhance,in/a.png,",
+            "two,photio,upscale,in/a.png,",
+        ],
+    );
+    let out = run(&sim, d, &["--out", "elsewhere", "run", "jobs.csv"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let ok = pixbatch(d).arg("verify").output().unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(
+        stderr(&ok).contains("2 file(s) of 2 done job(s)"),
+        "{}",
+        text(&ok)
+    );
+    assert!(stderr(&ok).contains("elsewhere"), "{}", text(&ok));
+
+    let files = files_ending(&d.join("elsewhere"), "");
+    assert_eq!(files.len(), 2, "{files:?}");
+    std::fs::write(&files[0], b"changed after the run").unwrap();
+    let bad = pixbatch(d).arg("verify").output().unwrap();
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert_eq!(stdout(&bad).lines().count(), 1, "{}", text(&bad));
+    assert!(stdout(&bad).contains("changed"), "{}", text(&bad));
+    // Told another folder, it looks there: both files are missing from ./out.
+    let other = pixbatch(d)
+        .args(["--out", "out", "verify"])
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert_eq!(
+        stdout(&other)
+            .lines()
+            .filter(|l| l.contains("missing"))
+            .count(),
+        2,
+        "{}",
+        text(&other)
     );
 }
