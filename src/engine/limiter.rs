@@ -25,6 +25,8 @@ use crate::model::ProviderKind;
 use crate::rate::RateSpec;
 use crate::store::Store;
 
+use super::budget::SharedBudget;
+
 /// A sliding log of send times (ms) checked against every limit.
 #[derive(Debug, Clone)]
 pub struct SlidingLimiter {
@@ -56,6 +58,20 @@ impl SlidingLimiter {
 
     pub fn longest_window_ms(&self) -> u64 {
         self.longest_ms
+    }
+
+    /// The largest COUNT of the limits (how many send times a limit can look at).
+    pub fn largest_count(&self) -> usize {
+        self.limits.iter().map(|l| l.0).max().unwrap_or(0)
+    }
+
+    /// Replaces the log with `times` (the shared budget file's, which holds every
+    /// process's sends of this credential, this one's included).
+    pub fn replace_log(&mut self, times: &[u64]) {
+        self.sent.clear();
+        for &t in times {
+            self.record(t);
+        }
     }
 
     /// The earliest time, not before `now`, at which one more request keeps every
@@ -181,6 +197,10 @@ pub struct ProviderGate {
     urgent_waiting: AtomicUsize,
     urgent_done: Notify,
     store: Option<Store>,
+    /// The credential's send log and Retry-After, shared with every pixbatch process
+    /// of the user (see `engine::budget`). When set, it is the log of record and the
+    /// database's request log is not written.
+    shared: Option<SharedBudget>,
     pub stats: GateStats,
     /// Requests in a row that got no answer or a 5xx.
     failures_in_a_row: AtomicU64,
@@ -320,6 +340,7 @@ impl ProviderGate {
             urgent_waiting: AtomicUsize::new(0),
             urgent_done: Notify::new(),
             store,
+            shared: None,
             stats: GateStats::default(),
             failures_in_a_row: AtomicU64::new(0),
             outage_since: AtomicU64::new(0),
@@ -345,6 +366,75 @@ impl ProviderGate {
             tasks_finished: AtomicU64::new(0),
         });
         self
+    }
+
+    /// Shares the send log and Retry-After with every process using the same
+    /// credential: loads what the file holds now (so a restart right after a 429 waits
+    /// it out), then reserves every request in the file before it goes. The database's
+    /// request log is no longer used.
+    pub fn with_shared_budget(mut self, budget: SharedBudget) -> Self {
+        let now = self.clock.now_ms();
+        match budget.reserve(now) {
+            Ok(r) => {
+                let (sent, not_before) = (r.state.sent_ms.clone(), r.state.not_before_ms);
+                drop(r);
+                self.with_limiter(|l| l.replace_log(&sent));
+                self.paused_until.fetch_max(not_before, Ordering::SeqCst);
+                if not_before > now {
+                    tracing::info!(
+                        provider = %self.provider,
+                        "waiting {:.1} s before the first request: a Retry-After given to an earlier run with this key",
+                        (not_before - now) as f64 / 1000.0
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(provider = %self.provider, "{e}"),
+        }
+        self.store = None;
+        self.shared = Some(budget);
+        self
+    }
+
+    /// [`ProviderGate::with_shared_budget`] with the credential's file in `dir`; when
+    /// there is no state directory or it cannot be used, says so and keeps the
+    /// database's own request log (the window is then not shared).
+    pub fn with_shared_budget_in(
+        self,
+        dir: Option<&std::path::Path>,
+        base_url: &str,
+        credentials: &crate::providers::Credentials,
+    ) -> Self {
+        let Some(dir) = dir else {
+            tracing::warn!(
+                provider = %self.provider,
+                "no state directory (set PIXBATCH_STATE_DIR or HOME): the rate window is not shared with other pixbatch processes"
+            );
+            return self;
+        };
+        let (keep_ms, keep_count) =
+            self.with_limiter(|l| (l.longest_window_ms(), l.largest_count()));
+        match SharedBudget::open(
+            dir,
+            self.provider,
+            base_url,
+            credentials,
+            keep_ms,
+            keep_count,
+        ) {
+            Ok(b) => self.with_shared_budget(b),
+            Err(e) => {
+                tracing::warn!(
+                    provider = %self.provider,
+                    "{e}: the rate window is not shared with other pixbatch processes"
+                );
+                self
+            }
+        }
+    }
+
+    /// The shared budget's state file, if the gate uses one.
+    pub fn shared_budget_path(&self) -> Option<&std::path::Path> {
+        self.shared.as_ref().map(|b| b.path())
     }
 
     /// Adapts the rate to the provider's answers (AIMD), never above the limits.
@@ -477,6 +567,24 @@ impl RequestGate for ProviderGate {
             }
             let turn = self.turn.lock().await;
             loop {
+                // With a shared budget, the file is locked from reading the log to
+                // recording this request in it: no other process can take the same
+                // slot. Held for a read and a write, never across an await.
+                let reservation =
+                    self.shared
+                        .as_ref()
+                        .and_then(|b| match b.reserve(self.clock.now_ms()) {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                tracing::warn!(provider = %self.provider, "{e}");
+                                None
+                            }
+                        });
+                if let Some(r) = &reservation {
+                    self.with_limiter(|l| l.replace_log(&r.state.sent_ms));
+                    self.paused_until
+                        .fetch_max(r.state.not_before_ms, Ordering::SeqCst);
+                }
                 let now = self.clock.now_ms();
                 let mut free = self
                     .with_limiter(|l| l.next_free(now))
@@ -493,6 +601,7 @@ impl RequestGate for ProviderGate {
                         // may start: they end on their own, so the wait ends too.
                         let accepted = k.live_tasks.load(Ordering::Relaxed);
                         if !self.keep_alive_fits(accepted + 1) {
+                            drop(reservation);
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;
@@ -500,8 +609,20 @@ impl RequestGate for ProviderGate {
                     }
                 }
                 if free <= now {
+                    // Recorded before the request goes: a process that reads the file
+                    // next counts it, and so does a restart after a kill. Without
+                    // limits there is no window to keep, only the Retry-After read.
+                    if let Some(mut r) =
+                        reservation.filter(|_| !self.with_limiter(|l| l.is_unlimited()))
+                    {
+                        r.state.sent_ms.push(now);
+                        if let Err(e) = r.commit() {
+                            tracing::warn!(provider = %self.provider, "{e}");
+                        }
+                    }
                     break 'admission (turn, now);
                 }
+                drop(reservation);
                 tokio::time::sleep(Duration::from_millis(free - now)).await;
             }
         };
@@ -576,15 +697,40 @@ impl RequestGate for ProviderGate {
             "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
             pause.as_secs()
         );
-        self.back_off(pause);
+        // An outage pause stays with this process: only the provider's own
+        // Retry-After (a 429) is the credential's, shared through the budget file.
+        self.pause(pause, false);
     }
 
     fn back_off(&self, wait: Duration) {
+        self.pause(wait, true);
+    }
+}
+
+impl ProviderGate {
+    /// Holds every request for `wait`; `share` also writes it to the credential's
+    /// budget file.
+    fn pause(&self, wait: Duration, share: bool) {
         if let Some(a) = &self.adaptive {
             a.adjust(false, self.clock.now_ms());
         }
         let until = self.clock.now_ms() + wait.as_millis() as u64;
         self.paused_until.fetch_max(until, Ordering::SeqCst);
+        // The provider's "not before" holds for the credential: every process using
+        // it, and this one after a restart, must wait it out too.
+        if let Some(b) = self.shared.as_ref().filter(|_| share) {
+            let kept = b.reserve(self.clock.now_ms()).and_then(|mut r| {
+                if r.state.not_before_ms < until {
+                    r.state.not_before_ms = until;
+                    r.commit()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = kept {
+                tracing::warn!(provider = %self.provider, "could not share a Retry-After: {e}");
+            }
+        }
         self.stats.backoffs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(provider = %self.provider, wait_ms = wait.as_millis() as u64, "provider asked to slow down");
     }

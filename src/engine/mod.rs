@@ -9,6 +9,7 @@
 //! falls due. Nothing here knows a provider's details; the lane holds the adapter,
 //! its `Api` and its rate-limit gate.
 
+pub mod budget;
 pub mod cancel;
 pub mod limiter;
 pub mod retry;
@@ -234,7 +235,12 @@ impl Engine {
                 config.engine.rate_margin,
                 Some(store.clone()),
             )
-            .with_outage_patience(config.engine.outage_patience);
+            .with_outage_patience(config.engine.outage_patience)
+            .with_shared_budget_in(
+                config.engine.state_dir.as_deref(),
+                &pc.base_url,
+                &pc.credentials,
+            );
             if let Some(k) = keep_alive {
                 gate = gate.with_keep_alive(k, pc.poll_interval);
             }
@@ -652,12 +658,14 @@ pub async fn standalone(
 ) -> Result<(Arc<dyn Provider>, Api), String> {
     let pc = config.provider(kind);
     let adapter = crate::providers::build(&pc)?;
-    let gate = Arc::new(ProviderGate::new(
-        kind,
-        &pc.rate_limits,
-        config.engine.rate_margin,
-        None,
-    ));
+    let gate = Arc::new(
+        ProviderGate::new(kind, &pc.rate_limits, config.engine.rate_margin, None)
+            .with_shared_budget_in(
+                config.engine.state_dir.as_deref(),
+                &pc.base_url,
+                &pc.credentials,
+            ),
+    );
     let api = Api::new(&pc.base_url, http_client(&pc)?, gate);
     adapter
         .authenticate(&api)

@@ -4,6 +4,7 @@
 mod common;
 
 mod answers;
+mod budget;
 mod crash;
 mod demo;
 mod dzine;
