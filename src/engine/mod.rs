@@ -599,6 +599,17 @@ impl Engine {
     }
 }
 
+/// `provider: message`, unless the message already starts with the provider's name
+/// (adapters' own messages often do): never "perfect: perfect: …".
+pub fn naming(kind: ProviderKind, message: &str) -> String {
+    let prefix = format!("{kind}: ");
+    if message.starts_with(&prefix) {
+        message.to_string()
+    } else {
+        format!("{prefix}{message}")
+    }
+}
+
 /// Credentials are checked before any job is touched: a refusal (a wrong key) ends
 /// the run at once with the provider's reason, but a lost or garbled answer, a 5xx
 /// or a 429 is only bad luck and is tried again, with backoff, a few times.
@@ -608,7 +619,7 @@ async fn authenticate(lane: &Lane) -> Result<(), EngineError> {
         match lane.adapter.authenticate(&lane.api).await {
             Ok(()) => return Ok(()),
             Err(crate::api::ProviderError::Permanent(reason)) => {
-                return Err(EngineError::Setup(format!("{}: {reason}", lane.kind)));
+                return Err(EngineError::Setup(naming(lane.kind, &reason)));
             }
             Err(e) if attempt == TRIES => {
                 return Err(EngineError::Setup(format!(
@@ -670,7 +681,7 @@ pub async fn standalone(
     adapter
         .authenticate(&api)
         .await
-        .map_err(|e| format!("{kind}: {e}"))?;
+        .map_err(|e| naming(kind, &e.to_string()))?;
     Ok((adapter, api))
 }
 

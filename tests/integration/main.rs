@@ -14,6 +14,7 @@ mod manifest;
 mod metrics;
 mod ops;
 mod perfect;
+mod polish;
 mod report_html;
 mod secrets;
 mod security;

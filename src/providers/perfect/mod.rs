@@ -252,10 +252,10 @@ impl Perfect {
             let e = self.error_of(RequestKind::Auth, status, &body);
             return Err(match e {
                 // Any refusal of the auth call is the credentials' fault.
-                ProviderError::Permanent(r) => ProviderError::permanent(format!(
-                    "perfect refused the authentication: {r} ({})",
-                    self.mode.hint()
-                )),
+                // `error_of` already ends with the hint of which variables to check.
+                ProviderError::Permanent(r) => {
+                    ProviderError::permanent(format!("the authentication was refused: {r}"))
+                }
                 other => other,
             });
         }
