@@ -432,6 +432,23 @@ impl ProviderGate {
         }
     }
 
+    /// Moves this process's entry `from` to the later `to` in the shared log.
+    fn move_shared_entry(&self, from: u64, to: u64) {
+        let Some(b) = &self.shared else {
+            return;
+        };
+        let moved = b.reserve(to).and_then(|mut r| {
+            match r.state.sent_ms.iter().rposition(|&t| t == from) {
+                Some(p) => r.state.sent_ms[p] = to,
+                None => r.state.sent_ms.push(to),
+            }
+            r.commit()
+        });
+        if let Err(e) = moved {
+            tracing::warn!(provider = %self.provider, "{e}");
+        }
+    }
+
     /// The shared budget's state file, if the gate uses one.
     pub fn shared_budget_path(&self) -> Option<&std::path::Path> {
         self.shared.as_ref().map(|b| b.path())
@@ -612,6 +629,7 @@ impl RequestGate for ProviderGate {
                     // Recorded before the request goes: a process that reads the file
                     // next counts it, and so does a restart after a kill. Without
                     // limits there is no window to keep, only the Retry-After read.
+                    let mut sent_at = now;
                     if let Some(mut r) =
                         reservation.filter(|_| !self.with_limiter(|l| l.is_unlimited()))
                     {
@@ -619,8 +637,16 @@ impl RequestGate for ProviderGate {
                         if let Err(e) = r.commit() {
                             tracing::warn!(provider = %self.provider, "{e}");
                         }
+                        // The window counts from when the request leaves: a write
+                        // slowed by a busy disk moves the entry to now (rare; a
+                        // second write only then).
+                        let after = self.clock.now_ms();
+                        if after > now + 2 {
+                            self.move_shared_entry(now, after);
+                            sent_at = after;
+                        }
                     }
-                    break 'admission (turn, now);
+                    break 'admission (turn, sent_at);
                 }
                 drop(reservation);
                 tokio::time::sleep(Duration::from_millis(free - now)).await;
