@@ -571,7 +571,7 @@ impl RequestGate for ProviderGate {
         }
         // Taken in turn (FIFO); a request that starts new work gives its turn back
         // while the polls of live tasks would not fit, so polls never queue behind it.
-        let (turn, admitted_at) = 'admission: loop {
+        let (turn, admitted_at, logged) = 'admission: loop {
             if !urgent {
                 while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
                     // The timeout only guards against a missed wake-up.
@@ -630,10 +630,15 @@ impl RequestGate for ProviderGate {
                     // next counts it, and so does a restart after a kill. Without
                     // limits there is no window to keep, only the Retry-After read.
                     let mut sent_at = now;
+                    let mut logged = false;
                     if let Some(mut r) =
                         reservation.filter(|_| !self.with_limiter(|l| l.is_unlimited()))
                     {
                         r.state.sent_ms.push(now);
+                        // The local log is the file's, this request included (the
+                        // dispatcher's keep-alive checks read it between requests).
+                        self.with_limiter(|l| l.replace_log(&r.state.sent_ms));
+                        logged = true;
                         if let Err(e) = r.commit() {
                             tracing::warn!(provider = %self.provider, "{e}");
                         }
@@ -643,10 +648,11 @@ impl RequestGate for ProviderGate {
                         let after = self.clock.now_ms();
                         if after > now + 2 {
                             self.move_shared_entry(now, after);
+                            self.with_limiter(|l| l.postpone(now, after));
                             sent_at = after;
                         }
                     }
-                    break 'admission (turn, sent_at);
+                    break 'admission (turn, sent_at, logged);
                 }
                 drop(reservation);
                 tokio::time::sleep(Duration::from_millis(free - now)).await;
@@ -661,7 +667,10 @@ impl RequestGate for ProviderGate {
             }
         }
         let unlimited = self.with_limiter(|l| {
-            l.record(admitted_at);
+            // With a shared budget the request is in the log already (see above).
+            if !logged {
+                l.record(admitted_at);
+            }
             l.is_unlimited()
         });
         drop(turn);
