@@ -93,6 +93,10 @@ pub struct BudgetState {
     pub keep_count: usize,
     /// Send times (Unix ms), oldest first.
     pub sent_ms: Vec<u64>,
+    /// Read from a file that could not be parsed (the wait is the conservative
+    /// reading, not a Retry-After). Never written.
+    #[serde(skip)]
+    pub unreadable: bool,
 }
 
 const VERSION: u32 = 1;
@@ -243,6 +247,7 @@ impl SharedBudget {
         }
         BudgetState {
             not_before_ms,
+            unreadable: true,
             ..BudgetState::default()
         }
     }

@@ -377,13 +377,15 @@ impl ProviderGate {
         match budget.reserve(now) {
             Ok(r) => {
                 let (sent, not_before) = (r.state.sent_ms.clone(), r.state.not_before_ms);
+                let unreadable = r.state.unreadable;
                 drop(r);
                 self.with_limiter(|l| l.replace_log(&sent));
                 self.paused_until.fetch_max(not_before, Ordering::SeqCst);
-                if not_before > now {
+                // (An unreadable file has said why it waits in its warning.)
+                if not_before > now && !unreadable {
                     tracing::info!(
                         provider = %self.provider,
-                        "waiting {:.1} s before the first request: a Retry-After given to an earlier run with this key",
+                        "waiting {:.1} s before the first request: the provider's Retry-After to a pixbatch process using this key (this database or another)",
                         (not_before - now) as f64 / 1000.0
                     );
                 }
