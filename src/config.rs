@@ -84,6 +84,10 @@ pub struct EngineSettings {
     pub rate_margin: Duration,
     /// How long a provider outage may last before jobs' attempts count again.
     pub outage_patience: Duration,
+    /// Where the per-credential rate budgets live (`engine::budget::state_dir`):
+    /// `$PIXBATCH_STATE_DIR`, `$XDG_STATE_HOME/pixbatch` or
+    /// `~/.local/state/pixbatch`. None: no home, the database's own log is used.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for EngineSettings {
@@ -92,6 +96,7 @@ impl Default for EngineSettings {
             max_download_bytes: 2 * 1024 * 1024 * 1024,
             rate_margin: Duration::from_millis(30),
             outage_patience: Duration::from_secs(30 * 60),
+            state_dir: None,
         }
     }
 }
@@ -225,7 +230,10 @@ impl Config {
             message: m,
         };
 
-        let mut engine = EngineSettings::default();
+        let mut engine = EngineSettings {
+            state_dir: crate::engine::budget::state_dir(env),
+            ..EngineSettings::default()
+        };
         if let Some(e) = &file.engine {
             if let Some(b) = e.max_download_bytes {
                 engine.max_download_bytes = b;

@@ -268,7 +268,8 @@ pub async fn price(
             )
         } else if let Some(est) = estimators.get_mut(&kind) {
             match est {
-                Err(e) => (None, format!("unknown: {e}")),
+                // The line already says "unknown": the reason alone.
+                Err(e) => (None, e.clone()),
                 Ok(est) => estimate_bucket(kind, bucket, est).await,
             }
         } else if let Some(max) = documented_max_of(kind) {
@@ -287,7 +288,7 @@ pub async fn price(
             (
                 None,
                 format!(
-                    "unknown: its estimate needs a key ({}), or set cost_per_job",
+                    "its estimate needs a key ({}), or set cost_per_job",
                     crate::config::env_names(kind).1
                 ),
             )

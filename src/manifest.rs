@@ -1499,6 +1499,19 @@ fn read_json_array<R: BufRead>(reader: R, ctx: &mut Ctx<'_>) -> Result<(), Manif
                 )))
             }
             Some(b']') if empty && elements == 0 => break,
+            // `[{…},]`: JSON allows no comma before the closing bracket.
+            Some(b']') if empty => {
+                return Err(ctx.format_error(format!(
+                    "line {}: trailing comma before the closing ']' of the JSON array (remove it)",
+                    span.line
+                )))
+            }
+            Some(b',') if empty => {
+                return Err(ctx.format_error(format!(
+                    "line {}: two commas in a row in the JSON array (an element is missing)",
+                    span.line
+                )))
+            }
             Some(_) if empty => {
                 return Err(
                     ctx.format_error(format!("line {}: expected a JSON object here", span.line))

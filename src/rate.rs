@@ -23,7 +23,7 @@ pub struct RateSpec {
 )]
 pub struct RateSpecError {
     input: String,
-    reason: &'static str,
+    reason: String,
 }
 
 impl RateSpec {
@@ -41,9 +41,9 @@ impl FromStr for RateSpec {
     type Err = RateSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| RateSpecError {
+        let err = |reason: &str| RateSpecError {
             input: s.to_string(),
-            reason,
+            reason: reason.to_string(),
         };
         let (count, window) = s.trim().split_once('/').ok_or_else(|| err("no '/'"))?;
         let count: u32 = count
@@ -54,13 +54,21 @@ impl FromStr for RateSpec {
             return Err(err("COUNT must be at least 1"));
         }
         let window = window.trim();
-        if window.len() < 2 {
+        // The number, then the unit: "1min" is an unknown unit, not a bad number.
+        let digits = window.len()
+            - window
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .len();
+        let (n, unit) = window.split_at(digits);
+        if n.is_empty() {
             return Err(err("DURATION must be a number followed by s, m or h"));
         }
-        let (n, unit) = window.split_at(window.len() - 1);
-        let n: u64 = n
-            .parse()
-            .map_err(|_| err("DURATION is not a whole number"))?;
+        if unit.is_empty() {
+            return Err(err(&format!(
+                "DURATION {n} has no unit (s, m or h, e.g. {n}s)"
+            )));
+        }
+        let n: u64 = n.parse().map_err(|_| err("DURATION too long"))?;
         if n == 0 {
             return Err(err("DURATION must be positive"));
         }
@@ -70,7 +78,11 @@ impl FromStr for RateSpec {
             "h" => n
                 .checked_mul(3600)
                 .ok_or_else(|| err("DURATION too long"))?,
-            _ => return Err(err("DURATION unit must be s, m or h")),
+            other => {
+                return Err(err(&format!(
+                    "unknown unit {other:?} in DURATION (the units are s, m and h)"
+                )))
+            }
         };
         Ok(RateSpec {
             count,
@@ -121,6 +133,19 @@ mod tests {
             assert_eq!((r.count, r.window.as_secs()), (count, secs));
             assert_eq!(r.to_string(), s);
         }
+    }
+
+    #[test]
+    fn an_unknown_unit_is_named_as_such() {
+        for (spec, unit) in [("10/1min", "min"), ("10/1d", "d"), ("10/500ms", "ms")] {
+            let e = spec.parse::<RateSpec>().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("unknown unit \"{unit}\"")),
+                "{spec}: {e}"
+            );
+        }
+        let e = "10/5".parse::<RateSpec>().unwrap_err().to_string();
+        assert!(e.contains("has no unit"), "{e}");
     }
 
     #[test]

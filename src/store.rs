@@ -613,7 +613,13 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         let stored = events.first().map(|e| e.kind) == Some(EventKind::Enqueued);
         if !stored {
-            if let Some(job) = self.get(job_id)? {
+            // After `--update` the record is the newest version, enqueued last; the
+            // job's history begins with the first version's enqueue.
+            let first = match self.versions(job_id)?.into_iter().next() {
+                Some((_, v1)) => Some(v1),
+                None => self.get(job_id)?,
+            };
+            if let Some(job) = first {
                 events.insert(
                     0,
                     JobEvent {
@@ -624,6 +630,9 @@ impl Store {
                 );
             }
         }
+        // In time order whatever the keys say (stable: same-ms events keep their
+        // recorded order).
+        events.sort_by_key(|e| e.at_ms);
         Ok(events)
     }
 

@@ -47,7 +47,7 @@ pub(super) async fn cmd_doctor(config: &Config, json: bool) -> Result<i32, Fail>
     let mut checked = Vec::new();
     for kind in ProviderKind::ALL {
         let pc = config.provider(kind);
-        let verdict = check(&pc).await;
+        let verdict = check(&pc, config.engine.state_dir.as_deref()).await;
         let (mark, name, text) = match &verdict {
             Verdict::NotConfigured(t) => ("-", "not-configured", t.clone()),
             Verdict::Ok(t) => {
@@ -95,7 +95,7 @@ pub(super) async fn cmd_doctor(config: &Config, json: bool) -> Result<i32, Fail>
     Ok(EXIT_OK)
 }
 
-async fn check(pc: &crate::config::ProviderConfig) -> Verdict {
+async fn check(pc: &crate::config::ProviderConfig, state_dir: Option<&std::path::Path>) -> Verdict {
     let kind = pc.kind;
     if !crate::cost::has_credentials(&pc.credentials) {
         let (_, key_var, secret_var) = crate::config::env_names(kind);
@@ -121,12 +121,11 @@ async fn check(pc: &crate::config::ProviderConfig) -> Verdict {
         Ok(c) => c,
         Err(e) => return Verdict::Problem(e),
     };
-    let gate = Arc::new(engine::limiter::ProviderGate::new(
-        kind,
-        &pc.rate_limits,
-        Duration::ZERO,
-        None,
-    ));
+    // Its requests count against the credential's shared window like a run's.
+    let gate = Arc::new(
+        engine::limiter::ProviderGate::new(kind, &pc.rate_limits, Duration::ZERO, None)
+            .with_shared_budget_in(state_dir, &pc.base_url, &pc.credentials),
+    );
     let api = crate::api::Api::new(&pc.base_url, client, gate);
     match tokio::time::timeout(CHECK_TIMEOUT, adapter.check_access(&api)).await {
         Err(_) => Verdict::Problem(format!(

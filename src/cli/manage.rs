@@ -487,12 +487,19 @@ async fn cancel_directly(
         if job.remote_id.is_some() && job.state.has_remote_task() {
             match crate::providers::build(&pc) {
                 Ok(adapter) => {
-                    let gate = Arc::new(engine::limiter::ProviderGate::new(
-                        provider,
-                        &pc.rate_limits,
-                        config.engine.rate_margin,
-                        Some(store.clone()),
-                    ));
+                    let gate = Arc::new(
+                        engine::limiter::ProviderGate::new(
+                            provider,
+                            &pc.rate_limits,
+                            config.engine.rate_margin,
+                            Some(store.clone()),
+                        )
+                        .with_shared_budget_in(
+                            config.engine.state_dir.as_deref(),
+                            &pc.base_url,
+                            &pc.credentials,
+                        ),
+                    );
                     let client = engine::http_client(&pc).map_err(|e| Fail(EXIT_ERROR, e))?;
                     let api = crate::api::Api::new(&pc.base_url, client, gate);
                     remote = Some((adapter, api));

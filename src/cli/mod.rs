@@ -33,8 +33,21 @@ pub const EXIT_CREDIT_CAP: i32 = 4;
 pub const EXIT_PROVIDER_HALTED: i32 = 5;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
+/// The exit codes, for `--help` (the manual page has them too, `shell::MAN_TAIL`).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    every job is done (or cancelled)
+  1    any other error (bad manifest row, bad configuration, missing key ...)
+  2    some jobs failed permanently; the rest are done
+  3    another process holds the database (the message names it); nothing was done
+  4    run --max-credits stopped submitting new work; what was submitted is finished
+  130  interrupted (Ctrl-C or SIGTERM); run again to resume";
+
+/// The job states, for the help of `--state` (a test checks it lists every one).
+const STATES_HELP: &str = "queued, preparing, submitting, submitted, polling, downloading, retry-wait, done, failed, cancelled";
+
 #[derive(Parser, Debug)]
-#[command(name = "pixbatch", version, about = "Durable batch jobs for paid AI image APIs", long_about = None)]
+#[command(name = "pixbatch", version, about = "Durable batch jobs for paid AI image APIs", long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// The job database (a folder).
     #[arg(long, global = true, value_name = "PATH")]
@@ -58,10 +71,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Enqueue the manifests (idempotently), then work until no job is runnable.
+    #[command(after_help = EXIT_CODES_HELP)]
     Run(RunArgs),
     /// Only enqueue.
     Enqueue {
-        #[arg(required = true)]
+        /// Manifest files: CSV, a JSON array or JSON Lines (by extension or content).
+        #[arg(required = true, value_name = "MANIFEST")]
         manifests: Vec<PathBuf>,
         /// A row whose id is in the database with other content becomes a new
         /// version of that job (the old one's files and history are kept).
@@ -70,7 +85,8 @@ pub enum Command {
     },
     /// Check every row and print the plan and what it will cost; enqueues nothing.
     Validate {
-        #[arg(required = true)]
+        /// Manifest files: CSV, a JSON array or JSON Lines (by extension or content).
+        #[arg(required = true, value_name = "MANIFEST")]
         manifests: Vec<PathBuf>,
         /// Ask no provider anything (no estimates, no balances).
         #[arg(long)]
@@ -78,15 +94,16 @@ pub enum Command {
     },
     /// Counts per state and provider, rate, ETA.
     Status {
+        /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// List jobs, one line each (the filters combine).
     List {
         /// Only jobs in this state.
-        #[arg(long)]
+        #[arg(long, value_name = "STATE", long_help = format!("Only jobs in this state: one of {STATES_HELP}"), help = format!("Only jobs in this state [possible values: {STATES_HELP}]"))]
         state: Option<JobState>,
-        /// Only this provider's jobs.
+        /// Only this provider's jobs: topaz, photio, aithriving, perfect or dzine.
         #[arg(long)]
         provider: Option<ProviderKind>,
         /// Only jobs from this manifest (as given to run/enqueue, or any path to it).
@@ -101,7 +118,10 @@ pub enum Command {
     },
     /// One job: spec, state, attempts and their errors, outputs.
     Show {
+        /// The job's id (the manifest's `id`).
+        #[arg(value_name = "JOB_ID")]
         job_id: String,
+        /// The whole record as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -134,6 +154,7 @@ pub enum Command {
     /// List the styles a provider offers, with the ids to put in a manifest's params
     /// (Perfect: the style groups of FEATURE, or with --group the styles in one).
     Styles {
+        /// The provider: topaz, photio, aithriving, perfect or dzine.
         provider: ProviderKind,
         /// The operation whose styles to list (Perfect: hair-style, wig, text-to-image …).
         feature: Option<String>,
@@ -161,7 +182,9 @@ pub enum Command {
     },
     /// Print a provider's remaining credit (where its API tells it).
     Balance {
+        /// The provider: topaz, photio, aithriving, perfect or dzine.
         provider: ProviderKind,
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +200,7 @@ pub enum Command {
     Demo,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -200,7 +224,11 @@ pub struct RetryArgs {
     #[arg(long)]
     pub failed: bool,
     /// Jobs in this state: failed or cancelled (repeat for both).
-    #[arg(long, value_name = "STATE")]
+    #[arg(
+        long,
+        value_name = "STATE",
+        help = "Jobs in this state (repeat for both) [possible values: failed, cancelled]"
+    )]
     pub state: Vec<JobState>,
     /// Only this provider's jobs.
     #[arg(long)]
@@ -253,6 +281,9 @@ pub struct CancelArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
+    /// Manifest files to enqueue first (CSV, a JSON array or JSON Lines); none: work
+    /// on what the database holds.
+    #[arg(value_name = "MANIFEST")]
     pub manifests: Vec<PathBuf>,
     /// Print only the summary.
     #[arg(short, long)]

@@ -294,7 +294,9 @@ pub(super) async fn work(
                     crate::cost::amount(s.cap.unwrap_or(0.0)),
                     s.unit,
                     crate::cost::amount(s.spent_this_run),
-                    if s.stopped.is_some() {
+                    if s.price_unknown {
+                        ", stopped: a job's price is unknown"
+                    } else if s.stopped.is_some() {
                         ", cap reached"
                     } else {
                         ""
@@ -320,9 +322,16 @@ pub(super) async fn work(
                     s.stopped.as_deref().unwrap_or("")
                 ));
             }
-            progress::notice(
-                "the credit cap (--max-credits) held back new work; jobs already submitted were finished; raise the cap and run again to go on",
-            );
+            if gate.stopped().iter().all(|s| s.price_unknown) {
+                // Raising the cap would not help: the price is what is missing.
+                progress::notice(
+                    "--max-credits held back new work because its price is unknown; jobs already submitted were finished; set cost_per_job for the provider (or run without --max-credits) and run again to go on",
+                );
+            } else {
+                progress::notice(
+                    "the credit cap (--max-credits) held back new work; jobs already submitted were finished; raise the cap and run again to go on",
+                );
+            }
         }
         _ => {}
     }
@@ -661,7 +670,10 @@ async fn dry_run(
                     "the work needs ≈ {}: the run will stop submitting before the end",
                     crate::cost::amount(c)
                 ),
-                None => "the work's cost is unknown: the run will not start it".to_string(),
+                None => format!(
+                    "the work's cost is unknown ({}): the run will not start it",
+                    line.how
+                ),
             };
             println!(
                 "--max-credits  {kind:<11} {} {}: {} left; {verdict}",

@@ -78,6 +78,9 @@ base URLs (plain http only to loopback)
 .TP
 RUST_LOG
 log filter (overrides \-v)
+.TP
+PIXBATCH_STATE_DIR, XDG_STATE_HOME, HOME
+where the per\-credential rate budgets live: $PIXBATCH_STATE_DIR, else $XDG_STATE_HOME/pixbatch, else ~/.local/state/pixbatch
 "#;
 
 /// Prints the effective configuration as TOML: what the built-in defaults, the

@@ -26,6 +26,8 @@ use crate::rate::RateSpec;
 use crate::store::Store;
 use crate::wait::WaitReason;
 
+use super::budget::SharedBudget;
+
 /// A sliding log of send times (ms) checked against every limit.
 #[derive(Debug, Clone)]
 pub struct SlidingLimiter {
@@ -57,6 +59,20 @@ impl SlidingLimiter {
 
     pub fn longest_window_ms(&self) -> u64 {
         self.longest_ms
+    }
+
+    /// The largest COUNT of the limits (how many send times a limit can look at).
+    pub fn largest_count(&self) -> usize {
+        self.limits.iter().map(|l| l.0).max().unwrap_or(0)
+    }
+
+    /// Replaces the log with `times` (the shared budget file's, which holds every
+    /// process's sends of this credential, this one's included).
+    pub fn replace_log(&mut self, times: &[u64]) {
+        self.sent.clear();
+        for &t in times {
+            self.record(t);
+        }
     }
 
     /// The earliest time, not before `now`, at which one more request keeps every
@@ -182,6 +198,10 @@ pub struct ProviderGate {
     urgent_waiting: AtomicUsize,
     urgent_done: Notify,
     store: Option<Store>,
+    /// The credential's send log and Retry-After, shared with every pixbatch process
+    /// of the user (see `engine::budget`). When set, it is the log of record and the
+    /// database's request log is not written.
+    shared: Option<SharedBudget>,
     pub stats: GateStats,
     /// Requests in a row that got no answer or a 5xx.
     failures_in_a_row: AtomicU64,
@@ -341,6 +361,7 @@ impl ProviderGate {
             urgent_waiting: AtomicUsize::new(0),
             urgent_done: Notify::new(),
             store,
+            shared: None,
             stats: GateStats::default(),
             failures_in_a_row: AtomicU64::new(0),
             outage_since: AtomicU64::new(0),
@@ -375,6 +396,94 @@ impl ProviderGate {
             tasks_finished: AtomicU64::new(0),
         });
         self
+    }
+
+    /// Shares the send log and Retry-After with every process using the same
+    /// credential: loads what the file holds now (so a restart right after a 429 waits
+    /// it out), then reserves every request in the file before it goes. The database's
+    /// request log is no longer used.
+    pub fn with_shared_budget(mut self, budget: SharedBudget) -> Self {
+        let now = self.clock.now_ms();
+        match budget.reserve(now) {
+            Ok(r) => {
+                let (sent, not_before) = (r.state.sent_ms.clone(), r.state.not_before_ms);
+                let unreadable = r.state.unreadable;
+                drop(r);
+                self.with_limiter(|l| l.replace_log(&sent));
+                self.paused_until.fetch_max(not_before, Ordering::SeqCst);
+                // (An unreadable file has said why it waits in its warning.)
+                if not_before > now && !unreadable {
+                    tracing::info!(
+                        provider = %self.provider,
+                        "waiting {:.1} s before the first request: the provider's Retry-After to a pixbatch process using this key (this database or another)",
+                        (not_before - now) as f64 / 1000.0
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(provider = %self.provider, "{e}"),
+        }
+        self.store = None;
+        self.shared = Some(budget);
+        self
+    }
+
+    /// [`ProviderGate::with_shared_budget`] with the credential's file in `dir`; when
+    /// there is no state directory or it cannot be used, says so and keeps the
+    /// database's own request log (the window is then not shared).
+    pub fn with_shared_budget_in(
+        self,
+        dir: Option<&std::path::Path>,
+        base_url: &str,
+        credentials: &crate::providers::Credentials,
+    ) -> Self {
+        let Some(dir) = dir else {
+            tracing::warn!(
+                provider = %self.provider,
+                "no state directory (set PIXBATCH_STATE_DIR or HOME): the rate window is not shared with other pixbatch processes"
+            );
+            return self;
+        };
+        let (keep_ms, keep_count) =
+            self.with_limiter(|l| (l.longest_window_ms(), l.largest_count()));
+        match SharedBudget::open(
+            dir,
+            self.provider,
+            base_url,
+            credentials,
+            keep_ms,
+            keep_count,
+        ) {
+            Ok(b) => self.with_shared_budget(b),
+            Err(e) => {
+                tracing::warn!(
+                    provider = %self.provider,
+                    "{e}: the rate window is not shared with other pixbatch processes"
+                );
+                self
+            }
+        }
+    }
+
+    /// Moves this process's entry `from` to the later `to` in the shared log.
+    fn move_shared_entry(&self, from: u64, to: u64) {
+        let Some(b) = &self.shared else {
+            return;
+        };
+        let moved = b.reserve(to).and_then(|mut r| {
+            match r.state.sent_ms.iter().rposition(|&t| t == from) {
+                Some(p) => r.state.sent_ms[p] = to,
+                None => r.state.sent_ms.push(to),
+            }
+            r.commit()
+        });
+        if let Err(e) = moved {
+            tracing::warn!(provider = %self.provider, "{e}");
+        }
+    }
+
+    /// The shared budget's state file, if the gate uses one.
+    pub fn shared_budget_path(&self) -> Option<&std::path::Path> {
+        self.shared.as_ref().map(|b| b.path())
     }
 
     /// Adapts the rate to the provider's answers (AIMD), never above the limits.
@@ -598,7 +707,9 @@ impl ProviderGate {
             "{n} requests in a row failed; the provider looks down: pausing its requests for {} s",
             pause.as_secs()
         );
-        self.back_off(pause);
+        // An outage pause stays with this process: only the provider's own
+        // Retry-After (a 429) is the credential's, shared through the budget file.
+        self.pause(pause, false);
         self.outage_pause_until
             .fetch_max(self.paused_until.load(Ordering::SeqCst), Ordering::SeqCst);
     }
@@ -614,7 +725,7 @@ impl RequestGate for ProviderGate {
         }
         // Taken in turn (FIFO); a request that starts new work gives its turn back
         // while the polls of live tasks would not fit, so polls never queue behind it.
-        let (turn, admitted_at) = 'admission: loop {
+        let (turn, admitted_at, logged) = 'admission: loop {
             if !urgent {
                 while self.urgent_waiting.load(Ordering::SeqCst) > 0 {
                     // The timeout only guards against a missed wake-up.
@@ -627,9 +738,27 @@ impl RequestGate for ProviderGate {
             }
             let turn = self.turn.lock().await;
             loop {
+                // With a shared budget, the file is locked from reading the log to
+                // recording this request in it: no other process can take the same
+                // slot. Held for a read and a write, never across an await.
+                let reservation =
+                    self.shared
+                        .as_ref()
+                        .and_then(|b| match b.reserve(self.clock.now_ms()) {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                tracing::warn!(provider = %self.provider, "{e}");
+                                None
+                            }
+                        });
+                if let Some(r) = &reservation {
+                    self.with_limiter(|l| l.replace_log(&r.state.sent_ms));
+                    self.paused_until
+                        .fetch_max(r.state.not_before_ms, Ordering::SeqCst);
+                }
                 let now = self.clock.now_ms();
                 if self.halted.load(Ordering::SeqCst) {
-                    break 'admission (turn, now);
+                    break 'admission (turn, now, false);
                 }
                 let mut free = self
                     .with_limiter(|l| l.next_free(now))
@@ -647,6 +776,7 @@ impl RequestGate for ProviderGate {
                         let accepted = k.live_tasks.load(Ordering::Relaxed);
                         if !self.keep_alive_fits(accepted + 1) {
                             self.note_keep_alive_hold(accepted);
+                            drop(reservation);
                             drop(turn);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue 'admission;
@@ -654,13 +784,40 @@ impl RequestGate for ProviderGate {
                     }
                 }
                 if free <= now {
-                    break 'admission (turn, now);
+                    // Recorded before the request goes: a process that reads the file
+                    // next counts it, and so does a restart after a kill. Without
+                    // limits there is no window to keep, only the Retry-After read.
+                    let mut sent_at = now;
+                    let mut logged = false;
+                    if let Some(mut r) =
+                        reservation.filter(|_| !self.with_limiter(|l| l.is_unlimited()))
+                    {
+                        r.state.sent_ms.push(now);
+                        // The local log is the file's, this request included (the
+                        // dispatcher's keep-alive checks read it between requests).
+                        self.with_limiter(|l| l.replace_log(&r.state.sent_ms));
+                        logged = true;
+                        if let Err(e) = r.commit() {
+                            tracing::warn!(provider = %self.provider, "{e}");
+                        }
+                        // The window counts from when the request leaves: a write
+                        // slowed by a busy disk moves the entry to now (rare; a
+                        // second write only then).
+                        let after = self.clock.now_ms();
+                        if after > now + 2 {
+                            self.move_shared_entry(now, after);
+                            self.with_limiter(|l| l.postpone(now, after));
+                            sent_at = after;
+                        }
+                    }
+                    break 'admission (turn, sent_at, logged);
                 }
                 let paused = self.paused_until.load(Ordering::SeqCst);
                 // A pause shows as itself (see `wait_reason`); the window otherwise.
                 if paused < free {
                     self.set_waiting(Some(WaitReason::RateWindow { until_ms: free }));
                 }
+                drop(reservation);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(free - now)) => {}
                     _ = self.halt_wake.notified() => {}
@@ -677,7 +834,10 @@ impl RequestGate for ProviderGate {
             }
         }
         let unlimited = self.with_limiter(|l| {
-            l.record(admitted_at);
+            // With a shared budget the request is in the log already (see above).
+            if !logged {
+                l.record(admitted_at);
+            }
             l.is_unlimited()
         });
         drop(turn);
@@ -734,11 +894,34 @@ impl RequestGate for ProviderGate {
     }
 
     fn back_off(&self, wait: Duration) {
+        self.pause(wait, true);
+    }
+}
+
+impl ProviderGate {
+    /// Holds every request for `wait`; `share` also writes it to the credential's
+    /// budget file.
+    fn pause(&self, wait: Duration, share: bool) {
         if let Some(a) = &self.adaptive {
             a.adjust(false, self.clock.now_ms());
         }
         let until = self.clock.now_ms() + wait.as_millis() as u64;
         self.paused_until.fetch_max(until, Ordering::SeqCst);
+        // The provider's "not before" holds for the credential: every process using
+        // it, and this one after a restart, must wait it out too.
+        if let Some(b) = self.shared.as_ref().filter(|_| share) {
+            let kept = b.reserve(self.clock.now_ms()).and_then(|mut r| {
+                if r.state.not_before_ms < until {
+                    r.state.not_before_ms = until;
+                    r.commit()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = kept {
+                tracing::warn!(provider = %self.provider, "could not share a Retry-After: {e}");
+            }
+        }
         self.stats.backoffs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(provider = %self.provider, wait_ms = wait.as_millis() as u64, "provider asked to slow down");
     }

@@ -9,6 +9,7 @@
 //! falls due. Nothing here knows a provider's details; the lane holds the adapter,
 //! its `Api` and its rate-limit gate.
 
+pub mod budget;
 pub mod cancel;
 pub mod halt;
 pub mod limiter;
@@ -400,7 +401,12 @@ impl Engine {
                 config.engine.rate_margin,
                 Some(store.clone()),
             )
-            .with_outage_patience(config.engine.outage_patience);
+            .with_outage_patience(config.engine.outage_patience)
+            .with_shared_budget_in(
+                config.engine.state_dir.as_deref(),
+                &pc.base_url,
+                &pc.credentials,
+            );
             if let Some(k) = keep_alive {
                 gate = gate.with_keep_alive(k, pc.poll_interval);
             }
@@ -857,6 +863,17 @@ impl Engine {
     }
 }
 
+/// `provider: message`, unless the message already starts with the provider's name
+/// (adapters' own messages often do): never "perfect: perfect: …".
+pub fn naming(kind: ProviderKind, message: &str) -> String {
+    let prefix = format!("{kind}: ");
+    if message.starts_with(&prefix) {
+        message.to_string()
+    } else {
+        format!("{prefix}{message}")
+    }
+}
+
 /// Credentials are checked before any job of the provider is touched. A refusal (a
 /// wrong key) halts the provider, and so does a host that never answered in all the
 /// tries (named with its host and port); the other providers go on. A garbled
@@ -947,17 +964,19 @@ pub async fn standalone(
 ) -> Result<(Arc<dyn Provider>, Api), String> {
     let pc = config.provider(kind);
     let adapter = crate::providers::build(&pc)?;
-    let gate = Arc::new(ProviderGate::new(
-        kind,
-        &pc.rate_limits,
-        config.engine.rate_margin,
-        None,
-    ));
+    let gate = Arc::new(
+        ProviderGate::new(kind, &pc.rate_limits, config.engine.rate_margin, None)
+            .with_shared_budget_in(
+                config.engine.state_dir.as_deref(),
+                &pc.base_url,
+                &pc.credentials,
+            ),
+    );
     let api = Api::new(&pc.base_url, http_client(&pc)?, gate);
     adapter
         .authenticate(&api)
         .await
-        .map_err(|e| format!("{kind}: {e}"))?;
+        .map_err(|e| naming(kind, &e.to_string()))?;
     Ok((adapter, api))
 }
 

@@ -80,6 +80,9 @@ pub struct ProviderSpend {
     pub spent_this_run: f64,
     /// Why new work stopped, when the cap stopped it.
     pub stopped: Option<String>,
+    /// It stopped because a job's price is unknown, not because the cap was reached
+    /// (the summary must not say "cap reached" then).
+    pub price_unknown: bool,
 }
 
 #[derive(Default)]
@@ -227,6 +230,7 @@ impl SpendGate {
             started_this_run: 0,
             spent_this_run: 0.0,
             stopped: None,
+            price_unknown: false,
         })
     }
 
@@ -303,7 +307,12 @@ impl SpendGate {
             Priced::Known(c) => c,
             Priced::Asking => return Ok(Admission::Wait),
             Priced::Never(reason) => {
-                self.stop(kind, reason);
+                let mut state = self.lock();
+                let e = self.entry(&mut state, kind);
+                if e.stopped.is_none() {
+                    e.stopped = Some(reason);
+                    e.price_unknown = true;
+                }
                 return Ok(Admission::Stop);
             }
         };

@@ -31,9 +31,13 @@ pub fn pixbatch(dir: &Path) -> Command {
         "PIXBATCH_PHOTIO_URL",
         "PIXBATCH_AITHRIVING_URL",
         "RUST_LOG",
+        "PIXBATCH_STATE_DIR",
+        "XDG_STATE_HOME",
     ] {
         c.env_remove(var);
     }
+    // The per-credential rate budgets: inside the test's folder, never the real home.
+    c.env("PIXBATCH_STATE_DIR", dir.join(".pixbatch-state"));
     c
 }
 

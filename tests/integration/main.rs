@@ -4,6 +4,7 @@
 mod common;
 
 mod answers;
+mod budget;
 mod crash;
 mod demo;
 mod dzine;
@@ -16,6 +17,7 @@ mod metrics;
 mod ops;
 mod outputs;
 mod perfect;
+mod polish;
 mod report_html;
 mod reports;
 mod secrets;

@@ -261,7 +261,7 @@ impl Perfect {
                         format!(" ({hint})")
                     };
                     ProviderError::credential(format!(
-                        "perfect refused the authentication: {r}{hint}"
+                        "the authentication was refused: {r}{hint}"
                     ))
                 }
                 other => other,
