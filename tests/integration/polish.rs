@@ -145,17 +145,31 @@ fn prefixes_are_not_doubled() {
     cmd.env("PERFECT_CLIENT_ID", "invalid-client")
         .args(["run", "jobs.csv"]);
     let out = run_to_end(cmd, Duration::from_secs(60));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // A refused credential halts its provider (exit 5, docs/operations.md).
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("perfect: the authentication was refused"),
+        err.contains("(the authentication was refused: HTTP 401"),
         "{}",
         text(&out)
     );
     assert!(!err.contains("perfect: perfect"), "{}", text(&out));
-    assert_eq!(err.matches("(check PERFECT_CLIENT_ID").count(), 1, "{err}");
+    // Said when it happens and again in the summary; each time the hint once.
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("(check PERFECT_CLIENT_ID"))
+        .collect();
+    assert!(!lines.is_empty(), "{err}");
+    for line in lines {
+        assert_eq!(
+            line.matches("(check PERFECT_CLIENT_ID").count(),
+            1,
+            "{line}"
+        );
+    }
 
-    // Topaz without a key: its estimate needs one.
+    // Topaz without a key: its estimate needs one (`validate` refuses a missing key,
+    // so the preview of `run --dry-run` shows the cost line).
     std::fs::write(
         dir.path().join("t.csv"),
         "id,provider,operation,input,params\nt,topaz,enhance,a.png,\n",
@@ -163,7 +177,8 @@ fn prefixes_are_not_doubled() {
     .unwrap();
     let mut cmd = pixbatch(dir.path());
     sim.env(&mut cmd);
-    cmd.env_remove("TOPAZ_API_KEY").args(["validate", "t.csv"]);
+    cmd.env_remove("TOPAZ_API_KEY")
+        .args(["run", "--dry-run", "t.csv"]);
     let out = run_to_end(cmd, Duration::from_secs(60));
     let said = stdout(&out);
     assert!(

@@ -260,9 +260,7 @@ impl Perfect {
                     } else {
                         format!(" ({hint})")
                     };
-                    ProviderError::credential(format!(
-                        "the authentication was refused: {r}{hint}"
-                    ))
+                    ProviderError::credential(format!("the authentication was refused: {r}{hint}"))
                 }
                 other => other,
             });
