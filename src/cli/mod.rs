@@ -37,10 +37,12 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    every job is done (or cancelled)
-  1    any other error (bad manifest row, bad configuration, missing key ...)
+  1    any other error (bad manifest row, bad configuration, unknown job id ...)
   2    some jobs failed permanently; the rest are done
   3    another process holds the database (the message names it); nothing was done
   4    run --max-credits stopped submitting new work; what was submitted is finished
+  5    run halted a provider (key missing or refused, host unreachable); its jobs
+       stay queued, the message names what to fix
   130  interrupted (Ctrl-C or SIGTERM); run again to resume";
 
 /// The job states, for the help of `--state` (a test checks it lists every one).

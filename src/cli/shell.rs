@@ -52,7 +52,7 @@ const MAN_TAIL: &str = r#".SH "EXIT STATUS"
 every job is done (or cancelled)
 .TP
 1
-any other error (bad manifest row, bad configuration, missing key ...)
+any other error (bad manifest row, bad configuration, unknown job id ...)
 .TP
 2
 some jobs failed permanently; the rest are done
