@@ -9,6 +9,7 @@ mod demo;
 mod dzine;
 mod lifecycle;
 mod limits;
+mod live_apis;
 mod live_reads;
 mod manifest;
 mod metrics;
