@@ -283,3 +283,66 @@ fn api_key_mode_refuses_jobs_naming_the_credentials_to_use() {
     let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
     assert!(rows.iter().all(|r| r["state"] != "done"), "{rows:?}");
 }
+
+/// A run stopped inside a task's early window and started again keeps the window
+/// (counted from the submission time in the job, not from the restart): the task
+/// that does not show yet is polled on, not resubmitted, and charged once.
+#[test]
+fn a_restart_inside_the_early_window_keeps_the_task() {
+    let sim = Sim::start(&[
+        "--task-ms",
+        "300",
+        "--keep-alive-ms",
+        "20000",
+        "--perfect-early-invalid-ms",
+        "3000",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    perfect_jobs(dir.path(), 1);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.perfect]\npoll_interval = \"300ms\"\nkeep_alive = \"20s\"\nearly_not_found = \"6s\"\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    let first = cmd
+        .args(["run", "jobs.csv"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the first "not visible yet" answer: the job is inside its window.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let early = entries(&sim.ledger(), "perfect", "task_status")
+            .into_iter()
+            .any(|e| e["status"] == 400);
+        if early {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no early InvalidTaskId seen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sigint(&first);
+    let mut first = first;
+    let _ = first.wait();
+    // Stopped with the task still not showing: the second run has to pick it up.
+    let rows = report(dir.path(), &dir.path().join("pixbatch.db"));
+    assert_ne!(rows[0]["state"], "done", "{}", rows[0]);
+
+    let out = run(&sim, dir.path(), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    all_done_once(dir.path(), 1);
+    let ledger = sim.ledger();
+    assert_eq!(
+        entries(&ledger, "perfect", "task_run").len(),
+        1,
+        "not resubmitted"
+    );
+    let charged = charges(&ledger, "perfect");
+    assert_eq!(charged.get("c0"), Some(&1), "{charged:?}");
+}

@@ -492,8 +492,8 @@ fn volume_300_jobs_all_features() {
 }
 
 /// `pixbatch styles perfect FEATURE` lists the style groups over every page, and
-/// `--group ID` the styles in one, with ids above 2^53 exact; `balance` says plainly
-/// that Perfect's API does not tell one.
+/// `--group ID` the styles in one, with ids above 2^53 exact; `balance` reads the credit
+/// endpoint (docs/providers.md, live evidence).
 #[test]
 fn styles_command_lists_groups_and_styles_with_exact_ids() {
     let sim = Sim::start(&[]);

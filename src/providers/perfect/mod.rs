@@ -59,7 +59,7 @@ pub const EARLY_INVALID: Duration = Duration::from_secs(10);
 /// API key as the Bearer value on the v2.x routes and on `/s2s/v1.0/client/credit`
 /// only; no public client shows it on the v1.0 file and task routes pixbatch uses,
 /// and the documented v1.0 flow takes an access token (docs/providers.md).
-pub const API_KEY_REFUSAL: &str = "perfect: a console API key (PERFECT_API_KEY) is only taken by the credit endpoint and the v2.x routes; pixbatch runs the documented v1.0 routes, which need an access token: set PERFECT_CLIENT_ID (the console's API key) and PERFECT_CLIENT_SECRET (its secret key) instead (`pixbatch balance perfect` works with PERFECT_API_KEY alone)";
+pub const API_KEY_REFUSAL: &str = "a console API key (PERFECT_API_KEY) is only taken by the credit endpoint and the v2.x routes; pixbatch runs the documented v1.0 routes, which need an access token: set PERFECT_CLIENT_ID (the console's API key) and PERFECT_CLIENT_SECRET (its secret key) instead (`pixbatch balance perfect` works with PERFECT_API_KEY alone)";
 /// The account's credit batches (YouCam-API/skills `youcam_api.py`).
 const CREDIT_PATH: &str = "/s2s/v1.0/client/credit";
 /// Batches whose type starts so are spendable through the API (same source).
