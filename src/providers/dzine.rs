@@ -17,8 +17,9 @@
 //!
 //! The API offers no way to find a task by a client key, so a submission whose answer
 //! was lost cannot be reconciled (the trait's default, `Unknowable`). Task data expires
-//! after 2 hours: a task the API no longer finds, after a short grace right after
-//! creation, is lost and may have been charged.
+//! after 2 hours: a task the API no longer finds is lost and may have been charged,
+//! except within [`EARLY_NOT_FOUND`] of its creation, when the engine polls again
+//! (a live client saw such 404s for up to ten 1 s polls).
 //!
 //! The choices where the document is vague are in `docs/providers/dzine.md`.
 
