@@ -62,6 +62,11 @@ pub struct ProviderConfig {
     /// Overrides the adapter's keep-alive (how long an accepted task may go unpolled
     /// before the provider drops it), for time-scaled tests against the simulator.
     pub keep_alive: Option<Duration>,
+    /// Overrides the adapter's early "no such task" window: how long after a
+    /// submission was sent such an answer is taken as "accepted, not visible yet"
+    /// rather than "lost" (Perfect's `InvalidTaskId`, Dzine's 404). `None`: the
+    /// adapter's default (docs/providers.md).
+    pub early_not_found: Option<Duration>,
     /// What one job costs in the provider's unit (credits, tokens), when the user
     /// knows it: lets `run` warn before starting when the balance looks too low.
     pub cost_per_job: Option<f64>,
@@ -139,6 +144,7 @@ struct FileProvider {
     reconcile_grace: Option<String>,
     adaptive: Option<bool>,
     keep_alive: Option<String>,
+    early_not_found: Option<String>,
     cost_per_job: Option<f64>,
     operations: Option<BTreeMap<String, String>>,
     unreachable_after: Option<String>,
@@ -179,6 +185,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         reconcile_grace: Duration::from_secs(30),
         adaptive: kind == ProviderKind::Dzine,
         keep_alive: None,
+        early_not_found: None,
         cost_per_job: None,
         operations: BTreeMap::new(),
         unreachable_after: DEFAULT_UNREACHABLE_AFTER,
@@ -306,6 +313,10 @@ impl Config {
                 }
                 if let Some(v) = &f.keep_alive {
                     c.keep_alive = Some(parse_duration(v).map_err(|m| ctx("keep_alive", m))?);
+                }
+                if let Some(v) = &f.early_not_found {
+                    c.early_not_found =
+                        Some(parse_duration(v).map_err(|m| ctx("early_not_found", m))?);
                 }
                 if let Some(v) = f.cost_per_job {
                     if !(v.is_finite() && v >= 0.0) {

@@ -46,7 +46,15 @@ pub(super) async fn cmd_styles(
         }
     }
     if entries.is_empty() {
-        eprintln!("pixbatch: {provider} listed no styles");
+        // Said out loud: an empty list from a feature that has styles usually means a
+        // wrong slug or group, not "no styles" (docs/providers.md, "live evidence").
+        match query.feature.as_deref().filter(|f| !f.trim().is_empty()) {
+            Some(f) => eprintln!(
+                "pixbatch: {provider} listed no styles for {f}{} (a feature with styles answered an empty list: check the feature's slug and the group id)",
+                query.group.as_deref().map(|g| format!(" in group {g}")).unwrap_or_default()
+            ),
+            None => eprintln!("pixbatch: {provider} listed no styles"),
+        }
     }
     Ok(EXIT_OK)
 }
@@ -56,9 +64,8 @@ pub(super) async fn cmd_balance(
     provider: ProviderKind,
     json: bool,
 ) -> Result<i32, Fail> {
-    let (adapter, api) = engine::standalone(config, provider)
-        .await
-        .map_err(|e| Fail(EXIT_ERROR, e))?;
+    let (adapter, api) =
+        engine::standalone_unchecked(config, provider).map_err(|e| Fail(EXIT_ERROR, e))?;
     match adapter.balance(&api).await {
         Ok(Some(b)) => {
             if json {

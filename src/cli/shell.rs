@@ -142,6 +142,9 @@ pub(super) fn render_config(config: &Config, env: &dyn Fn(&str) -> Option<String
         if let Some(k) = pc.keep_alive {
             let _ = writeln!(s, "keep_alive = {:?}", dur(k));
         }
+        if let Some(w) = pc.early_not_found {
+            let _ = writeln!(s, "early_not_found = {:?}", dur(w));
+        }
         if let Some(c) = pc.cost_per_job {
             let _ = writeln!(s, "cost_per_job = {c}");
         }

@@ -187,6 +187,9 @@ pub struct Lane {
     pub metrics: Arc<crate::metrics::ProviderMetrics>,
     /// How long an accepted task may go unpolled (config, else the adapter's).
     pub keep_alive: Option<Duration>,
+    /// How long after its submission a task's "lost" answer means "not visible yet"
+    /// (config, else the adapter's; see `Provider::early_not_found`).
+    pub early_not_found: Option<Duration>,
     /// New-work steps (preparing or submitting) running now: they will need polls
     /// soon, so they count as live tasks for the keep-alive budget.
     starting: std::sync::atomic::AtomicUsize,
@@ -395,6 +398,7 @@ impl Engine {
             };
             let client = http_client(&pc).map_err(EngineError::Setup)?;
             let keep_alive = pc.keep_alive.or_else(|| adapter.keep_alive());
+            let early_not_found = pc.early_not_found.or_else(|| adapter.early_not_found());
             let mut gate = ProviderGate::new(
                 kind,
                 &pc.rate_limits,
@@ -428,6 +432,7 @@ impl Engine {
                     stats: stats.clone(),
                     metrics: metrics.provider(kind),
                     keep_alive,
+                    early_not_found,
                     starting: Default::default(),
                     halt: watch::Sender::new(None),
                 }),
@@ -962,6 +967,21 @@ pub async fn standalone(
     config: &Config,
     kind: ProviderKind,
 ) -> Result<(Arc<dyn Provider>, Api), String> {
+    let (adapter, api) = standalone_unchecked(config, kind)?;
+    adapter
+        .authenticate(&api)
+        .await
+        .map_err(|e| naming(kind, &e.to_string()))?;
+    Ok((adapter, api))
+}
+
+/// [`standalone`] without the up-front `authenticate`: for the balance, which some
+/// credentials can read although they cannot run jobs (a Perfect console API key;
+/// docs/providers.md). Adapters with tokens still obtain one on the first call.
+pub fn standalone_unchecked(
+    config: &Config,
+    kind: ProviderKind,
+) -> Result<(Arc<dyn Provider>, Api), String> {
     let pc = config.provider(kind);
     let adapter = crate::providers::build(&pc)?;
     let gate = Arc::new(
@@ -973,10 +993,6 @@ pub async fn standalone(
             ),
     );
     let api = Api::new(&pc.base_url, http_client(&pc)?, gate);
-    adapter
-        .authenticate(&api)
-        .await
-        .map_err(|e| naming(kind, &e.to_string()))?;
     Ok((adapter, api))
 }
 

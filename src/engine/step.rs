@@ -357,6 +357,7 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         .adapter
         .poll(&env.lane.api, &context(&job), &remote)
         .await;
+    let outcome = early_not_found(env, &job, outcome);
     if !matches!(outcome, Ok(PollOutcome::Running { .. }) | Err(_)) {
         env.lane.gate.task_left_polling();
     }
@@ -411,6 +412,38 @@ async fn poll(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
         }
         Err(e) => on_error(env, job, e, Phase::Poll).await,
     }
+}
+
+/// How soon a task that does not show yet is looked at again: well inside Perfect's
+/// 10 s keep-alive, and the 1 s a live Dzine client polled at.
+const EARLY_RETRY: Duration = Duration::from_secs(1);
+
+/// A "lost" answer within the provider's early window after the submission was sent
+/// (`Lane::early_not_found`) means "accepted, not visible yet" (live APIs answer so:
+/// docs/providers.md, "live evidence"): poll again instead. Counted from the
+/// submission time recorded in the job, so a restart mid-window keeps only what is
+/// left of it, and a task still missing after the window is lost as before.
+fn early_not_found(
+    env: &StepEnv<'_>,
+    job: &Job,
+    outcome: Result<PollOutcome, ProviderError>,
+) -> Result<PollOutcome, ProviderError> {
+    let Ok(PollOutcome::Lost { reason, .. }) = &outcome else {
+        return outcome;
+    };
+    let Some(window) = env.lane.early_not_found else {
+        return outcome;
+    };
+    let until = job
+        .submit_intent_ms
+        .saturating_add(window.as_millis() as u64);
+    if job.submit_intent_ms == 0 || now_ms() >= until {
+        return outcome;
+    }
+    tracing::debug!(job = %job.id(), "{reason}: within {} ms of the submission, polling again", window.as_millis());
+    Ok(PollOutcome::Running {
+        next_poll: Some(EARLY_RETRY),
+    })
 }
 
 async fn download(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {

@@ -17,13 +17,13 @@
 //!
 //! The API offers no way to find a task by a client key, so a submission whose answer
 //! was lost cannot be reconciled (the trait's default, `Unknowable`). Task data expires
-//! after 2 hours: a task the API no longer finds, after a short grace right after
-//! creation, is lost and may have been charged.
+//! after 2 hours: a task the API no longer finds is lost and may have been charged,
+//! except within [`EARLY_NOT_FOUND`] of its creation, when the engine polls again
+//! (a live client saw such 404s for up to ten 1 s polls).
 //!
 //! The choices where the document is vague are in `docs/providers/dzine.md`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,11 +51,13 @@ pub const MAX_SEED: i64 = 2_147_483_647;
 pub const MAX_INPUT_BYTES: u64 = 10_000_000;
 /// `upscaling_resize`: "(1.5, 2, 3, 4)".
 pub const UPSCALE_FACTORS: &[f64] = &[1.5, 2.0, 3.0, 4.0];
-/// A freshly created task may answer "not found" for a while (NOTES.md): this many
-/// such answers in a row are taken as "still starting" before the task counts as lost.
-pub const NOT_FOUND_GRACE: u32 = 3;
-/// How soon to look again after such an answer.
-const NOT_FOUND_RETRY: Duration = Duration::from_secs(1);
+/// A freshly created task may answer "not found" for a while (NOTES.md): within this
+/// long after its submission was sent, such an answer is taken as "still starting";
+/// only after it does the task count as lost. A live client (MyStoryKid,
+/// docs/providers.md "live evidence") needed up to ten 1-second polls, so the default
+/// leaves half as much again on top. `early_not_found` in `[providers.dzine]`
+/// overrides it.
+pub const EARLY_NOT_FOUND: Duration = Duration::from_secs(15);
 /// Envelope code of a style that cannot be used for img2img (NOTES.md).
 pub const CODE_STYLE_NOT_FOR_IMG2IMG: i64 = 108_005;
 /// JSON answers are small (URLs, ids, face lists, one page of styles).
@@ -949,14 +951,16 @@ pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
             "dzine: no API key (set DZINE_API_KEY or [providers.dzine] api_key in the config file)"
                 .to_string()
         })?;
-    Ok(Arc::new(Dzine::new(key)))
+    let mut d = Dzine::new(key);
+    d.early_not_found = config.early_not_found.unwrap_or(EARLY_NOT_FOUND);
+    Ok(Arc::new(d))
 }
 
 pub struct Dzine {
     api_key: String,
-    /// Task id → "not found" answers in a row. Only in memory: after a restart a task
-    /// gets the grace again, which costs a few polls and nothing else.
-    not_found: Mutex<HashMap<String, u32>>,
+    /// See [`EARLY_NOT_FOUND`]; the engine counts it from the submission time
+    /// recorded in the job.
+    early_not_found: Duration,
 }
 
 impl std::fmt::Debug for Dzine {
@@ -971,7 +975,7 @@ impl Dzine {
     pub fn new(api_key: String) -> Dzine {
         Dzine {
             api_key: api_key.trim().to_string(),
-            not_found: Mutex::new(HashMap::new()),
+            early_not_found: EARLY_NOT_FOUND,
         }
     }
 
@@ -1011,20 +1015,6 @@ impl Dzine {
         let status = response.status();
         let body = Api::read_bytes(kind, response, MAX_JSON).await?;
         read_envelope(status, &body).map_err(|e| ProviderError::bad_answer(kind, e))
-    }
-
-    fn count_not_found(&self, task: &str) -> u32 {
-        let mut map = self.not_found.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(task.to_string()).or_insert(0);
-        *n += 1;
-        *n
-    }
-
-    fn forget(&self, task: &str) {
-        self.not_found
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(task);
     }
 
     /// An image as the API's `images` entry: a URL as is, a file as a data URI.
@@ -1227,14 +1217,10 @@ impl Provider for Dzine {
         );
         let request = self.request(api, Method::GET, &path)?;
         match self.call_raw(api, RequestKind::Poll, request).await? {
+            // Right after creation this is "not visible yet": the engine polls again
+            // while `early_not_found` lasts from the submission (time-based, from the
+            // job's record), and only after it is the task lost.
             Envelope::Refused { code: 404, msg } => {
-                let n = self.count_not_found(remote_id);
-                if n <= NOT_FOUND_GRACE {
-                    return Ok(PollOutcome::Running {
-                        next_poll: Some(NOT_FOUND_RETRY),
-                    });
-                }
-                self.forget(remote_id);
                 // Task data lives 2 hours; the task ran (and was billed) before that.
                 Ok(PollOutcome::Lost {
                     reason: format!(
@@ -1245,12 +1231,15 @@ impl Provider for Dzine {
             }
             Envelope::Refused { code, msg } => Err(refusal(api, code, &msg)),
             Envelope::Ok(data) => {
-                self.forget(remote_id);
                 let fallback = Plan::from_spec(job.spec).map_or("webp", |p| p.fallback_ext);
                 parse_progress(&data, fallback)
                     .map_err(|e| ProviderError::bad_answer(RequestKind::Poll, e))
             }
         }
+    }
+
+    fn early_not_found(&self) -> Option<Duration> {
+        Some(self.early_not_found)
     }
 
     async fn styles(
@@ -1317,6 +1306,26 @@ impl Provider for Dzine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The early-404 window is time-based and at least the 10 s a live client needed
+    /// (ten 1 s polls, docs/providers.md "live evidence"); the config overrides it.
+    #[test]
+    fn early_404_window_default_and_override() {
+        assert!(EARLY_NOT_FOUND >= Duration::from_secs(10));
+        let mut c = crate::config::Config::load(None, &|_| None)
+            .expect("config")
+            .provider(ProviderKind::Dzine);
+        c.credentials.api_key = Some("k".into());
+        assert_eq!(
+            build(&c).expect("build").early_not_found(),
+            Some(EARLY_NOT_FOUND)
+        );
+        c.early_not_found = Some(Duration::from_secs(3));
+        assert_eq!(
+            build(&c).expect("build").early_not_found(),
+            Some(Duration::from_secs(3))
+        );
+    }
 
     /// A "too many requests" in a 200 envelope pauses the host like an HTTP 429.
     #[test]
@@ -1829,9 +1838,14 @@ mod sim_tests {
             submission: 1,
             prepared: &[],
         };
+        let started = std::time::Instant::now();
         for _ in 0..100 {
             match d.poll(api, &ctx, id).await.expect("poll") {
                 PollOutcome::Running { .. } => tokio::time::sleep(Duration::from_millis(40)).await,
+                // As the engine does: "lost" inside the early window is "not yet".
+                PollOutcome::Lost { .. } if started.elapsed() < d.early_not_found => {
+                    tokio::time::sleep(Duration::from_millis(40)).await
+                }
                 other => return other,
             }
         }
@@ -2055,15 +2069,9 @@ mod sim_tests {
         else {
             panic!()
         };
-        for _ in 0..NOT_FOUND_GRACE {
-            assert!(
-                matches!(
-                    d.poll(&api, &ctx, &remote_id).await,
-                    Ok(PollOutcome::Running { .. })
-                ),
-                "grace"
-            );
-        }
+        // A 404 is "lost" to the adapter; the engine applies the early window
+        // (`early_not_found`, engine::step).
+        assert_eq!(d.early_not_found(), Some(EARLY_NOT_FOUND));
         assert!(matches!(
             d.poll(&api, &ctx, &remote_id).await,
             Ok(PollOutcome::Lost { charged: true, .. })

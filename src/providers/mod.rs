@@ -231,6 +231,16 @@ pub trait Provider: Send + Sync {
         Ok(false)
     }
 
+    /// How long after a submission was sent a poll's `PollOutcome::Lost` is taken as
+    /// "accepted, not visible yet" and polled again (live APIs answer "no such task"
+    /// for a while after creation: Perfect's `InvalidTaskId`, Dzine's 404;
+    /// docs/providers.md, "live evidence"). The engine counts it from the submission
+    /// time recorded in the job, so a restart mid-window keeps what is left of it.
+    /// `None`: a lost task is lost at once. `early_not_found` in the config overrides.
+    fn early_not_found(&self) -> Option<Duration> {
+        None
+    }
+
     /// How long an accepted task may go unpolled before the provider drops it
     /// (Perfect: 10 s). The engine then never lets a poll come later than this and
     /// admits a new submission only while the rate limits leave room for the polls

@@ -157,6 +157,30 @@ pub struct SimArgs {
     /// For long benchmark runs, whose ledger would otherwise grow without bound.
     #[arg(long = "ledger-cap", value_name = "N", default_value_t = 0)]
     pub ledger_cap: usize,
+
+    /// Every new Perfect task answers 400 `InvalidTaskId` to its polls for this long
+    /// after creation before it shows (0 = never), as live clients report.
+    #[arg(
+        long = "perfect-early-invalid-ms",
+        value_name = "MS",
+        default_value_t = 0
+    )]
+    pub perfect_early_invalid_ms: u64,
+
+    /// Where Perfect's style lists put their items: `result.groups` (the document),
+    /// `result.style_groups` or `data.style_groups` (shapes other clients read).
+    #[arg(
+        long = "perfect-style-shape",
+        value_name = "SHAPE",
+        default_value = "result.groups"
+    )]
+    pub perfect_style_shape: String,
+
+    /// Every new Dzine task answers 404 for this long after creation (0 = only every
+    /// third task, for half of `--task-ms`), as a live client needed up to ten 1 s
+    /// polls for.
+    #[arg(long = "dzine-early-404-ms", value_name = "MS", default_value_t = 0)]
+    pub dzine_early_404_ms: u64,
 }
 
 impl SimArgs {
@@ -190,7 +214,20 @@ impl SimArgs {
             let (provider, specs) = parse_limit_arg(arg)?;
             limits.insert(provider, specs);
         }
+        let perfect_style_shape = match self.perfect_style_shape.as_str() {
+            "result.groups" => StyleShape::Result,
+            "result.style_groups" => StyleShape::ResultStyleGroups,
+            "data.style_groups" => StyleShape::DataStyleGroups,
+            other => {
+                return Err(format!(
+                    "--perfect-style-shape {other:?}: one of result.groups, result.style_groups, data.style_groups"
+                ))
+            }
+        };
         Ok(SimConfig {
+            perfect_early_invalid: Duration::from_millis(self.perfect_early_invalid_ms),
+            perfect_style_shape,
+            dzine_early_404: Duration::from_millis(self.dzine_early_404_ms),
             seed: self.seed,
             chaos,
             limits,
@@ -268,6 +305,24 @@ pub struct SimConfig {
     pub result_bytes: usize,
     /// The ledger keeps at most this many entries (0: all).
     pub ledger_cap: usize,
+    /// New Perfect tasks answer `InvalidTaskId` for this long (0: never).
+    pub perfect_early_invalid: Duration,
+    /// Where Perfect's style lists put their items.
+    pub perfect_style_shape: StyleShape,
+    /// Every new Dzine task answers 404 for this long (0: every third, briefly).
+    pub dzine_early_404: Duration,
+}
+
+/// The answer shapes of Perfect's style lists that clients read (docs/simulator.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StyleShape {
+    /// `result.groups` / `result.styles` (the document).
+    #[default]
+    Result,
+    /// `result.style_groups` / `result.styles`.
+    ResultStyleGroups,
+    /// `data.style_groups` / `data.styles`, without a `result`.
+    DataStyleGroups,
 }
 
 impl Default for SimConfig {
@@ -287,6 +342,9 @@ impl Default for SimConfig {
             max_body_bytes: 64 * 1024 * 1024,
             result_bytes: 0,
             ledger_cap: 0,
+            perfect_early_invalid: Duration::ZERO,
+            perfect_style_shape: StyleShape::Result,
+            dzine_early_404: Duration::ZERO,
         }
     }
 }

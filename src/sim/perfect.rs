@@ -6,8 +6,13 @@
 //!   example): `credentials()` hands out the client id and the Base64 X.509 public key.
 //!   `POST /client/auth` decrypts the id token (PKCS#1 v1.5) and checks the client id
 //!   and a timestamp within five minutes; tokens live `token_ttl`, then answer 401
-//!   `InvalidAccessToken`. Any other Bearer value is taken as an API key (the shared
-//!   rule: not empty, not starting with `invalid`).
+//!   `InvalidAccessToken`. Any other Bearer value is taken as a console API key (the
+//!   shared rule: not empty, not starting with `invalid`), accepted on
+//!   `GET /client/credit` only (the routes the official clients send it to).
+//! * Credit: `GET /client/credit` answers `results[{type, amount}]`; the
+//!   `ApiSubscription` batch loses one credit per charged task.
+//! * Chaos for live behaviour: `perfect_early_invalid` (new tasks answer
+//!   `InvalidTaskId` that long), `perfect_style_shape` (where style lists put items).
 //! * Files: `POST /file/<slug>` answers presigned PUT URLs that check the signature,
 //!   the expiry and the headers handed out (exactly).
 //! * Tasks: `POST /task/<slug>` validates files and parameters; the same files with the
@@ -230,6 +235,8 @@ struct Task {
     /// What the ledger calls the task's entries: the client's `X-Request-Id` when it
     /// sends one (pixbatch sends its submit key), else the `request_id`.
     ledger_key: String,
+    /// When the run was accepted: `--perfect-early-invalid-ms` counts from it.
+    created: Instant,
     finish_at: Instant,
     last_contact: Instant,
     dropped: bool,
@@ -305,6 +312,7 @@ pub(crate) fn route(method: &Method, rest: &str) -> Route {
     let segs: Vec<&str> = p.trim_start_matches('/').split('/').collect();
     match (method.clone(), segs.as_slice()) {
         (Method::POST, ["client", "auth"]) => Route::api("auth"),
+        (Method::GET, ["client", "credit"]) => Route::api("credit"),
         (Method::POST, ["file", _]) => Route::api("file"),
         (Method::GET, ["task", "style-group", _]) => Route::api("style_groups"),
         (Method::GET, ["task", "style", _]) => Route::api("styles"),
@@ -378,11 +386,42 @@ pub(crate) fn authorize(s: &Shared, ctx: &Ctx, req: &Request) -> Result<(), Repl
             .is_some_and(|until| Instant::now() < *until);
         return if live { Ok(()) } else { Err(unauthorized()) };
     }
-    if key_ok(bearer) {
+    if !key_ok(bearer) {
+        return Err(unauthorized());
+    }
+    // A console API key: the official YouCam-API clients send it to the v2.x routes
+    // and to the credit endpoint only; nobody shows it on the v1.0 file, task or
+    // style routes, so the simulator takes it on the credit endpoint alone
+    // (docs/providers.md, "live evidence").
+    if ctx.route.endpoint == "credit" {
         Ok(())
     } else {
-        Err(unauthorized())
+        Err(err(
+            StatusCode::UNAUTHORIZED,
+            "InvalidAccessToken",
+            "v1.0 task routes take an access token from POST /s2s/v1.0/client/auth, not a console API key",
+        ))
     }
+}
+
+/// What the credit batches start with (`ApiSubscription`); each charged task takes one.
+pub(crate) const START_CREDITS: i64 = 10_000;
+
+/// `GET /s2s/v1.0/client/credit`: the batches in the shape the official client reads
+/// (top-level `results[{type, amount}]`; it spends the types starting `Api`). A
+/// non-API batch is included so a client that sums every type is caught.
+fn credit(s: &Shared) -> Reply {
+    let spent = lock(&s.perfect.tasks)
+        .values()
+        .filter(|t| t.charged)
+        .count() as i64;
+    Reply::json(
+        StatusCode::OK,
+        &json!({"status": 200, "results": [
+            {"type": "ApiSubscription", "amount": START_CREDITS - spent},
+            {"type": "WebTrial", "amount": 25},
+        ]}),
+    )
 }
 
 fn slug_of(req: &Request) -> String {
@@ -411,8 +450,9 @@ pub(crate) async fn handle(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         "task_run" => run(s, ctx, req).await,
         "task_status" => status(s, &req),
         "result" => result_file(s, ctx, &req),
-        "style_groups" => style_list(&req, false),
-        "styles" => style_list(&req, true),
+        "style_groups" => style_list(s, &req, false),
+        "styles" => style_list(s, &req, true),
+        "credit" => credit(s),
         _ => {
             if ctx.route.metered {
                 err(StatusCode::NOT_FOUND, "NotFound", "no such path")
@@ -862,6 +902,7 @@ async fn run(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         Task {
             slug,
             ledger_key: key.clone().unwrap_or_default(),
+            created: ctx.arrived,
             finish_at: ctx.arrived + s.config.task_duration,
             last_contact: now,
             dropped: drop_now,
@@ -1051,6 +1092,18 @@ fn status(s: &Shared, req: &Request) -> Reply {
         return err(StatusCode::BAD_REQUEST, "InvalidTaskId", "");
     };
     let key = Some(t.ledger_key.clone());
+    // `--perfect-early-invalid-ms`: a new task does not show yet. The poll still
+    // counts as contact (the server has the task; it only answers too early).
+    if now < t.created + s.config.perfect_early_invalid {
+        t.last_contact = now;
+        return err(
+            StatusCode::BAD_REQUEST,
+            "InvalidTaskId",
+            "the task is not visible yet",
+        )
+        .remote(&task_id)
+        .key(key);
+    }
     // Dropped if, while it was still running, the client went quiet for too long.
     let mut just_dropped = false;
     if !t.dropped && t.last_contact + keep_alive < now.min(t.finish_at) {
@@ -1154,7 +1207,7 @@ fn result_file(s: &Shared, ctx: &Ctx, req: &Request) -> Reply {
         .key(Some(t.ledger_key.clone()))
 }
 
-fn style_list(req: &Request, styles: bool) -> Reply {
+fn style_list(s: &Shared, req: &Request, styles: bool) -> Reply {
     let slug = slug_of(req);
     let Some((slug_index, f)) = sim_feature(&slug).filter(|(_, f)| f.styled) else {
         return err(
@@ -1198,9 +1251,18 @@ fn style_list(req: &Request, styles: bool) -> Reply {
         })
         .collect();
     let next = start + page_size;
-    let mut result = json!({ (if styles { "styles" } else { "groups" }): page });
+    let shape = s.config.perfect_style_shape;
+    let field = match (styles, shape) {
+        (true, _) => "styles",
+        (false, super::StyleShape::Result) => "groups",
+        (false, _) => "style_groups",
+    };
+    let mut result = json!({ field: page });
     if next < ids.len() as u64 {
         result["next_token"] = json!(next.to_string());
+    }
+    if shape == super::StyleShape::DataStyleGroups {
+        return Reply::json(StatusCode::OK, &json!({"status": 200, "data": result}));
     }
     ok(result)
 }
@@ -1385,9 +1447,21 @@ mod tests {
         let charged: Vec<_> = l.iter().filter(|e| e.charged).collect();
         assert_eq!(charged.len(), 1);
         assert_eq!(charged[0].request_key.as_deref(), Some("5"));
-        // API-key mode: any key not starting with `invalid`.
-        assert_eq!(poll("some-api-key".into(), task.clone()).await.0, 200);
+        // A console API key: refused on the v1.0 task routes, taken by the credit
+        // endpoint, whose ApiSubscription batch lost the one charged credit.
+        assert_eq!(poll("some-api-key".into(), task.clone()).await.0, 401);
         assert_eq!(poll("invalid-key".into(), task.clone()).await.0, 401);
+        let credit: Value = c
+            .get(format!("{base}/perfect/s2s/v1.0/client/credit"))
+            .bearer_auth("some-api-key")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(credit["results"][0]["type"], "ApiSubscription");
+        assert_eq!(credit["results"][0]["amount"], START_CREDITS - 1);
         h.shutdown().await.unwrap();
     }
 }

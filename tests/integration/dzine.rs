@@ -20,6 +20,7 @@ concurrency = 8
 poll_interval = "150ms"
 max_attempts = 30
 reconcile_grace = "1s"
+early_not_found = "1s"
 "#,
     )
     .unwrap();

@@ -11,6 +11,7 @@ mod dzine;
 mod halt;
 mod lifecycle;
 mod limits;
+mod live_apis;
 mod live_reads;
 mod manifest;
 mod metrics;

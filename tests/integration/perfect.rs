@@ -354,7 +354,9 @@ fn a_lost_task_is_resubmitted() {
         "id,provider,operation,input,prompt,params\nlost,perfect,colorize,in/sim-drop-once.png,,\n",
     )
     .unwrap();
-    config(dir.path(), "");
+    // The early-InvalidTaskId window (10 s by default) shortened: the dropped task is
+    // polled again for that long before it counts as lost.
+    config(dir.path(), "early_not_found = \"1s\"\n");
     let out = run(&sim, dir.path(), Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
@@ -363,7 +365,7 @@ fn a_lost_task_is_resubmitted() {
         .iter()
         .filter(|e| e["endpoint"] == "task_status" && e["status"] == 400)
         .collect();
-    assert_eq!(dropped.len(), 1, "one poll found the task dropped");
+    assert!(!dropped.is_empty(), "a poll found the task dropped");
     let runs: Vec<&Value> = ledger
         .iter()
         .filter(|e| e["endpoint"] == "task_run")
@@ -492,8 +494,8 @@ fn volume_300_jobs_all_features() {
 }
 
 /// `pixbatch styles perfect FEATURE` lists the style groups over every page, and
-/// `--group ID` the styles in one, with ids above 2^53 exact; `balance` says plainly
-/// that Perfect's API does not tell one.
+/// `--group ID` the styles in one, with ids above 2^53 exact; `balance` reads the credit
+/// endpoint (docs/providers.md, live evidence).
 #[test]
 fn styles_command_lists_groups_and_styles_with_exact_ids() {
     let sim = Sim::start(&[]);
@@ -542,12 +544,12 @@ fn styles_command_lists_groups_and_styles_with_exact_ids() {
     let run = cli(&["run", "jobs.csv"]);
     assert_eq!(run.status.code(), Some(0), "{}", text(&run));
 
+    // The credit endpoint: the simulator's ApiSubscription batch, one credit spent.
     let balance = cli(&["balance", "perfect"]);
-    assert_eq!(balance.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&balance.stderr).contains("does not tell the balance"),
-        "{}",
-        text(&balance)
+    assert_eq!(balance.status.code(), Some(0), "{}", text(&balance));
+    assert_eq!(
+        String::from_utf8_lossy(&balance.stdout).trim(),
+        "perfect: 9999 credits"
     );
 }
 

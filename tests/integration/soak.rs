@@ -204,6 +204,7 @@ rate_limits = ["100/1s", "200/5s"]
 max_attempts = 25
 reconcile_grace = "3s"
 keep_alive = "{}ms"
+early_not_found = "1s"
 [providers.dzine]
 rate_limits = ["40/1s"]
 concurrency = 8

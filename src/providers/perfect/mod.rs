@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::util;
 use super::{
-    Api, JobContext, PollOutcome, Prepared, Provider, ProviderConfig, ProviderError,
+    Api, Balance, JobContext, PollOutcome, Prepared, Provider, ProviderConfig, ProviderError,
     Reconciliation, RequestKind, StyleEntry, StyleQuery, SubmitOutcome,
 };
 use crate::api::excerpt;
@@ -47,6 +47,23 @@ const STYLE_PAGE_SIZE: u32 = 20;
 const MAX_STYLE_PAGES: usize = 500;
 
 const API: &str = "/s2s/v1.0";
+
+/// An `InvalidTaskId` within this long after the run was sent is taken as "the task
+/// does not show yet", not as "lost": a live client (crishirt-perfect-corp) retries
+/// it five times at its 2 s poll interval. `early_not_found` in `[providers.perfect]`
+/// overrides it. The engine polls again meanwhile (every second, well inside the 10 s
+/// keep-alive); docs/providers.md, "live evidence".
+pub const EARLY_INVALID: Duration = Duration::from_secs(10);
+
+/// Why `api_key` mode runs no job. The official YouCam-API clients send the console
+/// API key as the Bearer value on the v2.x routes and on `/s2s/v1.0/client/credit`
+/// only; no public client shows it on the v1.0 file and task routes pixbatch uses,
+/// and the documented v1.0 flow takes an access token (docs/providers.md).
+pub const API_KEY_REFUSAL: &str = "a console API key (PERFECT_API_KEY) is only taken by the credit endpoint and the v2.x routes; pixbatch runs the documented v1.0 routes, which need an access token: set PERFECT_CLIENT_ID (the console's API key) and PERFECT_CLIENT_SECRET (its secret key) instead (`pixbatch balance perfect` works with PERFECT_API_KEY alone)";
+/// The account's credit batches (YouCam-API/skills `youcam_api.py`).
+const CREDIT_PATH: &str = "/s2s/v1.0/client/credit";
+/// Batches whose type starts so are spendable through the API (same source).
+const SPENDABLE_PREFIX: &str = "Api";
 
 /// Builds the adapter from the credentials: client id + secret key → `rsa` mode, else
 /// an API key → `api_key` mode.
@@ -79,6 +96,7 @@ pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
         mode,
         slugs,
         keep_alive: config.keep_alive.unwrap_or(KEEP_ALIVE),
+        early_invalid: config.early_not_found.unwrap_or(EARLY_INVALID),
         poll_interval: config.poll_interval,
         token: tokio::sync::Mutex::new(None),
         generation: AtomicU64::new(0),
@@ -175,6 +193,8 @@ pub struct Perfect {
     mode: auth::Mode,
     slugs: features::Slugs,
     keep_alive: Duration,
+    /// See [`EARLY_INVALID`].
+    early_invalid: Duration,
     /// The configured first look at a new task (capped by half the keep-alive).
     poll_interval: Duration,
     /// The current access token (rsa mode); held while one is being obtained, so a
@@ -198,9 +218,12 @@ struct Answer {
 }
 
 impl Perfect {
-    /// The Bearer value to send now, and the token generation it belongs to.
-    async fn bearer(&self, api: &Api) -> Result<(HeaderValue, u64), ProviderError> {
+    /// The Bearer value to send now, and the token generation it belongs to. A
+    /// console API key goes only where `key_ok` (the credit endpoint): see
+    /// [`API_KEY_REFUSAL`].
+    async fn bearer(&self, api: &Api, key_ok: bool) -> Result<(HeaderValue, u64), ProviderError> {
         match &self.mode {
+            auth::Mode::ApiKey(_) if !key_ok => Err(ProviderError::permanent(API_KEY_REFUSAL)),
             auth::Mode::ApiKey(key) => Ok((
                 util::secret_header("PERFECT_API_KEY", &format!("Bearer {key}"))?,
                 0,
@@ -290,6 +313,22 @@ impl Perfect {
             .await
     }
 
+    /// [`Perfect::call`] returning the whole answer, not only `result`: for the
+    /// answers whose shape varies (the credit batches at the top level, style lists
+    /// under `data` in some clients' reading). `key_ok`: a console API key may be sent.
+    async fn call_whole(
+        &self,
+        api: &Api,
+        kind: RequestKind,
+        path_and_query: &str,
+        key_ok: bool,
+    ) -> Result<Value, ProviderError> {
+        let (status, body) = self
+            .send_authorized(api, kind, Method::GET, path_and_query, None, None, key_ok)
+            .await?;
+        read_answer(kind, status, &body, self.mode.hint())
+    }
+
     /// [`Perfect::call`] with `X-Request-Id: <submit key>` (on runs: Perfect ignores
     /// it; the simulator's ledger attributes the task to its job with it).
     async fn call_keyed(
@@ -301,8 +340,27 @@ impl Perfect {
         body: Option<&Value>,
         request_key: Option<&str>,
     ) -> Result<Answer, ProviderError> {
+        let (status, body) = self
+            .send_authorized(api, kind, method, path_and_query, body, request_key, false)
+            .await?;
+        read_result(kind, status, &body, self.mode.hint()).map(|result| Answer { result })
+    }
+
+    /// Sends with the Bearer value; a 401 renews the token once. The 2xx answer's
+    /// status and body.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_authorized(
+        &self,
+        api: &Api,
+        kind: RequestKind,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        request_key: Option<&str>,
+        key_ok: bool,
+    ) -> Result<(StatusCode, Vec<u8>), ProviderError> {
         for attempt in 0..2 {
-            let (bearer, generation) = self.bearer(api).await?;
+            let (bearer, generation) = self.bearer(api, key_ok).await?;
             let mut request = api
                 .client()
                 .request(method.clone(), api.url(path_and_query))
@@ -329,8 +387,7 @@ impl Perfect {
                 return Err(self.error_of(kind, status, &body));
             }
             let body = Api::read_bytes(kind, response, MAX_SMALL_JSON).await?;
-            return read_result(kind, status, &body, self.mode.hint())
-                .map(|result| Answer { result });
+            return Ok((status, body.to_vec()));
         }
         Err(ProviderError::permanent(format!(
             "perfect: the access token was refused twice in a row ({})",
@@ -439,6 +496,27 @@ pub fn read_result(
     body: &[u8],
     hint: &str,
 ) -> Result<Value, ProviderError> {
+    let v = read_answer(kind, status, body, hint)?;
+    match v.get("result") {
+        Some(result) if result.is_object() => Ok(result.clone()),
+        _ => Err(ProviderError::bad_answer(
+            kind,
+            format!(
+                "perfect: answer without a result object: {}",
+                excerpt(v.to_string().as_bytes())
+            ),
+        )),
+    }
+}
+
+/// Reads the body of a 2xx answer as a whole, turning an error put in a 200 answer's
+/// body into that error.
+pub fn read_answer(
+    kind: RequestKind,
+    status: StatusCode,
+    body: &[u8],
+    hint: &str,
+) -> Result<Value, ProviderError> {
     let v = util::parse_json(kind, status, body)?;
     if let Some(inner) = v
         .get("status")
@@ -451,16 +529,7 @@ pub fn read_result(
             .unwrap_or(StatusCode::BAD_REQUEST);
         return Err(error_answer(kind, status, v.to_string().as_bytes(), hint));
     }
-    match v.get("result") {
-        Some(result) if result.is_object() => Ok(result.clone()),
-        _ => Err(ProviderError::bad_answer(
-            kind,
-            format!(
-                "perfect: answer without a result object: {}",
-                excerpt(v.to_string().as_bytes())
-            ),
-        )),
-    }
+    Ok(v)
 }
 
 /// Reads the auth answer: `result.access_token`. The error names the fields found,
@@ -767,11 +836,10 @@ impl Provider for Perfect {
     }
 
     /// rsa mode: obtains the first token now, so wrong credentials stop the run before
-    /// any job is touched. api_key mode has nothing to check without spending a request.
+    /// any job is touched. api_key mode stops the run here, before any job is touched:
+    /// see [`API_KEY_REFUSAL`].
     async fn authenticate(&self, api: &Api) -> Result<(), ProviderError> {
-        if matches!(self.mode, auth::Mode::Rsa { .. }) {
-            self.bearer(api).await?;
-        }
+        self.bearer(api, false).await?;
         Ok(())
     }
 
@@ -941,20 +1009,35 @@ impl Provider for Perfect {
         Some(self.keep_alive)
     }
 
-    /// With the RSA key pair, the token request itself; with a console API key (no
-    /// auth call), the first page of the hair-style groups.
+    fn early_not_found(&self) -> Option<Duration> {
+        Some(self.early_invalid)
+    }
+
+    /// With the RSA key pair, the token request itself; with a console API key, the
+    /// credit endpoint (the one v1.0 route that takes it) and then the refusal that a
+    /// run would meet, so `doctor` does not pass a setup that cannot run jobs.
     async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
         if matches!(self.mode, auth::Mode::Rsa { .. }) {
-            self.bearer(api).await?;
+            self.bearer(api, false).await?;
             return Ok("client id and key accepted (POST /client/auth gave a token)".into());
         }
-        let query = StyleQuery {
-            feature: Some("hair-style".into()),
-            limit: Some(1),
-            ..Default::default()
-        };
-        self.styles(api, &query).await?;
-        Ok("API key accepted (the hair-style groups were listed)".into())
+        let b = self.balance(api).await?;
+        let seen = b.map_or(String::new(), |b| {
+            format!(" (balance {} {})", b.amount, b.unit)
+        });
+        Err(ProviderError::permanent(format!(
+            "the API key was accepted by the credit endpoint{seen}, but {API_KEY_REFUSAL}"
+        )))
+    }
+
+    /// `GET /s2s/v1.0/client/credit`: the spendable (`Api…`) batches summed.
+    async fn balance(&self, api: &Api) -> Result<Option<Balance>, ProviderError> {
+        let v = self
+            .call_whole(api, RequestKind::Query, CREDIT_PATH, true)
+            .await?;
+        parse_credit(&v)
+            .map(Some)
+            .map_err(|e| ProviderError::bad_answer(RequestKind::Query, format!("perfect: {e}")))
     }
 
     async fn styles(
@@ -1003,10 +1086,10 @@ impl Provider for Perfect {
                 path.push_str(&format!("&starting_token={}", encode_query(t)));
             }
             let answer = self
-                .call(api, RequestKind::Query, Method::GET, &path, None)
+                .call_whole(api, RequestKind::Query, &path, false)
                 .await?;
-            let (entries, next) = parse_style_page(&answer.result, group.is_some())
-                .map_err(|e| ProviderError::transient(format!("perfect: {e}")))?;
+            let (entries, next) = parse_style_page(&answer, group.is_some())
+                .map_err(|e| ProviderError::permanent(format!("perfect: {op}: {e}")))?;
             for e in entries {
                 if out.len() >= limit {
                     return Ok(out);
@@ -1030,26 +1113,58 @@ fn styled_operations() -> Vec<&'static str> {
         .collect()
 }
 
-/// One page of a style or style-group list, and the token of the next page.
+/// Where the items of a style-group list may be: the document's `result.groups`, and
+/// the `style_groups` / `data.style_groups` other live clients read (LIVE.md). Style
+/// lists: `styles` under `result` or `data`.
+const GROUP_FIELDS: &[&str] = &["groups", "style_groups"];
+const STYLE_FIELDS: &[&str] = &["styles"];
+
+/// One page of a style or style-group list (the whole answer), and the token of the
+/// next page. An answer with none of the known lists is an error naming the fields it
+/// has, so a changed shape is not shown as an empty list.
 pub fn parse_style_page(
-    result: &Value,
+    answer: &Value,
     styles: bool,
 ) -> Result<(Vec<StyleEntry>, Option<String>), String> {
-    let field = if styles { "styles" } else { "groups" };
-    let items = match result.get(field) {
-        Some(Value::Array(a)) => a.as_slice(),
-        None | Some(Value::Null) => &[],
-        Some(other) => {
-            return Err(format!(
-                "result.{field} is not a list: {}",
-                excerpt(other.to_string().as_bytes())
-            ))
-        }
+    let fields = if styles { STYLE_FIELDS } else { GROUP_FIELDS };
+    // `result`, then `data`, then the answer itself (a bare page).
+    let containers: Vec<(&str, &Value)> = [
+        ("result.", answer.get("result")),
+        ("data.", answer.get("data")),
+        ("", Some(answer)),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| v.filter(|v| v.is_object()).map(|v| (name, v)))
+    .collect();
+    let found = containers.iter().find_map(|(prefix, c)| {
+        fields.iter().find_map(|f| {
+            c.get(*f)
+                .filter(|v| !v.is_null())
+                .map(|v| (format!("{prefix}{f}"), *c, v))
+        })
+    });
+    let Some((field, container, list)) = found else {
+        let seen: Vec<String> = containers
+            .iter()
+            .map(|(prefix, c)| format!("{prefix}{{{}}}", field_names(c)))
+            .collect();
+        return Err(format!(
+            "the answer has no {} list (looked for {}; found {})",
+            if styles { "style" } else { "style-group" },
+            fields.join(", "),
+            seen.join(" ")
+        ));
+    };
+    let Value::Array(items) = list else {
+        return Err(format!(
+            "{field} is not a list: {}",
+            excerpt(list.to_string().as_bytes())
+        ));
     };
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let id = id_text(item.get("id"))
-            .ok_or_else(|| format!("result.{field}[{i}] has no integer id"))?;
+        let id =
+            id_text(item.get("id")).ok_or_else(|| format!("{field}[{i}] has no integer id"))?;
         let info = item.get("info");
         let text = |name: &str| {
             info.and_then(|i| i.get(name))
@@ -1066,12 +1181,56 @@ pub fn parse_style_page(
         out.push(StyleEntry {
             kind: if styles { "style" } else { "group" },
             id,
-            title: text("title").unwrap_or_default(),
+            title: text("title").or_else(|| text("name")).unwrap_or_default(),
             detail,
         });
     }
-    let next = id_text(result.get("next_token"));
+    let next = id_text(container.get("next_token"));
     Ok((out, next))
+}
+
+/// The credit answer (YouCam-API/skills `youcam_api.py`): batches `[{type, amount}]`
+/// at the top level as `results`, or under `result` / `data` (read as well, since the
+/// other answers of this API nest so). Only the `Api…` batch types are spendable
+/// through the API; when no batch has such a type, every batch counts.
+pub fn parse_credit(answer: &Value) -> Result<Balance, String> {
+    let batches = [
+        answer.get("results"),
+        answer.get("result").and_then(|r| r.get("results")),
+        answer.get("data").and_then(|r| r.get("results")),
+        answer.get("result").filter(|r| r.is_array()),
+        answer.get("data").filter(|r| r.is_array()),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(Value::as_array)
+    .ok_or_else(|| {
+        format!(
+            "the credit answer has no list of batches (fields: {})",
+            field_names(answer)
+        )
+    })?;
+    let mut spendable = 0.0;
+    let mut total = 0.0;
+    let mut any_api = false;
+    for (i, b) in batches.iter().enumerate() {
+        let amount = b
+            .get("amount")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("credit batch {i} has no numeric amount"))?;
+        total += amount;
+        if b.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.starts_with(SPENDABLE_PREFIX))
+        {
+            any_api = true;
+            spendable += amount;
+        }
+    }
+    Ok(Balance {
+        amount: if any_api { spendable } else { total },
+        unit: "credits".into(),
+    })
 }
 
 #[cfg(test)]
@@ -1268,7 +1427,7 @@ mod tests {
             ok[0].headers,
             vec![("Content-Type".to_string(), "image/png".to_string())]
         );
-        let (entries, next) = parse_style_page(&json!({"groups": [{"id": 9007199254740993u64, "info": {"title": "Short"}}], "next_token": 20}), false).unwrap();
+        let (entries, next) = parse_style_page(&json!({"result": {"groups": [{"id": 9007199254740993u64, "info": {"title": "Short"}}], "next_token": 20}}), false).unwrap();
         assert_eq!(entries[0].id, "9007199254740993");
         assert_eq!(next.as_deref(), Some("20"));
         assert!(parse_style_page(&json!({"groups": [{"id": 1.5}]}), false).is_err());
@@ -1280,6 +1439,89 @@ mod tests {
             .provider(ProviderKind::Perfect);
         c.credentials = credentials;
         c
+    }
+
+    /// The live-evidence defaults (docs/providers.md): an early `InvalidTaskId` is
+    /// tolerated 10 s (crishirt: five retries at 2 s); a console key alone builds
+    /// (for the balance) but refuses to authenticate a run, naming what to set.
+    #[tokio::test]
+    async fn early_window_default_and_api_key_refusal() {
+        let p = build(&config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(p.early_not_found(), Some(Duration::from_secs(10)));
+        let api = Api::new(
+            "http://127.0.0.1:9",
+            reqwest::Client::new(),
+            Arc::new(OpenGate),
+        );
+        let e = p.authenticate(&api).await.expect_err("api_key runs no job");
+        assert!(
+            matches!(&e, ProviderError::Permanent(m) if m.contains("PERFECT_CLIENT_ID") && m.contains("PERFECT_CLIENT_SECRET")),
+            "{e:?}"
+        );
+        let mut c = config(Credentials {
+            api_key: Some("k".into()),
+            ..Default::default()
+        });
+        c.early_not_found = Some(Duration::from_millis(1500));
+        assert_eq!(
+            build(&c).unwrap().early_not_found(),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn credit_batches_sum_the_api_types() {
+        let v = json!({"status": 200, "results": [
+            {"type": "ApiSubscription", "amount": 120},
+            {"type": "ApiTopUp", "amount": 30.5},
+            {"type": "WebTrial", "amount": 25}
+        ]});
+        assert_eq!(parse_credit(&v).unwrap().amount, 150.5);
+        let nested =
+            json!({"status": 200, "result": {"results": [{"type": "Other", "amount": 7}]}});
+        assert_eq!(
+            parse_credit(&nested).unwrap().amount,
+            7.0,
+            "no Api type: all count"
+        );
+        let e = parse_credit(&json!({"status": 200, "result": {"credit": 5}})).unwrap_err();
+        assert!(e.contains("result"), "{e}");
+        assert!(parse_credit(&json!({"results": [{"type": "Api"}]})).is_err());
+    }
+
+    #[test]
+    fn style_pages_in_every_shape_seen() {
+        let item = json!([{"id": 9007199254740993u64, "info": {"title": "Short"}}]);
+        for answer in [
+            json!({"status": 200, "result": {"groups": item}}),
+            json!({"status": 200, "result": {"style_groups": item}}),
+            json!({"status": 200, "data": {"style_groups": item, "next_token": "20"}}),
+            json!({"groups": item}),
+        ] {
+            let (entries, _) = parse_style_page(&answer, false).unwrap();
+            assert_eq!(entries.len(), 1, "{answer}");
+            assert_eq!(entries[0].id, "9007199254740993");
+            assert_eq!(entries[0].title, "Short");
+        }
+        let (_, next) = parse_style_page(
+            &json!({"data": {"style_groups": [], "next_token": "20"}}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(next.as_deref(), Some("20"));
+        // A known list that is empty is an empty page; no known list at all is an
+        // error naming what the answer had, not a silent empty list.
+        assert!(parse_style_page(&json!({"result": {"groups": []}}), false)
+            .unwrap()
+            .0
+            .is_empty());
+        let e = parse_style_page(&json!({"status": 200, "result": {"items": item}}), false)
+            .unwrap_err();
+        assert!(e.contains("style_groups") && e.contains("items"), "{e}");
     }
 
     #[test]
