@@ -93,6 +93,10 @@ pub enum Command {
         /// Ask no provider anything (no estimates, no balances).
         #[arg(long)]
         offline: bool,
+        /// One JSON object: the bad rows, providers without credentials, the plan
+        /// and its cost ("ok" says whether `run` would take it all).
+        #[arg(long)]
+        json: bool,
     },
     /// Counts per state and provider, rate, ETA.
     Status {
@@ -310,6 +314,10 @@ pub struct RunArgs {
     /// With --dry-run: ask no provider anything.
     #[arg(long, requires = "dry_run")]
     pub offline: bool,
+    /// With --dry-run: the preview as one JSON object (as `validate --json`, plus
+    /// the database's pending jobs, the spend so far and the caps).
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
     /// Stop submitting new work once the estimated spend of this database would pass
     /// N (each provider in its own unit), or PROVIDER=N for one provider; repeatable.
     /// Exits 4 when it stopped work.
@@ -477,9 +485,11 @@ async fn dispatch(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Run(args) => cmd_run(&db, &out, config, &args, bar).await,
         Command::Enqueue { manifests, update } => cmd_enqueue(&db, &config, &manifests, update),
-        Command::Validate { manifests, offline } => {
-            cmd_validate(&db, &config, &manifests, offline).await
-        }
+        Command::Validate {
+            manifests,
+            offline,
+            json,
+        } => cmd_validate(&db, &config, &manifests, offline, json).await,
         Command::Status { json } => cmd_status(&db, json),
         Command::List {
             state,

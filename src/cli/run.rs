@@ -36,6 +36,7 @@ async fn run_inner(
             args.update,
             args.offline,
             &caps,
+            args.json,
         )
         .await?;
         return Ok(Outcome::nothing(code));
@@ -507,24 +508,30 @@ pub(super) async fn cmd_validate(
     config: &Config,
     manifests: &[PathBuf],
     offline: bool,
+    json: bool,
 ) -> Result<i32, Fail> {
     // Compare with the database too when it exists and no one is using it.
     let opened = open_if_free(db, "validate")?;
     let store = opened.as_ref().map(|(_, s)| s);
     let checked = intake::check(manifests, store, config)?;
-    print_row_errors(&checked.errors);
-    print_plan(&checked.plan, config);
     let missing = missing_credentials(&checked.plan, config);
-    for line in &missing {
-        eprintln!("pixbatch: {line}");
+    let mut doc = Preview::new(json, &checked.errors, &checked.plan, config, &missing);
+    if !json {
+        print_row_errors(&checked.errors);
+        print_plan(&checked.plan, config);
+        for line in &missing {
+            eprintln!("pixbatch: {line}");
+        }
     }
     if !checked.errors.is_empty() {
+        doc.print();
         return Err(Fail(
             EXIT_ERROR,
             format!("{} bad row(s)", checked.errors.len()),
         ));
     }
     if !missing.is_empty() {
+        doc.print();
         return Err(Fail(
             EXIT_ERROR,
             format!(
@@ -544,8 +551,116 @@ pub(super) async fn cmd_validate(
         offline,
     )
     .await?;
-    print_costs(&costs, "the new jobs");
+    if json {
+        doc.set("costs", costs_json(&costs));
+        doc.print();
+    } else {
+        print_costs(&costs, "the new jobs");
+    }
     Ok(EXIT_OK)
+}
+
+/// `validate --json` and `run --dry-run --json`: what the text preview says, as one
+/// JSON object printed at the end (or when a bad row stops the preview).
+struct Preview {
+    doc: Option<serde_json::Value>,
+}
+
+impl Preview {
+    fn new(
+        json: bool,
+        errors: &[crate::manifest::RowError],
+        plan: &Plan,
+        config: &Config,
+        missing: &[String],
+    ) -> Preview {
+        let doc = json.then(|| {
+            serde_json::json!({
+                "ok": errors.is_empty() && missing.is_empty(),
+                "errors": errors
+                    .iter()
+                    .map(|e| serde_json::json!({
+                        "file": e.origin.file,
+                        "line": e.origin.line,
+                        "reason": e.reason,
+                    }))
+                    .collect::<Vec<_>>(),
+                "missing_credentials": missing,
+                "plan": plan_json(plan, config),
+            })
+        });
+        Preview { doc }
+    }
+
+    fn set(&mut self, key: &str, value: serde_json::Value) {
+        if let Some(doc) = &mut self.doc {
+            doc[key] = value;
+        }
+    }
+
+    fn print(&self) {
+        if let Some(doc) = &self.doc {
+            // A closed stdout leaves nothing to tell: the exit code still says it.
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                serde_json::to_string_pretty(doc).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn plan_json(plan: &Plan, config: &Config) -> serde_json::Value {
+    let providers: serde_json::Map<String, serde_json::Value> = plan
+        .providers
+        .iter()
+        .map(|(kind, p)| {
+            let limits: Vec<String> = config
+                .provider(*kind)
+                .rate_limits
+                .iter()
+                .map(|l| l.to_string())
+                .collect();
+            (
+                kind.name().to_string(),
+                serde_json::json!({
+                    "jobs": p.jobs,
+                    "new_jobs": p.new_jobs,
+                    "requests": p.requests,
+                    "least_time_secs": p.least_time.as_secs(),
+                    "rate_limits": limits,
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "rows": plan.rows,
+        "jobs": plan.providers.values().map(|p| p.jobs).sum::<u64>(),
+        "repeated_rows": plan.repeats,
+        "already_in_database": plan.already_queued,
+        "providers": providers,
+    })
+}
+
+fn costs_json(
+    costs: &std::collections::BTreeMap<ProviderKind, crate::cost::CostLine>,
+) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = costs
+        .iter()
+        .map(|(kind, c)| {
+            (
+                kind.name().to_string(),
+                serde_json::json!({
+                    "jobs": c.jobs,
+                    "credits": c.credits,
+                    "unit": c.unit,
+                    "how": c.how,
+                    "balance": c.balance,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 /// One line per provider the plan has jobs for and no usable credentials, naming
@@ -573,6 +688,7 @@ async fn dry_run(
     update: bool,
     offline: bool,
     caps: &engine::spend::Caps,
+    json: bool,
 ) -> Result<i32, Fail> {
     let opened = open_if_free(db, "dry-run")?;
     if opened.is_none() && db.exists() {
@@ -586,6 +702,7 @@ async fn dry_run(
     let store = opened.as_ref().map(|(_, s)| s);
     let mut plan = Plan::default();
     let mut updates = None;
+    let mut doc = Preview::new(json, &[], &plan, config, &[]);
     if !manifests.is_empty() {
         let found = match (update, store) {
             (true, Some(s)) => Some(crate::versions::find(manifests, s)?),
@@ -600,16 +717,22 @@ async fn dry_run(
         if let Some(f) = &found {
             errors.extend(f.errors.iter().cloned());
         }
-        print_row_errors(&errors);
-        print_plan(&checked.plan, config);
-        for line in missing_credentials(&checked.plan, config) {
-            eprintln!("pixbatch: {line}; `run` would keep their jobs queued");
+        let missing = missing_credentials(&checked.plan, config);
+        doc = Preview::new(json, &errors, &checked.plan, config, &missing);
+        if !json {
+            print_row_errors(&errors);
+            print_plan(&checked.plan, config);
+            for line in &missing {
+                eprintln!("pixbatch: {line}; `run` would keep their jobs queued");
+            }
         }
         if !errors.is_empty() {
+            doc.print();
             return Err(Fail(EXIT_ERROR, format!("{} bad row(s)", errors.len())));
         }
         if let Some(f) = &found {
-            if !f.updates.is_empty() {
+            doc.set("new_versions", f.updates.len().into());
+            if !f.updates.is_empty() && !json {
                 println!(
                     "{} row(s) would become a new version of their job (--update)",
                     f.updates.len()
@@ -629,14 +752,53 @@ async fn dry_run(
         offline,
     )
     .await?;
-    print_costs(
-        &costs,
-        "the new jobs and those in the database not yet submitted",
-    );
     let totals = match store {
         Some(store) => engine::spend::ledger_totals(store)?,
         None => Default::default(),
     };
+    if json {
+        doc.set("costs", costs_json(&costs));
+        let spent: serde_json::Map<String, serde_json::Value> = totals
+            .iter()
+            .map(|(kind, (spent, priced, unpriced))| {
+                (
+                    kind.name().to_string(),
+                    serde_json::json!({
+                        "credits": spent,
+                        "unit": crate::providers::cost_unit(*kind),
+                        "submissions_priced": priced,
+                        "submissions_unpriced": unpriced,
+                    }),
+                )
+            })
+            .collect();
+        doc.set("spent_so_far", serde_json::Value::Object(spent));
+        let capped: serde_json::Map<String, serde_json::Value> = ProviderKind::ALL
+            .iter()
+            .filter_map(|kind| {
+                let cap = caps.of(*kind)?;
+                let spent = totals.get(kind).map_or(0.0, |t| t.0);
+                let needed = costs.get(kind).map_or(Some(0.0), |c| c.credits);
+                let room = (cap - spent).max(0.0);
+                Some((
+                    kind.name().to_string(),
+                    serde_json::json!({
+                        "cap": cap,
+                        "left": room,
+                        "needed": needed,
+                        "fits": needed.is_some_and(|c| c <= room + 1e-9),
+                    }),
+                ))
+            })
+            .collect();
+        doc.set("max_credits", serde_json::Value::Object(capped));
+        doc.print();
+        return Ok(EXIT_OK);
+    }
+    print_costs(
+        &costs,
+        "the new jobs and those in the database not yet submitted",
+    );
     {
         for (kind, (spent, priced, unpriced)) in &totals {
             let unit = crate::providers::cost_unit(*kind);

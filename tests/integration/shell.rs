@@ -310,3 +310,77 @@ fn doctor_json_gives_each_providers_verdict() {
         .all(|p| p["verdict"] == "not-configured"));
     assert_eq!(answer["ok"], false);
 }
+
+#[test]
+fn validate_and_dry_run_speak_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    manifest(d, 4);
+    let json_of = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", text(out)))
+    };
+    let mut cmd = pixbatch(d);
+    sim_env(&mut cmd, "http://127.0.0.1:9");
+    let out = cmd
+        .args(["validate", "--offline", "--json", "jobs.csv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let doc = json_of(&out);
+    assert_eq!(doc["ok"], true, "{doc:#}");
+    assert_eq!(doc["plan"]["jobs"], 4);
+    assert_eq!(doc["plan"]["providers"]["topaz"]["jobs"], 2);
+    assert_eq!(doc["plan"]["providers"]["photio"]["new_jobs"], 2);
+    assert!(doc["costs"]["topaz"]["jobs"].as_u64() == Some(2), "{doc:#}");
+
+    // A bad row: exit 1, and the row named in the JSON.
+    std::fs::write(
+        d.join("bad.csv"),
+        "id,provider,operation,input\nok,topaz,enhance,in/a.png\nbad,topaz,no-such-op,in/a.png\n",
+    )
+    .unwrap();
+    let mut cmd = pixbatch(d);
+    sim_env(&mut cmd, "http://127.0.0.1:9");
+    let out = cmd
+        .args(["validate", "--offline", "--json", "bad.csv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json_of(&out);
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["errors"][0]["file"], "bad.csv", "{doc:#}");
+    assert_eq!(doc["errors"][0]["line"], 3, "{doc:#}");
+
+    // A missing key: not ok, the variable named.
+    let out = pixbatch(d)
+        .args(["validate", "--offline", "--json", "jobs.csv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json_of(&out);
+    assert_eq!(doc["ok"], false);
+    let missing = doc["missing_credentials"].to_string();
+    assert!(missing.contains("TOPAZ_API_KEY"), "{doc:#}");
+
+    // run --dry-run --json: the same plan, the caps, and nothing enqueued.
+    let mut cmd = pixbatch(d);
+    sim_env(&mut cmd, "http://127.0.0.1:9");
+    let out = cmd
+        .args([
+            "run",
+            "--dry-run",
+            "--offline",
+            "--json",
+            "--max-credits",
+            "photio=100",
+            "jobs.csv",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let doc = json_of(&out);
+    assert_eq!(doc["plan"]["jobs"], 4, "{doc:#}");
+    assert_eq!(doc["max_credits"]["photio"]["cap"], 100.0, "{doc:#}");
+    assert!(!d.join("pixbatch.db").exists(), "a dry run enqueued");
+}
