@@ -212,7 +212,8 @@ impl Lane {
             true
         });
         if first {
-            self.gate.halt(format!("{halt} ({})", halt.detail()));
+            // `status` says "topaz … waiting: halted: <this>": no provider name again.
+            self.gate.halt(halt.summary());
             tracing::error!(
                 provider = %self.kind,
                 "{halt} ({}); its jobs {}, the other providers go on",

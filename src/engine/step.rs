@@ -673,7 +673,10 @@ async fn finish(env: &StepEnv<'_>, mut job: Job) -> Result<(), StoreError> {
 }
 
 async fn fail(env: &StepEnv<'_>, mut job: Job, reason: String) -> Result<(), StoreError> {
-    tracing::warn!(job = %job.id(), provider = %job.spec.provider, "failed: {reason}");
+    // The log line names the provider itself: not "aithriving: failed: aithriving: …".
+    let prefix = format!("{}: ", job.spec.provider);
+    let shown = reason.strip_prefix(&prefix).unwrap_or(&reason);
+    tracing::warn!(job = %job.id(), provider = %job.spec.provider, "failed: {shown}");
     for (index, p) in job.pending_outputs.iter().enumerate() {
         let ext = match p {
             PendingOutput::Url { ext, .. }
