@@ -68,6 +68,10 @@ pub struct ProviderConfig {
     /// Operation name → the provider's path segment for it, overriding the built-in
     /// table (Perfect's document leaves some feature slugs unverified).
     pub operations: BTreeMap<String, String>,
+    /// Turns `validate`'s warnings for this provider (a model or parameter pixbatch
+    /// does not know) into row errors. Off by default: providers add models faster
+    /// than pixbatch is released, and Topaz ignores parameters it does not use.
+    pub strict_params: bool,
     pub credentials: Credentials,
 }
 
@@ -132,6 +136,7 @@ struct FileProvider {
     keep_alive: Option<String>,
     cost_per_job: Option<f64>,
     operations: Option<BTreeMap<String, String>>,
+    strict_params: Option<bool>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -166,6 +171,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         keep_alive: None,
         cost_per_job: None,
         operations: BTreeMap::new(),
+        strict_params: false,
         credentials: Credentials::default(),
     }
 }
@@ -277,6 +283,9 @@ impl Config {
                 }
                 if let Some(v) = f.adaptive {
                     c.adaptive = v;
+                }
+                if let Some(v) = f.strict_params {
+                    c.strict_params = v;
                 }
                 if let Some(v) = &f.keep_alive {
                     c.keep_alive = Some(parse_duration(v).map_err(|m| ctx("keep_alive", m))?);

@@ -342,6 +342,13 @@ pub(super) fn print_row_errors(errors: &[crate::manifest::RowError]) {
     }
 }
 
+/// `FILE:LINE: warning: …` for rows that pass with something pixbatch does not know.
+pub(super) fn print_row_warnings(warnings: &[crate::manifest::RowError]) {
+    for w in warnings {
+        eprintln!("{}: warning: {}", w.origin, w.reason);
+    }
+}
+
 pub(super) fn enqueue_into(
     store: &Store,
     config: &Config,
@@ -447,6 +454,7 @@ pub(super) async fn cmd_validate(
     let opened = open_if_free(db, "validate")?;
     let store = opened.as_ref().map(|(_, s)| s);
     let checked = intake::check(manifests, store, config)?;
+    print_row_warnings(&checked.warnings);
     print_row_errors(&checked.errors);
     print_plan(&checked.plan, config);
     if !checked.errors.is_empty() {
@@ -498,6 +506,7 @@ async fn dry_run(
             _ => None,
         };
         let checked = intake::check(manifests, store, config)?;
+        print_row_warnings(&checked.warnings);
         let mut errors: Vec<_> = checked
             .errors
             .into_iter()

@@ -46,16 +46,41 @@ const MAX_SIDE: i64 = 32000;
 /// "text - max 1024 characters".
 const MAX_PROMPT_CHARS: usize = 1024;
 
+/// `/enhance` models: the document's five, and `Upscale High Fidelity V3` from the
+/// current model pages (docs/providers.md, "Topaz live evidence").
 const ENHANCE_MODELS: &[&str] = &[
     "Standard V2",
     "Low Resolution V2",
     "CGI",
     "High Fidelity V2",
     "Text Refine",
+    "Upscale High Fidelity V3",
 ];
-const GEN_MODELS: &[&str] = &["Redefine", "Recovery"];
+/// `/enhance-gen` models: the document's two, the OpenAPI document's
+/// (`Standard MAX`, `Recovery V2`, `Wonder`) and the current model pages'.
+const GEN_MODELS: &[&str] = &[
+    "Redefine",
+    "Recovery",
+    "Recovery V2",
+    "Standard MAX",
+    "Wonder",
+    "Wonder 2",
+    "Wonder 3",
+    "Wonder 3.5",
+    "Recover 3",
+    "Bloom 2",
+    "Bloom Realism",
+];
 const OUTPUT_FORMATS: &[&str] = &["jpeg", "jpg", "png", "tiff", "tif"];
-/// Every parameter name the manifest may use for Topaz.
+/// `subject_detection`: where the enhancement applies.
+const SUBJECT_DETECTION: &[&str] = &["foreground", "background", "all"];
+/// The highest `creativity` on `/enhance-gen` (the newer route; the document said 6).
+const MAX_CREATIVITY: i64 = 9;
+/// `Bloom Realism` narrows it.
+const BLOOM_REALISM_MAX_CREATIVITY: i64 = 4;
+/// Every parameter name pixbatch knows for Topaz. Others pass with a warning and are
+/// sent as they are: Topaz documents that parameters a model does not use are
+/// ignored, and new models bring new ones.
 const KNOWN_PARAMS: &[&str] = &[
     "model",
     "output_width",
@@ -63,13 +88,18 @@ const KNOWN_PARAMS: &[&str] = &[
     "output_format",
     "crop_to_fill",
     "face_enhancement",
+    "face_enhancement_strength",
     "face_enhancement_creativity",
+    "subject_detection",
     "denoise",
     "sharpen",
     "fix_compression",
+    "strength",
     "creativity",
     "texture",
     "prompt",
+    "autoprompt",
+    "detail",
     "options_json",
 ];
 
@@ -141,13 +171,31 @@ impl Endpoint {
     }
 }
 
-/// The model-specific settings each model reads (the document's "Available models").
+/// The model settings each model reads, per the document's and the model pages'
+/// tables. A setting outside its model's list passes with a warning: Topaz ignores
+/// it, so the user would pay for a result without it.
 fn model_params(model: &str) -> &'static [&'static str] {
     match model {
-        "CGI" => &["denoise", "sharpen"],
-        "Redefine" => &["prompt", "creativity", "texture", "denoise", "sharpen"],
-        "Recovery" => &[],
-        _ => &["denoise", "sharpen", "fix_compression"],
+        "CGI" => &["denoise", "sharpen", "strength"],
+        "Redefine" => &[
+            "prompt",
+            "autoprompt",
+            "creativity",
+            "texture",
+            "denoise",
+            "sharpen",
+        ],
+        "Recovery" | "Recovery V2" => &["detail"],
+        m if GEN_MODELS.contains(&m) => &[
+            "prompt",
+            "autoprompt",
+            "creativity",
+            "texture",
+            "denoise",
+            "sharpen",
+            "detail",
+        ],
+        _ => &["denoise", "sharpen", "fix_compression", "strength"],
     }
 }
 
@@ -165,13 +213,29 @@ fn ext_of_format(format: &str) -> Option<&'static str> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub endpoint: Endpoint,
-    pub model: &'static str,
+    /// A known model's own spelling, or an unknown one as given (with a warning).
+    pub model: String,
     pub output_width: Option<u32>,
     pub output_height: Option<u32>,
     /// Extension of the result (`jpg` unless `output_format` says otherwise).
     pub ext: &'static str,
     /// The form fields to send besides `image`, in order.
-    pub fields: Vec<(&'static str, String)>,
+    pub fields: Vec<(String, String)>,
+    /// What passes but pixbatch does not know (see [`super::Findings`]).
+    pub warnings: Vec<String>,
+}
+
+/// A parameter pixbatch does not know, as the form field Topaz would read.
+fn passthrough(name: &str, v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!(
+            "topaz parameter {name} must be a string, number or boolean: form fields are text (got {})",
+            util::show_value(other)
+        )),
+    }
 }
 
 impl Plan {
@@ -187,56 +251,150 @@ impl Plan {
         let params = spec.params();
         let map = &params;
         let mut p = Params::new(map);
-        p.reject_unknown("topaz", KNOWN_PARAMS);
-
-        let model = match p.get("model") {
-            None => Some(endpoint.default_model()),
-            Some(v) => match util::one_of("model", v, endpoint.models()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    p.errors.push(format!("{e} for {}", endpoint.operation()));
-                    None
+        let mut warnings = Vec::new();
+        let mut extra: Vec<(String, String)> = Vec::new();
+        for (name, v) in map.iter() {
+            if KNOWN_PARAMS.contains(&name.as_str()) {
+                continue;
+            }
+            let mut msg = format!("topaz parameter {name:?} is not one pixbatch knows; sent as given (Topaz ignores parameters a model does not use)");
+            if let Some(s) = util::suggest(name, KNOWN_PARAMS) {
+                msg.push_str(&format!("; did you mean {s:?}?"));
+            }
+            match passthrough(name, v) {
+                Ok(text) => {
+                    warnings.push(msg);
+                    extra.push((name.clone(), text));
                 }
+                Err(e) => p.errors.push(e),
+            }
+        }
+
+        // A model pixbatch does not know passes with a warning, sent as written: new
+        // models appear on Topaz's pages faster than pixbatch is released, and an
+        // answer refusing it fails the job with Topaz's reason, before any charge.
+        let model: Option<(String, bool)> = match p.get("model") {
+            None => Some((endpoint.default_model().to_string(), true)),
+            Some(v) => match util::one_of("model", v, endpoint.models()) {
+                Ok(m) => Some((m.to_string(), true)),
+                Err(_) => match v {
+                    Value::String(s) if !s.trim().is_empty() && s.trim().len() <= 128 => {
+                        let other = match endpoint {
+                            Endpoint::EnhanceGen => ENHANCE_MODELS,
+                            _ => GEN_MODELS,
+                        };
+                        let hint = match util::one_of("model", v, other) {
+                            Ok(m) => format!(
+                                "; {m:?} is a model of {}",
+                                match endpoint {
+                                    Endpoint::EnhanceGen => "operation enhance",
+                                    _ => "operation enhance-gen",
+                                }
+                            ),
+                            Err(_) => String::new(),
+                        };
+                        warnings.push(format!(
+                            "topaz model {:?} is not one pixbatch knows for {} (known: {}); sent as given{hint}",
+                            s.trim(),
+                            endpoint.operation(),
+                            endpoint.models().join(", ")
+                        ));
+                        Some((s.trim().to_string(), false))
+                    }
+                    other => {
+                        p.errors.push(format!(
+                            "model must be a model name for {} (got {})",
+                            endpoint.operation(),
+                            util::show_value(other)
+                        ));
+                        None
+                    }
+                },
             },
         };
 
-        let mut fields: Vec<(&'static str, String)> = Vec::new();
-        if let Some(m) = model {
-            fields.push(("model", m.to_string()));
+        let mut fields: Vec<(String, String)> = Vec::new();
+        if let Some((m, _)) = &model {
+            fields.push(("model".into(), m.clone()));
         }
         let output_width = p.integer("output_width", 1, MAX_SIDE).map(|v| v as u32);
         let output_height = p.integer("output_height", 1, MAX_SIDE).map(|v| v as u32);
         if let Some(w) = output_width {
-            fields.push(("output_width", w.to_string()));
+            fields.push(("output_width".into(), w.to_string()));
         }
         if let Some(h) = output_height {
-            fields.push(("output_height", h.to_string()));
+            fields.push(("output_height".into(), h.to_string()));
         }
         let format = p.choice("output_format", OUTPUT_FORMATS).unwrap_or("jpeg");
-        fields.push(("output_format", format.to_string()));
+        fields.push(("output_format".into(), format.to_string()));
         let ext = ext_of_format(format).unwrap_or("jpg");
+        let mut face = None;
         for name in ["crop_to_fill", "face_enhancement"] {
             if let Some(b) = p.boolean(name) {
-                fields.push((name, b.to_string()));
+                fields.push((name.into(), b.to_string()));
+                if name == "face_enhancement" {
+                    face = Some(b);
+                }
             }
         }
-        if let Some(x) = p.number("face_enhancement_creativity", 0.0, 1.0) {
-            fields.push(("face_enhancement_creativity", util::fmt_num(x)));
+        let face_strength = p.number("face_enhancement_strength", 0.0, 1.0);
+        let face_creativity = p.number("face_enhancement_creativity", 0.0, 1.0);
+        // The model pages: both strengths are "required if face_enhancement=true". The
+        // strength has no documented default, so a request without it is refused
+        // here; the creativity has one in the document (0), so it only warns.
+        if face == Some(true) {
+            if face_strength.is_none() && !p.has("face_enhancement_strength") {
+                p.errors.push(
+                    "face_enhancement = true needs face_enhancement_strength (a number from 0 to 1): Topaz requires it with face enhancement".into(),
+                );
+            }
+            if face_creativity.is_none() && !p.has("face_enhancement_creativity") {
+                warnings.push("face_enhancement = true without face_enhancement_creativity: the model pages call it required, the document defaults it to 0".into());
+            }
+        }
+        if let Some(x) = face_strength {
+            fields.push(("face_enhancement_strength".into(), util::fmt_num(x)));
+        }
+        if let Some(x) = face_creativity {
+            fields.push(("face_enhancement_creativity".into(), util::fmt_num(x)));
+        }
+        if let Some(c) = p.choice("subject_detection", SUBJECT_DETECTION) {
+            fields.push(("subject_detection".into(), c.to_string()));
         }
 
-        // Model settings: checked for range everywhere, and refused for a model that
-        // would silently ignore them (the user would pay for a result without them).
+        // Model settings: checked for range everywhere; one a known model does not
+        // read passes with a warning (Topaz ignores it: the result comes without it).
         let mut settings: Vec<(&'static str, String)> = Vec::new();
         for name in ["denoise", "sharpen", "fix_compression"] {
             if let Some(x) = p.number(name, 0.0, 1.0) {
                 settings.push((name, util::fmt_num(x)));
             }
         }
-        if let Some(c) = p.integer("creativity", 1, 6) {
+        if let Some(x) = p.number("strength", 0.01, 1.0) {
+            settings.push(("strength", util::fmt_num(x)));
+        }
+        let max_creativity = match model.as_ref().map(|(m, _)| m.as_str()) {
+            Some("Bloom Realism") => BLOOM_REALISM_MAX_CREATIVITY,
+            _ => MAX_CREATIVITY,
+        };
+        if let Some(c) = p.integer("creativity", 1, max_creativity) {
             settings.push(("creativity", c.to_string()));
         }
         if let Some(t) = p.integer("texture", 1, 5) {
             settings.push(("texture", t.to_string()));
+        }
+        if let Some(b) = p.boolean("autoprompt") {
+            settings.push(("autoprompt", b.to_string()));
+        }
+        // `detail`: a decimal 0..1 on the Recovery pages, a boolean on the newer ones.
+        match p.get("detail") {
+            None => {}
+            Some(Value::Bool(b)) => settings.push(("detail", b.to_string())),
+            Some(_) => {
+                if let Some(x) = p.number("detail", 0.0, 1.0) {
+                    settings.push(("detail", util::fmt_num(x)));
+                }
+            }
         }
         let prompt = util::prompt_of(spec, map);
         if p.has("prompt") && !matches!(p.get("prompt"), Some(Value::String(_))) {
@@ -255,7 +413,7 @@ impl Plan {
                 Err(e) => p.errors.push(e),
             }
         }
-        if let Some(m) = model {
+        if let Some((m, true)) = &model {
             let usable = model_params(m);
             for (name, _) in &settings {
                 if !usable.contains(name) {
@@ -271,25 +429,26 @@ impl Plan {
                     } else {
                         format!("it takes {}", usable.join(", "))
                     };
-                    let hint = match *name {
-                        "prompt" | "creativity" | "texture" => {
-                            "; use operation enhance-gen with model Redefine"
-                        }
+                    let hint = match (*name, endpoint) {
+                        (
+                            "prompt" | "creativity" | "texture" | "autoprompt",
+                            Endpoint::Enhance | Endpoint::EnhanceSync,
+                        ) => "; use operation enhance-gen (e.g. model Redefine)",
                         _ => "",
                     };
-                    p.errors.push(format!(
-                        "topaz model {m:?} does not use {what}: {takes}{hint}"
+                    warnings.push(format!(
+                        "topaz model {m:?} does not use {what} (Topaz ignores it): {takes}{hint}"
                     ));
                 }
             }
         }
-        fields.extend(settings);
+        fields.extend(settings.into_iter().map(|(n, v)| (n.to_string(), v)));
 
         if let Some(v) = p.get("options_json") {
             match v {
-                Value::Object(_) => fields.push(("options_json", v.to_string())),
+                Value::Object(_) => fields.push(("options_json".into(), v.to_string())),
                 Value::String(s) => match serde_json::from_str::<Value>(s) {
-                    Ok(Value::Object(_)) => fields.push(("options_json", s.clone())),
+                    Ok(Value::Object(_)) => fields.push(("options_json".into(), s.clone())),
                     _ => p.errors.push(format!(
                         "options_json must be a JSON object (got {})",
                         util::show_value(v)
@@ -301,17 +460,19 @@ impl Plan {
                 )),
             }
         }
+        fields.extend(extra);
 
         if !p.errors.is_empty() {
             return Err(p.errors);
         }
         Ok(Plan {
             endpoint,
-            model: model.unwrap_or_else(|| endpoint.default_model()),
+            model: model.map_or_else(|| endpoint.default_model().to_string(), |(m, _)| m),
             output_width,
             output_height,
             ext,
             fields,
+            warnings,
         })
     }
 
@@ -380,11 +541,20 @@ fn mp(px: u64) -> String {
     format!("{:.1} MP", px as f64 / MEGAPIXEL as f64)
 }
 
-/// Checks a Topaz job against the document before any request is made.
+/// Checks a Topaz job against the document before any request is made (errors only).
 pub fn validate(spec: &JobSpec) -> Vec<String> {
+    check(spec).errors
+}
+
+/// [`validate`] with the warnings: what pixbatch does not know but Topaz may accept.
+pub fn check(spec: &JobSpec) -> super::Findings {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let plan = match Plan::from_spec(spec) {
-        Ok(plan) => Some(plan),
+        Ok(plan) => {
+            warnings.extend(plan.warnings.iter().cloned());
+            Some(plan)
+        }
         Err(e) => {
             errors.extend(e);
             None
@@ -396,7 +566,7 @@ pub fn validate(spec: &JobSpec) -> Vec<String> {
             errors.extend(plan.check_input(info.format, info.dimensions));
         }
     }
-    errors
+    super::Findings { errors, warnings }
 }
 
 /// Requests a typical job makes: the submission, a few polls, a download link and
@@ -484,7 +654,7 @@ impl Topaz {
             .text("input_width", w.to_string())
             .text("input_height", h.to_string());
         for (name, value) in &plan.fields {
-            form = form.text(*name, value.clone());
+            form = form.text(name.clone(), value.clone());
         }
         let request = self
             .request(api, reqwest::Method::POST, plan.endpoint.estimate_path())?
@@ -701,7 +871,7 @@ impl Provider for Topaz {
             .map_err(|e| ProviderError::permanent(format!("building the request: {e}")))?;
         let mut form = Form::new();
         for (name, value) in &plan.fields {
-            form = form.text(*name, value.clone());
+            form = form.text(name.clone(), value.clone());
         }
         let form = form.part("image", image);
         let request = self
@@ -982,6 +1152,21 @@ mod tests {
         );
     }
 
+    /// The row passes, with a warning containing `needle`.
+    fn one_warning(spec: &JobSpec, needle: &str) {
+        let found = check(spec);
+        assert!(
+            found.errors.is_empty(),
+            "unexpected errors {:?}",
+            found.errors
+        );
+        assert!(
+            found.warnings.iter().any(|e| e.contains(needle)),
+            "expected a warning containing {needle:?}, got {:?}",
+            found.warnings
+        );
+    }
+
     #[test]
     fn a_plain_job_is_valid_with_defaults() {
         assert_eq!(
@@ -991,7 +1176,9 @@ mod tests {
         let plan = Plan::from_spec(&url_spec("enhance", json!({}))).expect("plan");
         assert_eq!(plan.model, "Standard V2");
         assert_eq!(plan.ext, "jpg");
-        assert!(plan.fields.contains(&("output_format", "jpeg".into())));
+        assert!(plan
+            .fields
+            .contains(&("output_format".into(), "jpeg".into())));
         let plan = Plan::from_spec(&url_spec("enhance-gen", json!({}))).expect("plan");
         assert_eq!(plan.model, "Redefine");
         assert_eq!(plan.endpoint, Endpoint::EnhanceGen);
@@ -1003,8 +1190,31 @@ mod tests {
     #[test]
     fn every_documented_limit_is_checked() {
         one_error(
-            &url_spec("enhance-gen", json!({"creativity": 7})),
-            "creativity must be an integer from 1 to 6 (got 7)",
+            &url_spec("enhance-gen", json!({"creativity": 10})),
+            "creativity must be an integer from 1 to 9 (got 10)",
+        );
+        one_error(
+            &url_spec(
+                "enhance-gen",
+                json!({"model": "Bloom Realism", "creativity": 5}),
+            ),
+            "creativity must be an integer from 1 to 4 (got 5)",
+        );
+        one_error(
+            &url_spec("enhance", json!({"strength": 0})),
+            "strength must be a number from 0.01 to 1",
+        );
+        one_error(
+            &url_spec("enhance", json!({"subject_detection": "sky"})),
+            "subject_detection must be one of",
+        );
+        one_error(
+            &url_spec("enhance", json!({"face_enhancement": true})),
+            "needs face_enhancement_strength",
+        );
+        one_error(
+            &url_spec("enhance-gen", json!({"model": "Recovery V2", "detail": 2})),
+            "detail must be a number from 0 to 1",
         );
         one_error(
             &url_spec("enhance-gen", json!({"texture": 0})),
@@ -1057,50 +1267,116 @@ mod tests {
     }
 
     #[test]
+    fn current_models_and_settings_are_accepted() {
+        for (op, params) in [
+            (
+                "enhance-gen",
+                json!({"model": "Recovery V2", "detail": 0.5}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Standard MAX", "creativity": 9, "subject_detection": "foreground"}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Wonder", "autoprompt": true, "face_enhancement": true,
+                       "face_enhancement_strength": 0.8, "face_enhancement_creativity": 0.2}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "wonder 3.5", "detail": true}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Bloom Realism", "creativity": 4}),
+            ),
+            ("enhance", json!({"model": "Text Refine", "strength": 0.4})),
+            ("enhance", json!({"model": "Upscale High Fidelity V3"})),
+        ] {
+            let found = check(&url_spec(op, params.clone()));
+            assert_eq!(
+                found,
+                crate::providers::Findings::default(),
+                "{op} {params}"
+            );
+        }
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"model": "wonder 3.5"})))
+            .expect("plan");
+        assert_eq!(plan.model, "Wonder 3.5");
+    }
+
+    #[test]
     fn models_are_checked_per_endpoint() {
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"model": "Redefine"})),
-            "model must be one of \"Standard V2\"",
+            "\"Redefine\" is a model of operation enhance-gen",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance-gen", json!({"model": "Standard V2"})),
             "for enhance-gen",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance-sync", json!({"model": "Recovery"})),
             "for enhance-sync",
+        );
+        one_warning(
+            &url_spec("enhance-gen", json!({"model": "Wonder 9"})),
+            "not one pixbatch knows",
+        );
+        // Sent as written.
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"model": " Wonder 9 "})))
+            .expect("plan");
+        assert_eq!(plan.model, "Wonder 9");
+        assert!(plan.fields.contains(&("model".into(), "Wonder 9".into())));
+        one_error(&url_spec("enhance", json!({"model": 3})), "model must be");
+        // strict_params turns warnings into errors.
+        let strict = check(&url_spec("enhance-gen", json!({"model": "Wonder 9"})))
+            .strict(ProviderKind::Topaz);
+        assert!(strict.warnings.is_empty());
+        assert!(
+            strict
+                .errors
+                .iter()
+                .any(|e| e.contains("strict_params = true")),
+            "{strict:?}"
         );
         assert!(validate(&url_spec("enhance", json!({"model": "low resolution v2"}))).is_empty());
         assert!(validate(&url_spec("enhance-gen", json!({"model": "Recovery"}))).is_empty());
         // Settings the model would silently ignore.
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"creativity": 3})),
             "does not use parameter creativity",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"model": "CGI", "fix_compression": 0.2})),
             "does not use parameter fix_compression",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance-gen", json!({"model": "Recovery", "denoise": 0.2})),
-            "takes no model settings",
+            "it takes detail",
         );
-        one_error(
+        one_warning(
             &spec("enhance", &["https://x/a.png"], Some("a cat"), json!({})),
             "prompt column",
         );
     }
 
     #[test]
-    fn unknown_operations_and_params_are_refused() {
+    fn unknown_operations_are_refused_and_unknown_params_warn() {
         one_error(&url_spec("upscale", json!({})), "unknown topaz operation");
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"ouput_width": 100})),
             "did you mean \"output_width\"",
         );
+        one_warning(
+            &url_spec("enhance-gen", json!({"grain_model": "silver"})),
+            "\"grain_model\" is not one pixbatch knows",
+        );
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"seed": 7}))).expect("plan");
+        assert!(plan.fields.contains(&("seed".into(), "7".into())));
         one_error(
-            &url_spec("enhance", json!({"strength": 1})),
-            "unknown topaz parameter \"strength\"",
+            &url_spec("enhance-gen", json!({"seed": [1]})),
+            "form fields are text",
         );
         one_error(&spec("enhance", &[], None, json!({})), "needs one input");
         one_error(
@@ -1125,7 +1401,7 @@ mod tests {
         let plan = Plan::from_spec(&s).expect("plan");
         assert!(plan
             .fields
-            .contains(&("prompt", "girl with red hair".into())));
+            .contains(&("prompt".into(), "girl with red hair".into())));
         let s = spec(
             "enhance-gen",
             &["https://x/a.png"],
@@ -1135,7 +1411,7 @@ mod tests {
         assert!(Plan::from_spec(&s)
             .expect("plan")
             .fields
-            .contains(&("prompt", "from params".into())));
+            .contains(&("prompt".into(), "from params".into())));
     }
 
     #[test]

@@ -28,14 +28,30 @@ pub(crate) const LEGACY_PREFIX: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJ
 const API: &str = "/image/v1";
 const FILES: &str = "/_files/";
 
-const ENHANCE_MODELS: [&str; 5] = [
+/// The models the current reference pages list per route (docs/providers.md, "Topaz
+/// live evidence"); any other model is refused with 400, before any charge, as the
+/// live API does.
+const ENHANCE_MODELS: [&str; 6] = [
     "Standard V2",
     "Low Resolution V2",
     "CGI",
     "High Fidelity V2",
     "Text Refine",
+    "Upscale High Fidelity V3",
 ];
-const GEN_MODELS: [&str; 2] = ["Redefine", "Recovery"];
+const GEN_MODELS: [&str; 11] = [
+    "Redefine",
+    "Recovery",
+    "Recovery V2",
+    "Standard MAX",
+    "Wonder",
+    "Wonder 2",
+    "Wonder 3",
+    "Wonder 3.5",
+    "Recover 3",
+    "Bloom 2",
+    "Bloom Realism",
+];
 
 /// Output limits per endpoint (topaz.txt), in pixels.
 const SYNC_MAX_PIXELS: u64 = 96_000_000;
@@ -467,12 +483,47 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
         }
     };
     for name in [
+        "face_enhancement_strength",
         "face_enhancement_creativity",
         "denoise",
         "sharpen",
         "fix_compression",
     ] {
         decimal(name)?;
+    }
+    // "required if face_enhancement=true" (the model pages): only when asked for
+    // explicitly, since face enhancement is on by default.
+    if text(form, "face_enhancement")?.is_some()
+        && face_enhancement
+        && text(form, "face_enhancement_strength")?.is_none()
+    {
+        return Err(bad(
+            "face_enhancement_strength is required when face_enhancement is true.",
+        ));
+    }
+    if let Some(v) = text(form, "strength")? {
+        if parse::dec_in(v, 0.01, 1.0).is_none() {
+            return Err(bad("Invalid strength: expected a decimal from 0.01 to 1."));
+        }
+    }
+    if let Some(v) = text(form, "subject_detection")? {
+        if !["foreground", "background", "all"].contains(&v) {
+            return Err(bad(
+                "Invalid subject_detection: expected foreground, background or all.",
+            ));
+        }
+    }
+    if let Some(v) = text(form, "autoprompt")? {
+        if parse::boolean(v).is_none() {
+            return Err(bad("Invalid autoprompt: expected true or false."));
+        }
+    }
+    if let Some(v) = text(form, "detail")? {
+        if parse::boolean(v).is_none() && parse::dec_in(v, 0.0, 1.0).is_none() {
+            return Err(bad(
+                "Invalid detail: expected true, false or a decimal from 0 to 1.",
+            ));
+        }
     }
     let integer = |name: &str, max: i64| -> Result<(), Reply> {
         match text(form, name)? {
@@ -482,7 +533,8 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
             _ => Ok(()),
         }
     };
-    integer("creativity", 6)?;
+    // 1-9 on the current enhance-gen route, 1-4 on Bloom Realism (the model pages).
+    integer("creativity", if model == "Bloom Realism" { 4 } else { 9 })?;
     integer("texture", 5)?;
     let prompt = text(form, "prompt")?.map(str::to_string);
     if prompt.as_ref().is_some_and(|p| p.chars().count() > 1024) {
@@ -1449,7 +1501,11 @@ mod tests {
             ),
             (
                 "/enhance-gen/async",
-                mp(&img, "a.png", &[("model", "Redefine"), ("creativity", "7")]),
+                mp(
+                    &img,
+                    "a.png",
+                    &[("model", "Redefine"), ("creativity", "10")],
+                ),
                 400,
                 "creativity",
             ),

@@ -21,3 +21,4 @@ mod security;
 mod shell;
 mod soak;
 mod storage;
+mod topaz_live;

@@ -1,0 +1,213 @@
+//! Topaz as the live API and its current pages show it (issue 13), against
+//! `pixbatch sim`: the current models and settings, unknown models passing `validate`
+//! with a warning (errors under `strict_params`), and face enhancement's required
+//! strength refused before any request.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+fn show_json(dir: &std::path::Path, id: &str) -> serde_json::Value {
+    let out = pixbatch(dir).args(["show", id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn write_manifest(dir: &std::path::Path, rows: &[serde_json::Value]) {
+    let body: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(dir.join("jobs.jsonl"), body).unwrap();
+}
+
+fn row(id: &str, op: &str, params: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "provider": "topaz", "operation": op, "input": "in/a.png", "params": params
+    })
+}
+
+/// The submissions the simulator charged for, by the job they belong to.
+fn charged_jobs(sim: &Sim) -> Vec<String> {
+    let mut jobs: Vec<String> = sim
+        .ledger()
+        .iter()
+        .filter(|e| e["provider"] == "topaz" && e["charged"] == true)
+        .filter_map(|e| e["request_key"].as_str().map(|k| job_of_key(k).to_string()))
+        .collect();
+    jobs.sort();
+    jobs
+}
+
+#[test]
+fn current_models_and_settings_validate_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 32, 32, 5);
+    write_manifest(
+        dir.path(),
+        &[
+            row(
+                "rec2",
+                "enhance-gen",
+                serde_json::json!({"model": "Recovery V2", "detail": 0.4}),
+            ),
+            row(
+                "max",
+                "enhance-gen",
+                serde_json::json!({"model": "Standard MAX", "creativity": 9,
+                                   "subject_detection": "foreground"}),
+            ),
+            row(
+                "wonder",
+                "enhance-gen",
+                serde_json::json!({"model": "Wonder", "autoprompt": true,
+                                   "face_enhancement": true,
+                                   "face_enhancement_strength": 0.7,
+                                   "face_enhancement_creativity": 0.2}),
+            ),
+            row(
+                "text",
+                "enhance",
+                serde_json::json!({"model": "Text Refine", "strength": 0.3}),
+            ),
+        ],
+    );
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("warning"), "{}", text(&out));
+
+    let sim = Sim::start(&["--task-ms", "100"]);
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(90));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for id in ["rec2", "max", "wonder", "text"] {
+        assert_eq!(show_json(dir.path(), id)["row"]["state"], "done", "{id}");
+    }
+    assert_eq!(charged_jobs(&sim), ["max", "rec2", "text", "wonder"]);
+}
+
+#[test]
+fn an_unknown_model_warns_fails_with_the_providers_reason_and_strict_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 32, 32, 6);
+    write_manifest(
+        dir.path(),
+        &[
+            row(
+                "future",
+                "enhance-gen",
+                serde_json::json!({"model": "Wonder 9"}),
+            ),
+            row(
+                "known",
+                "enhance-gen",
+                serde_json::json!({"model": "Wonder 2"}),
+            ),
+        ],
+    );
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"100ms\"\nmax_attempts = 2\n",
+    )
+    .unwrap();
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("jobs.jsonl:1: warning: topaz model \"Wonder 9\" is not one pixbatch knows"),
+        "{}",
+        text(&out)
+    );
+    assert!(!stderr.contains("jobs.jsonl:2:"), "{}", text(&out));
+
+    // The live API refuses the model: the job fails with its reason, nothing charged.
+    let sim = Sim::start(&["--task-ms", "100"]);
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(90));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let future = show_json(dir.path(), "future");
+    assert_eq!(future["row"]["state"], "failed", "{future:#}");
+    assert!(
+        future.to_string().contains("Invalid model"),
+        "the provider's reason is kept: {future:#}"
+    );
+    assert_eq!(show_json(dir.path(), "known")["row"]["state"], "done");
+    assert_eq!(charged_jobs(&sim), ["known"]);
+
+    // strict_params = true: the same row is an error, and validate fails.
+    let strict = tempfile::tempdir().unwrap();
+    write_png(&strict.path().join("in/a.png"), 32, 32, 6);
+    std::fs::copy(
+        dir.path().join("jobs.jsonl"),
+        strict.path().join("jobs.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(
+        strict.path().join("pixbatch.toml"),
+        "[providers.topaz]\nstrict_params = true\n",
+    )
+    .unwrap();
+    let out = pixbatch(strict.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("jobs.jsonl:1: topaz model \"Wonder 9\"")
+            && stderr.contains("strict_params = true for topaz"),
+        "{}",
+        text(&out)
+    );
+    assert!(!stderr.contains("warning:"), "{}", text(&out));
+}
+
+#[test]
+fn face_enhancement_without_its_strength_is_refused_before_any_request() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 32, 32, 7);
+    write_manifest(
+        dir.path(),
+        &[row(
+            "faces",
+            "enhance",
+            serde_json::json!({"face_enhancement": true}),
+        )],
+    );
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("jobs.jsonl:1: face_enhancement = true needs face_enhancement_strength"),
+        "{}",
+        text(&out)
+    );
+    let sim = Sim::start(&[]);
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        sim.ledger().iter().all(|e| e["provider"] != "topaz"),
+        "no request reached Topaz: {:?}",
+        sim.ledger()
+    );
+}
