@@ -856,24 +856,29 @@ impl Provider for Topaz {
     ) -> Result<SubmitOutcome, ProviderError> {
         let plan = Plan::from_spec(job.spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
         let source = util::single_input(job.spec)?;
-        let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
-        // A URL input is only seen now: check it before paying.
-        let problems = plan.check_input(input.format, input.dimensions());
-        if !problems.is_empty() {
-            return Err(ProviderError::permanent(problems.join("; ")));
-        }
-
         // A fresh form for every call: a sent body cannot be replayed.
-        let len = input.bytes.len() as u64;
-        let image = Part::stream_with_length(reqwest::Body::from(input.bytes.clone()), len)
-            .file_name(format!("{}.{}", job.submit_key, input.ext()))
-            .mime_str(input.mime())
-            .map_err(|e| ProviderError::permanent(format!("building the request: {e}")))?;
         let mut form = Form::new();
         for (name, value) in &plan.fields {
             form = form.text(name.clone(), value.clone());
         }
-        let form = form.part("image", image);
+        let form = if util::is_url(source) {
+            // Topaz fetches an http(s) input itself (`source_url`): pixbatch neither
+            // downloads nor re-uploads it. Its format and size are Topaz's to check;
+            // a refusal is a 400 before any charge.
+            form.text("source_url", source.to_string())
+        } else {
+            let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
+            let problems = plan.check_input(input.format, input.dimensions());
+            if !problems.is_empty() {
+                return Err(ProviderError::permanent(problems.join("; ")));
+            }
+            let len = input.bytes.len() as u64;
+            let image = Part::stream_with_length(reqwest::Body::from(input.bytes.clone()), len)
+                .file_name(format!("{}.{}", job.submit_key, input.ext()))
+                .mime_str(input.mime())
+                .map_err(|e| ProviderError::permanent(format!("building the request: {e}")))?;
+            form.part("image", image)
+        };
         let request = self
             .request(api, reqwest::Method::POST, plan.endpoint.path())?
             .header("X-Request-Id", job.submit_key.as_str())
@@ -967,6 +972,11 @@ impl Provider for Topaz {
         api: &Api,
         job: &JobContext<'_>,
     ) -> Result<Reconciliation, ProviderError> {
+        // A `source_url` submission has no file name of ours to find in the list
+        // (Topaz names it after the URL): whether it arrived cannot be told.
+        if util::single_input(job.spec).is_ok_and(util::is_url) {
+            return Ok(Reconciliation::Unknowable);
+        }
         let request = self.request(api, reqwest::Method::GET, "/status")?;
         let response = api.send(RequestKind::Query, request).await?;
         if !response.status().is_success() {

@@ -122,6 +122,8 @@ struct Task {
     output_width: u32,
     output_height: u32,
     model: String,
+    /// The URL Topaz was asked to fetch the input from, instead of an uploaded file.
+    source_url: Option<String>,
     face_enhancement: bool,
     crop_to_fill: bool,
     options_json: Option<String>,
@@ -173,6 +175,9 @@ impl Task {
         let mut m = Map::new();
         m.insert("process_id".into(), json!(self.process_id));
         m.insert("filename".into(), json!(self.filename));
+        if let Some(u) = &self.source_url {
+            m.insert("source_url".into(), json!(u));
+        }
         m.insert("input_format".into(), json!(self.input_format));
         m.insert("input_height".into(), json!(self.input_height));
         m.insert("input_width".into(), json!(self.input_width));
@@ -557,6 +562,49 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
     })
 }
 
+/// Fetches a `source_url` input (loopback only: the simulator reaches nothing else),
+/// capped at the body limit. The answer is a 400, as Topaz's for a URL it cannot read.
+async fn fetch_source(s: &Shared, raw: &str) -> Result<Bytes, Reply> {
+    let url = url::Url::parse(raw).map_err(|_| bad("Invalid source_url."))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback {
+        return Err(bad(
+            "source_url must point at a loopback address (the simulator fetches nothing else).",
+        ));
+    }
+    let mut resp = s
+        .http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| bad(&format!("Could not fetch source_url: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(bad(&format!(
+            "Could not fetch source_url: HTTP {}",
+            resp.status().as_u16()
+        )));
+    }
+    let limit = s.config.max_body_bytes;
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if buf.len() + c.len() > limit {
+                    return Err(bad("The image at source_url is too large."));
+                }
+                buf.extend_from_slice(&c);
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Err(e) => return Err(bad(&format!("Could not fetch source_url: {e}"))),
+        }
+    }
+}
+
 /// `options_json` is a string in the schema and an object in the example: accept the JSON
 /// text of an object, or a JSON string holding one. Echoed back compact.
 fn parse_options_json(raw: &str) -> Result<String, Reply> {
@@ -632,14 +680,43 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let Some(image) = form.file("image") else {
-        return bad("No image provided: the multipart field `image` is required.");
+    let source_url = match text(&form, "source_url") {
+        Ok(u) => u.map(str::to_string),
+        Err(r) => return r,
     };
-    let filename = image
-        .filename
-        .clone()
-        .filter(|f| !f.is_empty())
-        .unwrap_or_else(|| "image".to_string());
+    // Exactly one of `image` and `source_url` (the OpenAPI document's rule; the
+    // simulator has no `source_id`). A URL is fetched by the simulator itself, as
+    // Topaz does: the client never downloads it.
+    let (image_bytes, filename) = match (form.file("image"), &source_url) {
+        (Some(_), Some(_)) => {
+            return bad("Provide exactly one of image, source_id or source_url.");
+        }
+        (Some(image), None) => (
+            image.bytes.clone(),
+            image
+                .filename
+                .clone()
+                .filter(|f| !f.is_empty())
+                .unwrap_or_else(|| "image".to_string()),
+        ),
+        (None, Some(url)) => match fetch_source(s, url).await {
+            Ok(bytes) => {
+                let name = url::Url::parse(url)
+                    .ok()
+                    .and_then(|u| {
+                        u.path_segments()
+                            .and_then(|mut p| p.next_back().map(str::to_string))
+                    })
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "image".to_string());
+                (bytes, name)
+            }
+            Err(r) => return r.key(ctx.request_key.clone()),
+        },
+        (None, None) => {
+            return bad("No image provided: the multipart field `image` is required.");
+        }
+    };
     let request_key = ctx.request_key.clone().or_else(|| stem(&filename));
     let unsupported = || {
         err(
@@ -648,7 +725,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         )
         .key(request_key.clone())
     };
-    let Ok(probe) = images::probe(&image.bytes) else {
+    let Ok(probe) = images::probe(&image_bytes) else {
         return unsupported();
     };
     if probe.width == 0 || probe.height == 0 {
@@ -693,7 +770,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         .key(request_key);
     }
 
-    let bytes = image.bytes.clone();
+    let bytes = image_bytes.clone();
     let decoded = s.cpu(move || images::decode(&bytes, max)).await;
     let Ok(decoded) = decoded else {
         return unsupported();
@@ -735,6 +812,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         output_width: ow,
         output_height: oh,
         model: params.model.clone(),
+        source_url: source_url.clone(),
         face_enhancement: params.face_enhancement,
         crop_to_fill: params.crop_to_fill,
         options_json: params.options_json.clone(),

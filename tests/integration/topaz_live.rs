@@ -211,3 +211,83 @@ fn face_enhancement_without_its_strength_is_refused_before_any_request() {
         sim.ledger()
     );
 }
+
+/// A one-file HTTP server on loopback that records the `User-Agent` of every request.
+struct ImageHost {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn serve_image(bytes: Vec<u8>) -> ImageHost {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/pics/cat.png", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut agent = String::from("(none)");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line
+                    .to_ascii_lowercase()
+                    .strip_prefix("user-agent:")
+                    .map(|v| v.trim().to_string())
+                {
+                    agent = v;
+                }
+            }
+            log.lock().unwrap().push(agent);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&bytes);
+        }
+    });
+    ImageHost { url, seen }
+}
+
+#[test]
+fn a_url_input_goes_as_source_url_and_pixbatch_never_downloads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("a.png"), 40, 30, 8);
+    let host = serve_image(std::fs::read(dir.path().join("a.png")).unwrap());
+    let mut r = row("remote", "enhance", serde_json::json!({"output_width": 80}));
+    r["input"] = serde_json::json!(host.url);
+    write_manifest(dir.path(), &[r]);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let sim = Sim::start(&["--task-ms", "100"]);
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["--out", "results", "run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(show_json(dir.path(), "remote")["row"]["state"], "done");
+    // Fetched once, by the simulator (reqwest without a user agent), never by
+    // pixbatch (`pixbatch/<version>`).
+    let seen = host.seen.lock().unwrap().clone();
+    assert_eq!(seen, ["(none)"], "who fetched the input");
+    assert_eq!(charged_jobs(&sim), ["remote"]);
+    // The result is the 80-pixel-wide enhancement of the served picture.
+    let files = files_ending(&dir.path().join("results"), ".jpg");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let img = image::open(&files[0]).unwrap();
+    assert_eq!((img.width(), img.height()), (80, 60));
+}
