@@ -592,7 +592,14 @@ pub struct Estimate {
 /// The Topaz adapter.
 pub struct Topaz {
     api_key: String,
+    /// Statuses per page of `GET /status?paginated=true` (the API's maximum, 100;
+    /// smaller in tests).
+    status_page: u32,
 }
+
+/// The most pages of the status list read for one reconciliation (100 000 statuses
+/// at 100 a page); past that nothing is concluded.
+const MAX_STATUS_PAGES: u32 = 1000;
 
 impl std::fmt::Debug for Topaz {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -606,6 +613,7 @@ impl Topaz {
     pub fn new(api_key: String) -> Topaz {
         Topaz {
             api_key: api_key.trim().to_string(),
+            status_page: 100,
         }
     }
 
@@ -829,7 +837,8 @@ impl Provider for Topaz {
 
     /// `GET /status` lists the account's tasks: free, and it needs the key.
     async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
-        let request = self.request(api, reqwest::Method::GET, "/status")?;
+        // One status is enough; the whole list may be slow for a big account.
+        let request = self.request(api, reqwest::Method::GET, "/status?paginated=true&limit=1")?;
         let response = api.send(RequestKind::Query, request).await?;
         if !response.status().is_success() {
             return Err(self.error(RequestKind::Query, response).await);
@@ -977,22 +986,58 @@ impl Provider for Topaz {
         if util::single_input(job.spec).is_ok_and(util::is_url) {
             return Ok(Reconciliation::Unknowable);
         }
-        let request = self.request(api, reqwest::Method::GET, "/status")?;
-        let response = api.send(RequestKind::Query, request).await?;
-        if !response.status().is_success() {
-            return Err(self.error(RequestKind::Query, response).await);
-        }
-        // The list holds every task not yet deleted: it can be long. Read it with a
-        // cap; past the cap nothing can be concluded.
-        let Some(body) = util::read_limited(RequestKind::Query, response, MAX_JSON_ANSWER).await?
-        else {
-            tracing::warn!(
-                "topaz: the status list is longer than {} and cannot be searched; the submission cannot be reconciled",
-                util::human_bytes(MAX_JSON_ANSWER)
+        // The paginated list (`paginated=true`, `limit`, `cursor`): the plain array
+        // of every status "may be slow or fail for accounts with many statuses".
+        let mut cursor: Option<String> = None;
+        let mut found: Vec<ListedStatus> = Vec::new();
+        for _ in 0..MAX_STATUS_PAGES {
+            let path = {
+                let mut query = url::form_urlencoded::Serializer::new(String::new());
+                query
+                    .append_pair("paginated", "true")
+                    .append_pair("limit", &self.status_page.to_string());
+                if let Some(c) = &cursor {
+                    query.append_pair("cursor", c);
+                }
+                format!("/status?{}", query.finish())
+            };
+            let request = self.request(api, reqwest::Method::GET, &path)?;
+            let response = api.send(RequestKind::Query, request).await?;
+            if !response.status().is_success() {
+                return Err(self.error(RequestKind::Query, response).await);
+            }
+            let Some(body) =
+                util::read_limited(RequestKind::Query, response, MAX_JSON_ANSWER).await?
+            else {
+                tracing::warn!(
+                    "topaz: a status list page is longer than {} and cannot be searched; the submission cannot be reconciled",
+                    util::human_bytes(MAX_JSON_ANSWER)
+                );
+                return Ok(Reconciliation::Unknowable);
+            };
+            let page = read_status_page(&body)?;
+            let key = job.submit_key.as_str();
+            found.extend(
+                page.statuses
+                    .into_iter()
+                    .filter(|st| st.filename.as_deref().is_some_and(|f| file_stem(f) == key)),
             );
-            return Ok(Reconciliation::Unknowable);
-        };
-        read_status_list(&body, &job.submit_key)
+            match page.next_cursor {
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                // The last page (or a server that ignored `paginated` and sent the
+                // whole array, or repeats its cursor): the list has been read.
+                _ => {
+                    return Ok(match find_submission(&found, key) {
+                        Some(remote_id) => Reconciliation::Found { remote_id },
+                        None => Reconciliation::NotSubmitted,
+                    })
+                }
+            }
+        }
+        tracing::warn!(
+            "topaz: the status list has more than {MAX_STATUS_PAGES} pages; the submission cannot be reconciled"
+        );
+        Ok(Reconciliation::Unknowable)
     }
 
     async fn cancel(&self, api: &Api, remote_id: &str) -> Result<bool, ProviderError> {
@@ -1112,6 +1157,58 @@ pub fn read_status_list(body: &[u8], submit_key: &str) -> Result<Reconciliation,
         Some(remote_id) => Reconciliation::Found { remote_id },
         None => Reconciliation::NotSubmitted,
     })
+}
+
+/// One page of `GET /status?paginated=true`.
+#[derive(Debug, Default)]
+pub struct StatusPage {
+    statuses: Vec<ListedStatus>,
+    /// The cursor of the next page; `None` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// Reads a status list page leniently: the reference names the metadata
+/// (`next_cursor`, `has_next_page`) but not the array's key, so the first array
+/// among `statuses`, `data`, `items`, `results` (then any array field) holds the
+/// statuses. A plain array (a server ignoring `paginated`) is the whole list.
+pub fn read_status_page(body: &[u8]) -> Result<StatusPage, ProviderError> {
+    let bad = |why: String| {
+        ProviderError::bad_answer(
+            RequestKind::Query,
+            format!("unexpected status list: {why}: {}", excerpt(body)),
+        )
+    };
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let parse = |items: &Value| -> Result<Vec<ListedStatus>, ProviderError> {
+        serde_json::from_value(items.clone()).map_err(|e| bad(e.to_string()))
+    };
+    match &v {
+        Value::Array(_) => Ok(StatusPage {
+            statuses: parse(&v)?,
+            next_cursor: None,
+        }),
+        Value::Object(m) => {
+            let items = ["statuses", "data", "items", "results"]
+                .iter()
+                .find_map(|k| m.get(*k).filter(|x| x.is_array()))
+                .or_else(|| m.values().find(|x| x.is_array()));
+            let statuses = match items {
+                Some(items) => parse(items)?,
+                None => Vec::new(),
+            };
+            let more = m.get("has_next_page").and_then(Value::as_bool);
+            let next_cursor = m
+                .get("next_cursor")
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty() && more != Some(false))
+                .map(str::to_string);
+            Ok(StatusPage {
+                statuses,
+                next_cursor,
+            })
+        }
+        _ => Err(bad("neither an array nor an object".into())),
+    }
 }
 
 /// Reads a download answer: `download_url`.
@@ -2105,6 +2202,81 @@ mod sim_tests {
             }
         }
         panic!("task {id} never finished")
+    }
+
+    #[tokio::test]
+    async fn reconciliation_walks_the_paginated_status_list() {
+        let (sim, api) = start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = spec(dir.path(), "enhance", None, json!({"output_width": 80}));
+        let mut topaz = Topaz::new("sim-key".into());
+        // Two statuses a page: five tasks take three pages.
+        topaz.status_page = 2;
+        let mut ids = Vec::new();
+        for n in 1..=5 {
+            let job = JobContext {
+                spec: &spec,
+                submit_key: format!("k{n}~1"),
+                submission: 1,
+                prepared: &[],
+            };
+            let SubmitOutcome::Accepted { remote_id, .. } =
+                topaz.submit(&api, &job).await.expect("submit")
+            else {
+                panic!("not accepted")
+            };
+            ids.push(remote_id);
+        }
+        let ctx = |key: &str| JobContext {
+            spec: &spec,
+            submit_key: key.into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let lists = || async {
+            let v: Value = reqwest::get(format!("{}/_sim/ledger", sim.base_url()))
+                .await
+                .expect("ledger")
+                .json()
+                .await
+                .expect("ledger json");
+            v["entries"]
+                .as_array()
+                .map(|l| l.iter().filter(|e| e["endpoint"] == "status_all").count())
+                .unwrap_or(0)
+        };
+        // On the last page.
+        assert_eq!(
+            topaz.reconcile(&api, &ctx("k5~1")).await,
+            Ok(Reconciliation::Found {
+                remote_id: ids[4].clone()
+            })
+        );
+        assert_eq!(lists().await, 3, "three pages were read");
+        // Nowhere: every page read, then "not submitted".
+        assert_eq!(
+            topaz.reconcile(&api, &ctx("k9~1")).await,
+            Ok(Reconciliation::NotSubmitted)
+        );
+        assert_eq!(lists().await, 6);
+        // One page is enough for the access check.
+        assert!(topaz.check_access(&api).await.is_ok());
+        let _ = sim.shutdown().await;
+    }
+
+    #[test]
+    fn status_pages_are_read_leniently() {
+        let p = read_status_page(
+            br#"{"statuses":[{"process_id":"a","filename":"k~1.png"}],"next_cursor":"x","has_next_page":true}"#,
+        )
+        .expect("page");
+        assert_eq!((p.statuses.len(), p.next_cursor.as_deref()), (1, Some("x")));
+        let p = read_status_page(br#"{"data":[],"next_cursor":"x","has_next_page":false}"#)
+            .expect("page");
+        assert_eq!(p.next_cursor, None);
+        let p = read_status_page(br#"[{"process_id":"a"}]"#).expect("plain");
+        assert_eq!((p.statuses.len(), p.next_cursor), (1, None));
+        assert!(read_status_page(b"7").is_err());
     }
 
     #[tokio::test]

@@ -370,7 +370,7 @@ pub(crate) async fn handle(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         "enhance_sync" => submit(s, ctx, req, Kind::Sync).await,
         "enhance_async" => submit(s, ctx, req, Kind::Async).await,
         "enhance_gen_async" => submit(s, ctx, req, Kind::Gen).await,
-        "status_all" => status_all(s),
+        "status_all" => status_all(s, &req),
         "status" => with_task(s, ctx, |t, now, d| {
             Reply::json(StatusCode::OK, &t.json(now, d))
         }),
@@ -874,14 +874,52 @@ fn with_task(
     }
 }
 
-fn status_all(s: &Shared) -> Reply {
+/// `GET /status`: every status as a plain array, or with `paginated=true` one page of
+/// `limit` (1–100, default 50) from `cursor`, as `{"statuses": [...], "next_cursor",
+/// "has_next_page"}` (the reference names the two metadata fields; the array's key
+/// is the simulator's choice). The cursor is opaque to clients: here, the `order` of
+/// the page's first task.
+fn status_all(s: &Shared, req: &Request) -> Reply {
+    let mut paginated = false;
+    let mut limit = 50usize;
+    let mut cursor: Option<u64> = None;
+    if let Some(q) = req.uri().query() {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            match k.as_ref() {
+                "paginated" => paginated = parse::boolean(&v).unwrap_or(false),
+                "limit" => match v.parse::<usize>() {
+                    Ok(n @ 1..=100) => limit = n,
+                    _ => return bad("Invalid limit: expected an integer from 1 to 100."),
+                },
+                "cursor" => match v.strip_prefix('c').and_then(|n| n.parse::<u64>().ok()) {
+                    Some(n) => cursor = Some(n),
+                    None => return bad("Invalid cursor."),
+                },
+                _ => {}
+            }
+        }
+    }
     let now = Instant::now();
     let d = s.config.task_duration;
     let tasks = lock(&s.topaz.tasks);
     let mut all: Vec<&Task> = tasks.values().collect();
     all.sort_by_key(|t| t.order);
-    let list: Vec<Value> = all.iter().map(|t| t.json(now, d)).collect();
-    Reply::json(StatusCode::OK, &Value::Array(list))
+    if !paginated {
+        let list: Vec<Value> = all.iter().map(|t| t.json(now, d)).collect();
+        return Reply::json(StatusCode::OK, &Value::Array(list));
+    }
+    let from = cursor.unwrap_or(0);
+    let mut rest = all.into_iter().filter(|t| t.order >= from);
+    let page: Vec<Value> = rest.by_ref().take(limit).map(|t| t.json(now, d)).collect();
+    let next = rest.next().map(|t| format!("c{}", t.order));
+    Reply::json(
+        StatusCode::OK,
+        &json!({
+            "statuses": page,
+            "next_cursor": next,
+            "has_next_page": next.is_some(),
+        }),
+    )
 }
 
 fn delete_status(s: &Shared, ctx: &Ctx) -> Reply {
