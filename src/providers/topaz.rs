@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use super::util::{self, ImageFormat, Params};
 use super::{
-    Api, JobContext, OutputData, PollOutcome, Provider, ProviderError, Reconciliation, RequestKind,
-    SubmitOutcome,
+    Api, Balance, JobContext, OutputData, PollOutcome, Provider, ProviderError, Reconciliation,
+    RequestKind, SubmitOutcome,
 };
 use crate::api::{excerpt, MAX_JSON_ANSWER};
 use crate::model::{JobSpec, PendingOutput, ProviderKind};
@@ -835,6 +835,32 @@ impl Provider for Topaz {
         Ok(self.estimate(api, spec).await?.credits.map(|c| c as f64))
     }
 
+    /// `GET /account/v1/credits/balance` (the Account API, beside `/image/v1` on the
+    /// same host): `available_credits` is what can be spent; reserved credits are
+    /// held by tasks in progress.
+    async fn balance(&self, api: &Api) -> Result<Option<Balance>, ProviderError> {
+        let url = account_url(api.base_url(), "/credits/balance")?;
+        let (name, value) = self.auth_header()?;
+        let request = api
+            .client()
+            .request(reqwest::Method::GET, url)
+            .header(name, value);
+        let response = api.send(RequestKind::Query, request).await?;
+        if !response.status().is_success() {
+            return Err(self.error(RequestKind::Query, response).await);
+        }
+        let v: Value = Api::read_json(RequestKind::Query, response, MAX_SMALL_JSON).await?;
+        parse_balance(&v).map(Some).ok_or_else(|| {
+            ProviderError::bad_answer(
+                RequestKind::Query,
+                format!(
+                    "credit balance answer without available_credits: {}",
+                    excerpt(v.to_string().as_bytes())
+                ),
+            )
+        })
+    }
+
     /// `GET /status` lists the account's tasks: free, and it needs the key.
     async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
         // One status is enough; the whole list may be slow for a big account.
@@ -1156,6 +1182,31 @@ pub fn read_status_list(body: &[u8], submit_key: &str) -> Result<Reconciliation,
     Ok(match find_submission(&list, submit_key) {
         Some(remote_id) => Reconciliation::Found { remote_id },
         None => Reconciliation::NotSubmitted,
+    })
+}
+
+/// The Account API's URL for `path`, from the Image API's base: `…/image/v1` becomes
+/// `…/account/v1` (the two share the host, in production and in the simulator).
+pub fn account_url(image_base: &str, path: &str) -> Result<String, ProviderError> {
+    let base = image_base.trim_end_matches('/');
+    match base.strip_suffix("/image/v1") {
+        Some(host) => Ok(format!("{host}/account/v1{path}")),
+        None => Err(ProviderError::permanent(format!(
+            "cannot find Topaz's Account API from the base URL {base} (it should end in /image/v1)"
+        ))),
+    }
+}
+
+/// `available_credits` (integer in the reference; a number is accepted).
+pub fn parse_balance(v: &Value) -> Option<Balance> {
+    let amount = match v.get("available_credits")? {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    amount.is_finite().then(|| Balance {
+        amount,
+        unit: "credits".into(),
     })
 }
 
@@ -2262,6 +2313,23 @@ mod sim_tests {
         // One page is enough for the access check.
         assert!(topaz.check_access(&api).await.is_ok());
         let _ = sim.shutdown().await;
+    }
+
+    #[test]
+    fn the_account_api_sits_beside_the_image_api() {
+        assert_eq!(
+            account_url("https://api.topazlabs.com/image/v1", "/credits/balance").ok(),
+            Some("https://api.topazlabs.com/account/v1/credits/balance".to_string())
+        );
+        assert_eq!(
+            account_url("http://127.0.0.1:9/topaz/image/v1/", "/credits/balance").ok(),
+            Some("http://127.0.0.1:9/topaz/account/v1/credits/balance".to_string())
+        );
+        assert!(account_url("https://example.com/api", "/x").is_err());
+        let b = parse_balance(&json!({"available_credits": 100, "reserved_credits": 10}))
+            .expect("balance");
+        assert_eq!((b.amount, b.unit.as_str()), (100.0, "credits"));
+        assert_eq!(parse_balance(&json!({"total_credits": 1})), None);
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub(crate) struct TopazState {
     deleted: Mutex<HashMap<String, Option<String>>>,
     /// Creation order for `GET /status`.
     next_order: AtomicU64,
+    /// Credits of every accepted submission, for `GET /account/v1/credits/balance`.
+    spent: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +218,13 @@ pub(crate) fn route(method: &Method, rest: &str) -> Route {
             };
         }
         return Route::api("unknown").unmetered();
+    }
+    // The Account API, beside the Image API on the same host.
+    if rest == "/account/v1/credits/balance" {
+        return match *method {
+            Method::GET => Route::api("credits_balance"),
+            _ => Route::api("unknown"),
+        };
     }
     let Some(p) = rest.strip_prefix(API) else {
         return Route::api("unknown");
@@ -371,6 +380,7 @@ pub(crate) async fn handle(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         "enhance_async" => submit(s, ctx, req, Kind::Async).await,
         "enhance_gen_async" => submit(s, ctx, req, Kind::Gen).await,
         "status_all" => status_all(s, &req),
+        "credits_balance" => credits_balance(s),
         "status" => with_task(s, ctx, |t, now, d| {
             Reply::json(StatusCode::OK, &t.json(now, d))
         }),
@@ -834,6 +844,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         output: output.clone(),
     };
     let eta = task.eta(s.config.task_duration);
+    s.topaz.spent.fetch_add(task.credits, Ordering::SeqCst);
     lock(&s.topaz.tasks).insert(process_id.clone(), task);
 
     let reply = if kind == Kind::Sync {
@@ -872,6 +883,23 @@ fn with_task(
             "An image with the given process ID was not found.",
         ),
     }
+}
+
+/// Every account starts with this many credits.
+pub(crate) const START_CREDITS: u64 = 10_000;
+
+/// `GET /account/v1/credits/balance` (the Account API reference): what is left of
+/// [`START_CREDITS`] after every accepted submission's credits. Nothing is reserved.
+fn credits_balance(s: &Shared) -> Reply {
+    let available = START_CREDITS.saturating_sub(s.topaz.spent.load(Ordering::SeqCst));
+    Reply::json(
+        StatusCode::OK,
+        &json!({
+            "available_credits": available,
+            "reserved_credits": 0,
+            "total_credits": available,
+        }),
+    )
 }
 
 /// `GET /status`: every status as a plain array, or with `paginated=true` one page of

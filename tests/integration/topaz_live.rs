@@ -291,3 +291,44 @@ fn a_url_input_goes_as_source_url_and_pixbatch_never_downloads_it() {
     let img = image::open(&files[0]).unwrap();
     assert_eq!((img.width(), img.height()), (80, 60));
 }
+
+#[test]
+fn balance_topaz_prints_the_simulators_credit_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 32, 32, 9);
+    write_manifest(
+        dir.path(),
+        &[row(
+            "one",
+            "enhance-gen",
+            serde_json::json!({"model": "Wonder"}),
+        )],
+    );
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let sim = Sim::start(&["--task-ms", "100"]);
+    let balance = |json: bool| {
+        let mut cmd = pixbatch(dir.path());
+        sim.env(&mut cmd);
+        cmd.args(["balance", "topaz"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(balance(false), "topaz: 10000 credits");
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // One generative job of a 32x32 input: the simulator's 4 credits.
+    let v: serde_json::Value = serde_json::from_str(&balance(true)).unwrap();
+    assert_eq!(v["amount"], 9996.0, "{v}");
+    assert_eq!(v["unit"], "credits");
+}
