@@ -112,14 +112,112 @@ pub enum Endpoint {
     EnhanceSync,
     /// `POST /enhance-gen/async`.
     EnhanceGen,
+    /// `POST /sharpen/async` (and the synchronous `/sharpen`).
+    Sharpen,
+    SharpenSync,
+    /// `POST /sharpen-gen/async`.
+    SharpenGen,
+    /// `POST /denoise/async` (and the synchronous `/denoise`).
+    Denoise,
+    DenoiseSync,
+    /// `POST /restore-gen/async`.
+    RestoreGen,
+    /// `POST /lighting/async` (and the synchronous `/lighting`).
+    Lighting,
+    LightingSync,
 }
 
+/// A setting of the filter endpoints (sharpen, denoise, restore, lighting).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Setting {
+    Number(f64, f64),
+    Integer(i64, i64),
+    Boolean,
+}
+
+/// Per filter model: the settings it reads (the model pages' tables, as copied in
+/// olereon/GigaUp `available_models.md`).
+pub type FilterModels = &'static [(&'static str, &'static [&'static str])];
+
+const SHARPEN_MODELS: FilterModels = &[
+    ("Standard", &["strength", "minor_denoise"]),
+    ("Strong", &["strength"]),
+    ("Lens Blur", &["strength", "minor_denoise"]),
+    ("Lens Blur V2", &["strength", "minor_denoise"]),
+    ("Motion Blur", &["strength", "minor_denoise"]),
+    ("Natural", &["strength", "minor_denoise"]),
+    ("Refocus", &["strength", "minor_denoise"]),
+];
+const SHARPEN_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.01, 1.0)),
+    ("minor_denoise", Setting::Number(0.01, 1.0)),
+];
+const SHARPEN_GEN_MODELS: FilterModels = &[
+    ("Super Focus", &["strength", "focus_boost", "seed"]),
+    ("Super Focus V2", &["detail", "focus_boost"]),
+];
+const SHARPEN_GEN_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.0, 1.0)),
+    ("detail", Setting::Number(0.0, 1.0)),
+    ("focus_boost", Setting::Number(0.25, 1.0)),
+    ("seed", Setting::Integer(-2_147_483_648, 2_147_483_647)),
+];
+const DENOISE_MODELS: FilterModels = &[
+    ("Normal", &["strength", "minor_deblur", "original_detail"]),
+    ("Strong", &["strength", "minor_deblur", "original_detail"]),
+    ("Extreme", &["strength", "minor_deblur", "original_detail"]),
+];
+const DENOISE_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.01, 1.0)),
+    ("minor_deblur", Setting::Number(0.01, 1.0)),
+    ("original_detail", Setting::Number(0.0, 1.0)),
+];
+const RESTORE_MODELS: FilterModels = &[("Dust-Scratch", &[])];
+const LIGHTING_MODELS: FilterModels = &[
+    (
+        "Adjust",
+        &["color_correction", "exposure", "highlight", "shadow"],
+    ),
+    ("White Balance", &["temperature", "opacity"]),
+];
+const LIGHTING_SETTINGS: &[(&str, Setting)] = &[
+    ("color_correction", Setting::Boolean),
+    ("exposure", Setting::Number(0.0, 2.0)),
+    ("highlight", Setting::Number(0.0, 2.0)),
+    ("shadow", Setting::Number(0.0, 2.0)),
+    ("temperature", Setting::Number(0.01, 1.0)),
+    ("opacity", Setting::Number(0.01, 1.0)),
+];
+
 impl Endpoint {
+    pub const ALL: [Endpoint; 11] = [
+        Endpoint::Enhance,
+        Endpoint::EnhanceSync,
+        Endpoint::EnhanceGen,
+        Endpoint::Sharpen,
+        Endpoint::SharpenSync,
+        Endpoint::SharpenGen,
+        Endpoint::Denoise,
+        Endpoint::DenoiseSync,
+        Endpoint::RestoreGen,
+        Endpoint::Lighting,
+        Endpoint::LightingSync,
+    ];
+
     pub fn from_operation(op: &str) -> Option<Endpoint> {
         match util::fold_operation(op).as_str() {
             "enhance" | "enhance-async" => Some(Endpoint::Enhance),
             "enhance-sync" => Some(Endpoint::EnhanceSync),
             "enhance-gen" | "enhance-gen-async" => Some(Endpoint::EnhanceGen),
+            "sharpen" | "sharpen-async" => Some(Endpoint::Sharpen),
+            "sharpen-sync" => Some(Endpoint::SharpenSync),
+            "sharpen-gen" | "sharpen-gen-async" => Some(Endpoint::SharpenGen),
+            "denoise" | "denoise-async" => Some(Endpoint::Denoise),
+            "denoise-sync" => Some(Endpoint::DenoiseSync),
+            // Restoration exists only as the generative route.
+            "restore" | "restore-gen" | "restore-gen-async" => Some(Endpoint::RestoreGen),
+            "lighting" | "lighting-async" => Some(Endpoint::Lighting),
+            "lighting-sync" => Some(Endpoint::LightingSync),
             _ => None,
         }
     }
@@ -129,20 +227,59 @@ impl Endpoint {
             Endpoint::Enhance => "/enhance/async",
             Endpoint::EnhanceSync => "/enhance",
             Endpoint::EnhanceGen => "/enhance-gen/async",
+            Endpoint::Sharpen => "/sharpen/async",
+            Endpoint::SharpenSync => "/sharpen",
+            Endpoint::SharpenGen => "/sharpen-gen/async",
+            Endpoint::Denoise => "/denoise/async",
+            Endpoint::DenoiseSync => "/denoise",
+            Endpoint::RestoreGen => "/restore-gen/async",
+            Endpoint::Lighting => "/lighting/async",
+            Endpoint::LightingSync => "/lighting",
         }
     }
 
-    pub fn estimate_path(self) -> &'static str {
+    /// The synchronous endpoints answer with the image itself.
+    pub fn is_sync(self) -> bool {
+        matches!(
+            self,
+            Endpoint::EnhanceSync
+                | Endpoint::SharpenSync
+                | Endpoint::DenoiseSync
+                | Endpoint::LightingSync
+        )
+    }
+
+    /// `/estimate` and `/estimate-gen` are documented for the enhance routes only.
+    pub fn estimate_path(self) -> Option<&'static str> {
         match self {
-            Endpoint::Enhance | Endpoint::EnhanceSync => "/estimate",
-            Endpoint::EnhanceGen => "/estimate-gen",
+            Endpoint::Enhance | Endpoint::EnhanceSync => Some("/estimate"),
+            Endpoint::EnhanceGen => Some("/estimate-gen"),
+            _ => None,
         }
     }
 
-    pub fn models(self) -> &'static [&'static str] {
+    /// The filter endpoints' models and settings; `None` for the enhance routes.
+    pub fn filter(self) -> Option<(FilterModels, &'static [(&'static str, Setting)])> {
         match self {
-            Endpoint::Enhance | Endpoint::EnhanceSync => ENHANCE_MODELS,
-            Endpoint::EnhanceGen => GEN_MODELS,
+            Endpoint::Sharpen | Endpoint::SharpenSync => Some((SHARPEN_MODELS, SHARPEN_SETTINGS)),
+            Endpoint::SharpenGen => Some((SHARPEN_GEN_MODELS, SHARPEN_GEN_SETTINGS)),
+            Endpoint::Denoise | Endpoint::DenoiseSync => Some((DENOISE_MODELS, DENOISE_SETTINGS)),
+            Endpoint::RestoreGen => Some((RESTORE_MODELS, &[])),
+            Endpoint::Lighting | Endpoint::LightingSync => {
+                Some((LIGHTING_MODELS, LIGHTING_SETTINGS))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn models(self) -> Vec<&'static str> {
+        match self {
+            Endpoint::Enhance | Endpoint::EnhanceSync => ENHANCE_MODELS.to_vec(),
+            Endpoint::EnhanceGen => GEN_MODELS.to_vec(),
+            other => other
+                .filter()
+                .map(|(m, _)| m.iter().map(|(name, _)| *name).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -150,23 +287,48 @@ impl Endpoint {
         match self {
             Endpoint::Enhance | Endpoint::EnhanceSync => "Standard V2",
             Endpoint::EnhanceGen => "Redefine",
+            Endpoint::SharpenGen => "Super Focus V2",
+            other => other
+                .filter()
+                .and_then(|(m, _)| m.first().map(|(name, _)| *name))
+                .unwrap_or("Standard"),
         }
     }
 
     /// The largest output the endpoint produces, in megapixels.
     pub fn max_output_mp(self) -> u64 {
         match self {
-            Endpoint::EnhanceSync => 96,
-            Endpoint::Enhance => 512,
             Endpoint::EnhanceGen => 256,
+            e if e.is_sync() => 96,
+            _ => 512,
         }
     }
 
-    fn operation(self) -> &'static str {
+    /// Whether the output keeps the input's size (everything but enhance).
+    pub fn keeps_size(self) -> bool {
+        self.filter().is_some()
+    }
+
+    pub fn is_generative(self) -> bool {
+        matches!(
+            self,
+            Endpoint::EnhanceGen | Endpoint::SharpenGen | Endpoint::RestoreGen
+        )
+    }
+
+    pub fn operation(self) -> &'static str {
         match self {
             Endpoint::Enhance => "enhance",
             Endpoint::EnhanceSync => "enhance-sync",
             Endpoint::EnhanceGen => "enhance-gen",
+            Endpoint::Sharpen => "sharpen",
+            Endpoint::SharpenSync => "sharpen-sync",
+            Endpoint::SharpenGen => "sharpen-gen",
+            Endpoint::Denoise => "denoise",
+            Endpoint::DenoiseSync => "denoise-sync",
+            Endpoint::RestoreGen => "restore-gen",
+            Endpoint::Lighting => "lighting",
+            Endpoint::LightingSync => "lighting-sync",
         }
     }
 }
@@ -243,11 +405,16 @@ impl Plan {
     /// found in the manifest alone is listed.
     pub fn from_spec(spec: &JobSpec) -> Result<Plan, Vec<String>> {
         let Some(endpoint) = Endpoint::from_operation(&spec.operation) else {
+            let all: Vec<&str> = Endpoint::ALL.iter().map(|e| e.operation()).collect();
             return Err(vec![format!(
-                "unknown topaz operation {:?} (expected enhance, enhance-sync or enhance-gen)",
-                spec.operation
+                "unknown topaz operation {:?} (expected one of {})",
+                spec.operation,
+                all.join(", ")
             )]);
         };
+        if let Some((models, settings)) = endpoint.filter() {
+            return Plan::filter_from_spec(spec, endpoint, models, settings);
+        }
         let params = spec.params();
         let map = &params;
         let mut p = Params::new(map);
@@ -275,7 +442,7 @@ impl Plan {
         // answer refusing it fails the job with Topaz's reason, before any charge.
         let model: Option<(String, bool)> = match p.get("model") {
             None => Some((endpoint.default_model().to_string(), true)),
-            Some(v) => match util::one_of("model", v, endpoint.models()) {
+            Some(v) => match util::one_of("model", v, &endpoint.models()) {
                 Ok(m) => Some((m.to_string(), true)),
                 Err(_) => match v {
                     Value::String(s) if !s.trim().is_empty() && s.trim().len() <= 128 => {
@@ -476,6 +643,120 @@ impl Plan {
         })
     }
 
+    /// A sharpen, denoise, restore or lighting job: a model of the endpoint's and its
+    /// settings, checked against the model pages' ranges. The output keeps the
+    /// input's size. As for enhance, an unknown model or parameter passes with a
+    /// warning and is sent as given.
+    fn filter_from_spec(
+        spec: &JobSpec,
+        endpoint: Endpoint,
+        models: FilterModels,
+        settings: &'static [(&'static str, Setting)],
+    ) -> Result<Plan, Vec<String>> {
+        let params = spec.params();
+        let mut p = Params::new(&params);
+        let mut warnings = Vec::new();
+        let op = endpoint.operation();
+        let names: Vec<&'static str> = models.iter().map(|(m, _)| *m).collect();
+        let model: (String, Option<&'static [&'static str]>) = match p.get("model") {
+            None => {
+                let m = endpoint.default_model();
+                (
+                    m.to_string(),
+                    models.iter().find(|(n, _)| *n == m).map(|(_, s)| *s),
+                )
+            }
+            Some(v) => match util::one_of("model", v, &names) {
+                Ok(m) => (
+                    m.to_string(),
+                    models.iter().find(|(n, _)| *n == m).map(|(_, s)| *s),
+                ),
+                Err(_) => match v {
+                    Value::String(s) if !s.trim().is_empty() && s.trim().len() <= 128 => {
+                        warnings.push(format!(
+                            "topaz model {:?} is not one pixbatch knows for {op} (known: {}); sent as given",
+                            s.trim(),
+                            names.join(", ")
+                        ));
+                        (s.trim().to_string(), None)
+                    }
+                    other => {
+                        p.errors.push(format!(
+                            "model must be a model name for {op} (got {})",
+                            util::show_value(other)
+                        ));
+                        (endpoint.default_model().to_string(), None)
+                    }
+                },
+            },
+        };
+        let mut fields: Vec<(String, String)> = vec![("model".into(), model.0.clone())];
+        let format = p.choice("output_format", OUTPUT_FORMATS).unwrap_or("jpeg");
+        fields.push(("output_format".into(), format.to_string()));
+        let ext = ext_of_format(format).unwrap_or("jpg");
+        for (name, kind) in settings {
+            let value = match kind {
+                Setting::Number(lo, hi) => p.number(name, *lo, *hi).map(util::fmt_num),
+                Setting::Integer(lo, hi) => p.integer(name, *lo, *hi).map(|i| i.to_string()),
+                Setting::Boolean => p.boolean(name).map(|b| b.to_string()),
+            };
+            let Some(value) = value else { continue };
+            if let Some(usable) = model.1 {
+                if !usable.contains(name) {
+                    let takes = if usable.is_empty() {
+                        "it takes no settings".to_string()
+                    } else {
+                        format!("it takes {}", usable.join(", "))
+                    };
+                    warnings.push(format!(
+                        "topaz model {:?} does not use parameter {name} (Topaz ignores it): {takes}",
+                        model.0
+                    ));
+                }
+            }
+            fields.push((name.to_string(), value));
+        }
+        let known: Vec<&str> = ["model", "output_format"]
+            .into_iter()
+            .chain(settings.iter().map(|(n, _)| *n))
+            .collect();
+        for (name, v) in params.iter() {
+            if known.contains(&name.as_str()) {
+                continue;
+            }
+            let mut msg = format!(
+                "topaz parameter {name:?} is not one pixbatch knows for {op}; sent as given (Topaz ignores parameters a model does not use)"
+            );
+            if let Some(s) = util::suggest(name, &known) {
+                msg.push_str(&format!("; did you mean {s:?}?"));
+            }
+            match passthrough(name, v) {
+                Ok(text) => {
+                    warnings.push(msg);
+                    fields.push((name.clone(), text));
+                }
+                Err(e) => p.errors.push(e),
+            }
+        }
+        if util::prompt_of(spec, &params).is_some_and(|t| !t.trim().is_empty()) {
+            warnings.push(format!(
+                "topaz {op} takes no prompt; the prompt column is not sent"
+            ));
+        }
+        if !p.errors.is_empty() {
+            return Err(p.errors);
+        }
+        Ok(Plan {
+            endpoint,
+            model: model.0,
+            output_width: None,
+            output_height: None,
+            ext,
+            fields,
+            warnings,
+        })
+    }
+
     /// The output size the request asks for, given the input size: both sides when
     /// both are set, the other scaled proportionally when one is. `None` when neither
     /// is set (Topaz's autopilot decides; no guessing here).
@@ -514,11 +795,17 @@ impl Plan {
                 mp(input_px)
             ));
         }
-        if let Some((ow, oh)) = self.output_size((iw, ih)) {
+        let size = if self.endpoint.keeps_size() {
+            Some((u64::from(iw), u64::from(ih)))
+        } else {
+            self.output_size((iw, ih))
+        };
+        if let Some((ow, oh)) = size {
             let max = self.endpoint.max_output_mp();
             if ow * oh > max * MEGAPIXEL {
                 let hint = match self.endpoint {
                     Endpoint::EnhanceSync => " (use operation enhance, which allows 512 MP)",
+                    e if e.is_sync() => " (use the asynchronous operation, which allows 512 MP)",
                     _ => "",
                 };
                 errors.push(format!(
@@ -573,9 +860,9 @@ pub fn check(spec: &JobSpec) -> super::Findings {
 /// the status cleanup (the synchronous endpoint needs no polls and no link).
 pub fn requests_per_job(spec: &JobSpec) -> u32 {
     match Endpoint::from_operation(&spec.operation) {
-        Some(Endpoint::EnhanceSync) => 2,
-        Some(Endpoint::Enhance) => 5,
-        Some(Endpoint::EnhanceGen) => 8,
+        Some(e) if e.is_sync() => 2,
+        Some(e) if e.is_generative() => 8,
+        Some(_) => 5,
         None => 1,
     }
 }
@@ -644,6 +931,12 @@ impl Topaz {
     /// input's size from its header (a URL input is fetched).
     pub async fn estimate(&self, api: &Api, spec: &JobSpec) -> Result<Estimate, ProviderError> {
         let plan = Plan::from_spec(spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
+        let Some(estimate_path) = plan.endpoint.estimate_path() else {
+            return Err(ProviderError::permanent(format!(
+                "topaz documents no estimate for {}",
+                plan.endpoint.operation()
+            )));
+        };
         let source = util::single_input(spec)?;
         let dims = if util::is_url(source) {
             util::load_input(api, source, MAX_INPUT_BYTES)
@@ -665,7 +958,7 @@ impl Topaz {
             form = form.text(name.clone(), value.clone());
         }
         let request = self
-            .request(api, reqwest::Method::POST, plan.endpoint.estimate_path())?
+            .request(api, reqwest::Method::POST, estimate_path)?
             .multipart(form);
         let response = api.send(RequestKind::Query, request).await?;
         if !response.status().is_success() {
@@ -832,6 +1125,10 @@ impl Provider for Topaz {
     }
 
     async fn estimate_cost(&self, api: &Api, spec: &JobSpec) -> Result<Option<f64>, ProviderError> {
+        // Sharpen, denoise, restore and lighting have no estimate endpoint: unknown.
+        if Endpoint::from_operation(&spec.operation).is_some_and(|e| e.estimate_path().is_none()) {
+            return Ok(None);
+        }
         Ok(self.estimate(api, spec).await?.credits.map(|c| c as f64))
     }
 
@@ -925,7 +1222,7 @@ impl Provider for Topaz {
         }
         let header_id = util::header_str(&response, "x-process-id");
 
-        if plan.endpoint == Endpoint::EnhanceSync {
+        if plan.endpoint.is_sync() {
             let content_type = util::header_str(&response, "content-type");
             let data = Api::read_bytes(RequestKind::Submit, response, MAX_SYNC_ANSWER).await?;
             return read_sync_answer(content_type.as_deref(), data, header_id);
@@ -1422,6 +1719,81 @@ mod tests {
         .is_empty());
         assert!(validate(&url_spec("enhance", json!({"options_json": {"a": 1}}))).is_empty());
         assert!(validate(&url_spec("enhance", json!({"options_json": "{\"a\":1}"}))).is_empty());
+    }
+
+    #[test]
+    fn filter_operations_check_their_models_and_settings() {
+        for (op, params, path) in [
+            (
+                "sharpen",
+                json!({"model": "Lens Blur V2", "strength": 0.5, "minor_denoise": 0.2}),
+                "/sharpen/async",
+            ),
+            ("sharpen-sync", json!({}), "/sharpen"),
+            (
+                "sharpen-gen",
+                json!({"model": "Super Focus V2", "detail": 0.4, "focus_boost": 0.5}),
+                "/sharpen-gen/async",
+            ),
+            (
+                "denoise",
+                json!({"model": "Extreme", "strength": 0.6, "original_detail": 0}),
+                "/denoise/async",
+            ),
+            ("denoise-sync", json!({"minor_deblur": 0.1}), "/denoise"),
+            ("restore", json!({}), "/restore-gen/async"),
+            (
+                "lighting",
+                json!({"model": "Adjust", "exposure": 1.5, "color_correction": true}),
+                "/lighting/async",
+            ),
+            (
+                "lighting-sync",
+                json!({"model": "White Balance", "temperature": 0.3}),
+                "/lighting",
+            ),
+        ] {
+            let found = check(&url_spec(op, params.clone()));
+            assert_eq!(
+                found,
+                crate::providers::Findings::default(),
+                "{op} {params}"
+            );
+            let plan = Plan::from_spec(&url_spec(op, params)).expect("plan");
+            assert_eq!(plan.endpoint.path(), path);
+        }
+        one_error(
+            &url_spec("sharpen", json!({"strength": 0})),
+            "strength must be a number from 0.01 to 1",
+        );
+        one_error(
+            &url_spec("sharpen-gen", json!({"focus_boost": 0.1})),
+            "focus_boost must be a number from 0.25 to 1",
+        );
+        one_error(
+            &url_spec("lighting", json!({"exposure": 2.5})),
+            "exposure must be a number from 0 to 2",
+        );
+        one_warning(
+            &url_spec("sharpen", json!({"model": "Strong", "minor_denoise": 0.3})),
+            "does not use parameter minor_denoise",
+        );
+        one_warning(
+            &url_spec("restore", json!({"model": "Colorize"})),
+            "not one pixbatch knows for restore-gen",
+        );
+        one_warning(
+            &url_spec("denoise", json!({"output_width": 100})),
+            "\"output_width\" is not one pixbatch knows for denoise",
+        );
+        assert_eq!(
+            Plan::from_spec(&url_spec("sharpen-gen", json!({})))
+                .expect("plan")
+                .model,
+            "Super Focus V2"
+        );
+        assert_eq!(requests_per_job(&url_spec("lighting-sync", json!({}))), 2);
+        assert_eq!(requests_per_job(&url_spec("restore", json!({}))), 8);
     }
 
     #[test]

@@ -233,6 +233,14 @@ pub(crate) fn route(method: &Method, rest: &str) -> Route {
         (Method::POST, "/enhance") => return Route::api("enhance_sync").image(),
         (Method::POST, "/enhance/async") => return Route::api("enhance_async"),
         (Method::POST, "/enhance-gen/async") => return Route::api("enhance_gen_async"),
+        (Method::POST, "/sharpen") => return Route::api("sharpen_sync").image(),
+        (Method::POST, "/sharpen/async") => return Route::api("sharpen_async"),
+        (Method::POST, "/sharpen-gen/async") => return Route::api("sharpen_gen_async"),
+        (Method::POST, "/denoise") => return Route::api("denoise_sync").image(),
+        (Method::POST, "/denoise/async") => return Route::api("denoise_async"),
+        (Method::POST, "/restore-gen/async") => return Route::api("restore_gen_async"),
+        (Method::POST, "/lighting") => return Route::api("lighting_sync").image(),
+        (Method::POST, "/lighting/async") => return Route::api("lighting_async"),
         (Method::GET, "/status") => return Route::api("status_all"),
         (Method::POST, "/estimate") => return Route::api("estimate"),
         (Method::POST, "/estimate-gen") => return Route::api("estimate_gen"),
@@ -274,6 +282,14 @@ fn known_api_path(rest: &str) -> bool {
         "/enhance"
             | "/enhance/async"
             | "/enhance-gen/async"
+            | "/sharpen"
+            | "/sharpen/async"
+            | "/sharpen-gen/async"
+            | "/denoise"
+            | "/denoise/async"
+            | "/restore-gen/async"
+            | "/lighting"
+            | "/lighting/async"
             | "/status"
             | "/estimate"
             | "/estimate-gen"
@@ -379,6 +395,14 @@ pub(crate) async fn handle(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         "enhance_sync" => submit(s, ctx, req, Kind::Sync).await,
         "enhance_async" => submit(s, ctx, req, Kind::Async).await,
         "enhance_gen_async" => submit(s, ctx, req, Kind::Gen).await,
+        "sharpen_sync" => submit_filter(s, ctx, req, Kind::Sync, "sharpen-sync").await,
+        "sharpen_async" => submit_filter(s, ctx, req, Kind::Async, "sharpen").await,
+        "sharpen_gen_async" => submit_filter(s, ctx, req, Kind::Gen, "sharpen-gen").await,
+        "denoise_sync" => submit_filter(s, ctx, req, Kind::Sync, "denoise-sync").await,
+        "denoise_async" => submit_filter(s, ctx, req, Kind::Async, "denoise").await,
+        "restore_gen_async" => submit_filter(s, ctx, req, Kind::Gen, "restore-gen").await,
+        "lighting_sync" => submit_filter(s, ctx, req, Kind::Sync, "lighting-sync").await,
+        "lighting_async" => submit_filter(s, ctx, req, Kind::Async, "lighting").await,
         "status_all" => status_all(s, &req),
         "credits_balance" => credits_balance(s),
         "status" => with_task(s, ctx, |t, now, d| {
@@ -436,6 +460,10 @@ struct Params {
     options_json: Option<String>,
     /// The raw prompt (only `Redefine` uses it; the simulator reads `sim-fail` from it).
     prompt: Option<String>,
+    /// Sharpen, denoise, restore, lighting: the output keeps the input's size.
+    same_size: bool,
+    /// What the status calls the task (`Enhance`, `Sharpen` …).
+    category: &'static str,
 }
 
 fn text<'a>(form: &'a Form, name: &str) -> Result<Option<&'a str>, Reply> {
@@ -569,6 +597,68 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
         face_enhancement,
         options_json,
         prompt,
+        same_size: false,
+        category: if gen { "Enhance Generative" } else { "Enhance" },
+    })
+}
+
+/// The parameters of a sharpen, denoise, restore or lighting submission. The models
+/// and ranges are the model pages' (olereon/GigaUp `available_models.md`), the same
+/// tables the client checks against; an unknown model is refused with 400.
+fn parse_filter_params(form: &Form, op: &str) -> Result<Params, Reply> {
+    let endpoint = crate::providers::topaz::Endpoint::from_operation(op)
+        .ok_or_else(|| bad("Unknown endpoint."))?;
+    let (models, settings) = endpoint.filter().ok_or_else(|| bad("Unknown endpoint."))?;
+    let model = match text(form, "model")? {
+        None => endpoint.default_model().to_string(),
+        Some(m) if models.iter().any(|(n, _)| *n == m) => m.to_string(),
+        Some(m) => {
+            let names: Vec<&str> = models.iter().map(|(n, _)| *n).collect();
+            return Err(bad(&format!(
+                "Invalid model {:?}. Valid models for this endpoint: {}.",
+                truncate_chars(m, 64),
+                names.join(", ")
+            )));
+        }
+    };
+    for (name, kind) in settings {
+        let Some(v) = text(form, name)? else { continue };
+        use crate::providers::topaz::Setting;
+        let ok = match kind {
+            Setting::Number(lo, hi) => parse::dec_in(v, *lo, *hi).is_some(),
+            Setting::Integer(lo, hi) => parse::int_in(v, *lo, *hi).is_some(),
+            Setting::Boolean => parse::boolean(v).is_some(),
+        };
+        if !ok {
+            return Err(bad(&format!("Invalid {name}.")));
+        }
+    }
+    let (output_format, format) = match text(form, "output_format")? {
+        None => ("jpeg".to_string(), Format::Jpeg),
+        Some(f @ ("jpeg" | "jpg")) => (f.to_string(), Format::Jpeg),
+        Some("png") => ("png".to_string(), Format::Png),
+        Some(_) => return Err(bad(
+            "Invalid output format. Valid formats: jpeg, jpg, png (the simulator writes no tiff).",
+        )),
+    };
+    let category = match op.split('-').next().unwrap_or(op) {
+        "sharpen" => "Sharpen",
+        "denoise" => "Denoise",
+        "restore" => "Restore",
+        _ => "Lighting",
+    };
+    Ok(Params {
+        model,
+        output_width: None,
+        output_height: None,
+        output_format,
+        format,
+        crop_to_fill: false,
+        face_enhancement: false,
+        options_json: None,
+        prompt: None,
+        same_size: true,
+        category,
     })
 }
 
@@ -682,11 +772,29 @@ fn stem(filename: &str) -> Option<String> {
 }
 
 async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
+    submit_as(s, ctx, req, kind, None).await
+}
+
+async fn submit_filter(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind, op: &str) -> Reply {
+    submit_as(s, ctx, req, kind, Some(op)).await
+}
+
+async fn submit_as(
+    s: &Arc<Shared>,
+    ctx: &Ctx,
+    req: Request,
+    kind: Kind,
+    filter: Option<&str>,
+) -> Reply {
     let form = match form::read_multipart(req, &["image"]).await {
         Ok(f) => f,
         Err(e) => return err(e.status(), &e.message()),
     };
-    let params = match parse_params(&form, kind == Kind::Gen) {
+    let parsed = match filter {
+        Some(op) => parse_filter_params(&form, op),
+        None => parse_params(&form, kind == Kind::Gen),
+    };
+    let params = match parsed {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -757,7 +865,12 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         return bad("The Recovery model accepts input images of at most 16 megapixels.")
             .key(request_key);
     }
-    let (ow, oh, fit) = match output_dims(&params, probe.width, probe.height) {
+    let dims = if params.same_size {
+        Ok((probe.width, probe.height, Fit::Stretch))
+    } else {
+        output_dims(&params, probe.width, probe.height)
+    };
+    let (ow, oh, fit) = match dims {
         Ok(d) => d,
         Err(r) => return r.key(request_key),
     };
@@ -827,11 +940,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         crop_to_fill: params.crop_to_fill,
         options_json: params.options_json.clone(),
         sync: kind == Kind::Sync,
-        category: if kind == Kind::Gen {
-            "Enhance Generative"
-        } else {
-            "Enhance"
-        },
+        category: params.category,
         credits: credits_for(kind == Kind::Gen, out_pixels),
         created: ctx.arrived,
         created_unix_ms: ctx.arrived_unix_ms,

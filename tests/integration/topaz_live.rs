@@ -332,3 +332,91 @@ fn balance_topaz_prints_the_simulators_credit_balance() {
     assert_eq!(v["amount"], 9996.0, "{v}");
     assert_eq!(v["unit"], "credits");
 }
+
+#[test]
+fn sharpen_denoise_restore_and_lighting_run_through_the_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 40, 24, 10);
+    let ops = [
+        (
+            "sh",
+            "sharpen",
+            serde_json::json!({"model": "Lens Blur V2", "strength": 0.4}),
+        ),
+        (
+            "shs",
+            "sharpen-sync",
+            serde_json::json!({"model": "Natural"}),
+        ),
+        (
+            "shg",
+            "sharpen-gen",
+            serde_json::json!({"model": "Super Focus V2", "detail": 0.5}),
+        ),
+        (
+            "dn",
+            "denoise",
+            serde_json::json!({"model": "Strong", "minor_deblur": 0.2}),
+        ),
+        ("dns", "denoise-sync", serde_json::json!({})),
+        (
+            "rs",
+            "restore-gen",
+            serde_json::json!({"model": "Dust-Scratch"}),
+        ),
+        (
+            "lt",
+            "lighting",
+            serde_json::json!({"model": "Adjust", "exposure": 1.2}),
+        ),
+        (
+            "lts",
+            "lighting-sync",
+            serde_json::json!({"model": "White Balance", "opacity": 0.5}),
+        ),
+    ];
+    let rows: Vec<_> = ops
+        .iter()
+        .map(|(id, op, p)| row(id, op, p.clone()))
+        .collect();
+    write_manifest(dir.path(), &rows);
+    std::fs::write(
+        dir.path().join("pixbatch.toml"),
+        "[providers.topaz]\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        text(&out)
+    );
+    let sim = Sim::start(&["--task-ms", "100"]);
+    let mut cmd = pixbatch(dir.path());
+    sim.env(&mut cmd);
+    cmd.args(["--out", "results", "run", "jobs.jsonl"]);
+    let out = run_to_end(cmd, Duration::from_secs(90));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mut ids: Vec<String> = ops.iter().map(|(id, _, _)| id.to_string()).collect();
+    ids.sort();
+    assert_eq!(charged_jobs(&sim), ids, "each charged once");
+    // Each went to its own endpoint.
+    let endpoints: std::collections::BTreeSet<String> = sim
+        .ledger()
+        .iter()
+        .filter(|e| e["charged"] == true)
+        .filter_map(|e| e["endpoint"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(endpoints.len(), 8, "{endpoints:?}");
+    // The filters keep the input's size.
+    let files = files_ending(&dir.path().join("results"), ".jpg");
+    assert_eq!(files.len(), 8, "{files:?}");
+    for f in files {
+        let img = image::open(&f).unwrap();
+        assert_eq!((img.width(), img.height()), (40, 24), "{}", f.display());
+    }
+}
