@@ -630,11 +630,18 @@ async fn plan_costs(
     } else {
         crate::cost::estimators(config, &kinds).await
     };
-    let grouped: Vec<ProviderKind> = estimators
+    let mut grouped: Vec<ProviderKind> = estimators
         .iter()
         .filter(|(_, e)| e.is_ok())
         .map(|(k, _)| *k)
         .collect();
+    // Topaz's published credit tables price groups with no request (offline too).
+    if kinds.contains(&ProviderKind::Topaz)
+        && !grouped.contains(&ProviderKind::Topaz)
+        && config.provider(ProviderKind::Topaz).cost_per_job.is_none()
+    {
+        grouped.push(ProviderKind::Topaz);
+    }
     let mut collector = crate::cost::Collector::new(grouped);
     for (kind, p) in &plan.providers {
         if !collector.groups(*kind) {

@@ -411,6 +411,15 @@ pub fn cost_unit(kind: ProviderKind) -> &'static str {
 
 /// The most a job can cost by its provider's document, where the document says so
 /// and no API tells (AIThriving: "0.4-2 credits per successful result").
+/// What a job costs by the provider's published price tables, exactly, with no
+/// request (Topaz: credits per output megapixel). `None` where no table settles it.
+pub fn table_cost(spec: &JobSpec) -> Option<f64> {
+    match spec.provider {
+        ProviderKind::Topaz => topaz::table_credits(spec),
+        _ => None,
+    }
+}
+
 pub fn documented_max_cost(spec: &JobSpec) -> Option<f64> {
     match spec.provider {
         ProviderKind::Aithriving => Some(aithriving::MAX_CREDITS_PER_RESULT),

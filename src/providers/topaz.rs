@@ -856,6 +856,45 @@ pub fn check(spec: &JobSpec) -> super::Findings {
     super::Findings { errors, warnings }
 }
 
+/// Output megapixels one credit buys, per model family (developer.topazlabs.com
+/// "model pricing": Gigapixel 24, Wonder 4, Bloom 2; as transcribed and checked
+/// against every per-model table in file id 60049032122). `None`: no table.
+fn megapixels_per_credit(endpoint: Endpoint, model: &str) -> Option<f64> {
+    match endpoint {
+        Endpoint::Enhance | Endpoint::EnhanceSync if ENHANCE_MODELS.contains(&model) => Some(24.0),
+        Endpoint::EnhanceGen => match model {
+            "Redefine" | "Wonder" | "Wonder 2" | "Wonder 3" | "Wonder 3.5" | "Standard MAX"
+            | "Recover 3" => Some(4.0),
+            "Bloom 2" | "Bloom Realism" => Some(2.0),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A job's credits from the published tables, with no request: `ceil(output MP /
+/// MP per credit)`. Needs the output size: both sides given, or one and a local
+/// input to scale the other from. `None` otherwise (Topaz's autopilot picks the
+/// size, or the model has no table): then `/estimate` is asked.
+pub fn table_credits(spec: &JobSpec) -> Option<f64> {
+    let plan = Plan::from_spec(spec).ok()?;
+    let per_credit = megapixels_per_credit(plan.endpoint, &plan.model)?;
+    let (w, h) = match (plan.output_width, plan.output_height) {
+        (Some(w), Some(h)) => (u64::from(w), u64::from(h)),
+        (None, None) => return None,
+        _ => {
+            let input = spec.inputs.first()?;
+            if util::is_url(input) {
+                return None;
+            }
+            let dims = util::dimensions_of_file(std::path::Path::new(input.trim()))?;
+            plan.output_size(dims)?
+        }
+    };
+    let mp = (w * h) as f64 / MEGAPIXEL as f64;
+    (mp > 0.0).then(|| (mp / per_credit).ceil())
+}
+
 /// Requests a typical job makes: the submission, a few polls, a download link and
 /// the status cleanup (the synchronous endpoint needs no polls and no link).
 pub fn requests_per_job(spec: &JobSpec) -> u32 {
@@ -2702,6 +2741,62 @@ mod sim_tests {
             .expect("balance");
         assert_eq!((b.amount, b.unit.as_str()), (100.0, "credits"));
         assert_eq!(parse_balance(&json!({"total_credits": 1})), None);
+    }
+
+    #[test]
+    fn credits_come_from_the_published_tables() {
+        let c = |op: &str, params: Value| {
+            table_credits(&JobSpec {
+                id: "t".into(),
+                provider: ProviderKind::Topaz,
+                operation: op.into(),
+                inputs: vec!["https://example.com/a.png".into()],
+                prompt: None,
+                params_json: params.to_string(),
+                output: None,
+            })
+        };
+        // Standard V2 at 24 MP a credit: 32 MP -> 2, 24 MP -> 1.
+        assert_eq!(
+            c(
+                "enhance",
+                json!({"output_width": 8000, "output_height": 4000})
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            c(
+                "enhance",
+                json!({"output_width": 6000, "output_height": 4000})
+            ),
+            Some(1.0)
+        );
+        // Redefine at 4: 100 MP -> 25; Bloom 2 at 2: 100 MP -> 50.
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"output_width": 10000, "output_height": 10000})
+            ),
+            Some(25.0)
+        );
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"model": "Bloom 2", "output_width": 10000, "output_height": 10000})
+            ),
+            Some(50.0)
+        );
+        // No table (Recovery V2, the filters), no size, a URL input with one side.
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"model": "Recovery V2", "output_width": 100, "output_height": 100})
+            ),
+            None
+        );
+        assert_eq!(c("sharpen", json!({})), None);
+        assert_eq!(c("enhance", json!({})), None);
+        assert_eq!(c("enhance", json!({"output_width": 100})), None);
     }
 
     #[test]

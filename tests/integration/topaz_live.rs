@@ -420,3 +420,37 @@ fn sharpen_denoise_restore_and_lighting_run_through_the_simulator() {
         assert_eq!((img.width(), img.height()), (40, 24), "{}", f.display());
     }
 }
+
+#[test]
+fn published_credit_tables_price_topaz_jobs_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("in/a.png"), 40, 30, 11);
+    write_manifest(
+        dir.path(),
+        &[
+            // Standard V2, 32 MP at 24 MP a credit: 2.
+            row(
+                "big",
+                "enhance",
+                serde_json::json!({"output_width": 8000, "output_height": 4000}),
+            ),
+            // Wonder, 1200 x 900 (from the 40 x 30 input) at 4 MP a credit: 1.
+            row(
+                "gen",
+                "enhance-gen",
+                serde_json::json!({"model": "Wonder", "output_width": 1200}),
+            ),
+        ],
+    );
+    let out = pixbatch(dir.path())
+        .args(["validate", "--offline", "jobs.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("2 jobs  ≈ 3 credits  (topaz's published credit tables"),
+        "{}",
+        text(&out)
+    );
+}
