@@ -288,6 +288,8 @@ pub fn least_time(requests: u64, limits: &[crate::rate::RateSpec]) -> Duration {
 pub struct Enqueued {
     pub plan: Plan,
     pub added: u64,
+    /// Rows enqueued with a warning (see [`Checked::warnings`]).
+    pub warnings: Vec<RowError>,
 }
 
 /// Jobs inserted per sled transaction: each transaction costs two small
@@ -325,6 +327,7 @@ pub fn enqueue(
     Ok(Ok(Enqueued {
         plan: checked.plan,
         added,
+        warnings: checked.warnings,
     }))
 }
 

@@ -362,6 +362,9 @@ pub(super) fn enqueue_into(
     }
     match intake::enqueue(manifests, store, config)? {
         Ok(done) => {
+            // Shown on enqueue and run too: the row is queued, but it names something
+            // pixbatch does not know (a typo would cost a request).
+            print_row_warnings(&done.warnings);
             if !quiet {
                 progress::notice(&format!(
                     "{} rows read, {} new jobs enqueued, {} already queued, {} repeated rows",

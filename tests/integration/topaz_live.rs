@@ -139,6 +139,11 @@ fn an_unknown_model_warns_fails_with_the_providers_reason_and_strict_refuses_it(
     cmd.args(["run", "jobs.jsonl"]);
     let out = run_to_end(cmd, Duration::from_secs(90));
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jobs.jsonl:1: warning: topaz model"),
+        "run shows the warning too: {}",
+        text(&out)
+    );
     let future = show_json(dir.path(), "future");
     assert_eq!(future["row"]["state"], "failed", "{future:#}");
     assert!(
