@@ -174,7 +174,7 @@ fn write_manifest(dir: &Path, p: &Preset) {
                     ("restore-gen", "Dust-Scratch"),
                     ("lighting", "Adjust"),
                     ("sharpen-gen", "Super Focus V2"),
-                ][(i as usize / 16) % 5];
+                ][(i / 16) % 5];
                 format!("f{i},topaz,{op},{img},,\"{{\"\"model\"\":\"\"{model}\"\"}}\",\n")
             }
             0 | 1 => format!("t{i},topaz,enhance,{img},,\"{{\"\"output_width\"\":96}}\",\n"),
