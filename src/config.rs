@@ -77,6 +77,10 @@ pub struct ProviderConfig {
     /// timeouts) before the run halts it, its jobs kept queued: a wrong base URL must
     /// not make a cron run wait without end.
     pub unreachable_after: Duration,
+    /// Turns `validate`'s warnings for this provider (a model or parameter pixbatch
+    /// does not know) into row errors. Off by default: providers add models faster
+    /// than pixbatch is released, and Topaz ignores parameters it does not use.
+    pub strict_params: bool,
     pub credentials: Credentials,
 }
 
@@ -148,6 +152,7 @@ struct FileProvider {
     cost_per_job: Option<f64>,
     operations: Option<BTreeMap<String, String>>,
     unreachable_after: Option<String>,
+    strict_params: Option<bool>,
     api_key: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
@@ -189,6 +194,7 @@ pub fn default_provider_config(kind: ProviderKind) -> ProviderConfig {
         cost_per_job: None,
         operations: BTreeMap::new(),
         unreachable_after: DEFAULT_UNREACHABLE_AFTER,
+        strict_params: false,
         credentials: Credentials::default(),
     }
 }
@@ -310,6 +316,9 @@ impl Config {
                         return Err(ctx("unreachable_after", "must be longer than 0".into()));
                     }
                     c.unreachable_after = d;
+                }
+                if let Some(v) = f.strict_params {
+                    c.strict_params = v;
                 }
                 if let Some(v) = &f.keep_alive {
                     c.keep_alive = Some(parse_duration(v).map_err(|m| ctx("keep_alive", m))?);

@@ -101,6 +101,12 @@ impl Estimator {
         if let Some(&c) = self.cache.get(&key) {
             return Ok(c);
         }
+        // A published price table settles it: no request.
+        if let Some(c) = providers::table_cost(spec) {
+            self.cache.insert(key, c);
+            self.highest = Some(self.highest.map_or(c, |h| h.max(c)));
+            return Ok(c);
+        }
         if self.calls >= MAX_ESTIMATES {
             if let Some(h) = self.highest {
                 self.beyond_limit += 1;
@@ -266,6 +272,11 @@ pub async fn price(
                 Some(c * jobs as f64),
                 format!("{jobs} × cost_per_job {c} (configured)"),
             )
+        } else if let Some(total) = table_total(bucket) {
+            (
+                Some(total),
+                format!("{kind}'s published credit tables (per output megapixel), no request"),
+            )
         } else if let Some(est) = estimators.get_mut(&kind) {
             match est {
                 // The line already says "unknown": the reason alone.
@@ -315,6 +326,19 @@ pub async fn price(
         );
     }
     out
+}
+
+/// A bucket priced entirely by published tables ([`providers::table_cost`]), when
+/// every one of its groups is (and none was left ungrouped).
+fn table_total(bucket: &Bucket) -> Option<f64> {
+    if bucket.groups.is_empty() || bucket.ungrouped > 0 {
+        return None;
+    }
+    let mut total = 0.0;
+    for (count, spec) in bucket.groups.values() {
+        total += providers::table_cost(spec)? * *count as f64;
+    }
+    Some(total)
 }
 
 /// The most one job of `kind` can cost by its document.

@@ -145,6 +145,9 @@ pub fn topaz(data: &[u8]) {
     if let Ok(url) = link {
         assert!(util::is_url(&url), "download link {url:?}");
     }
+    if let Err(e) = topaz::read_status_page(body) {
+        check_error(&e);
+    }
     match topaz::read_status_list(body, "job~1") {
         Ok(Reconciliation::Found { remote_id }) => assert!(!remote_id.trim().is_empty()),
         Ok(_) => {}

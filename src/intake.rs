@@ -57,6 +57,9 @@ pub struct Plan {
 pub struct Checked {
     pub plan: Plan,
     pub errors: Vec<RowError>,
+    /// Rows that pass with a warning (a model or parameter pixbatch does not know;
+    /// see [`crate::providers::Findings`]).
+    pub warnings: Vec<RowError>,
 }
 
 /// Checks every row of `paths` (and against `store`, if given) and plans the work.
@@ -77,6 +80,13 @@ fn check_into(
 ) -> Result<Checked, IntakeError> {
     let mut plan = Plan::default();
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    // Looked up once, not per row.
+    let strict_kinds: Vec<ProviderKind> = ProviderKind::ALL
+        .iter()
+        .copied()
+        .filter(|k| config.provider(*k).strict_params)
+        .collect();
     let mut tracker = DuplicateTracker::new();
     let mut outputs = OutputTracker::new();
     // Rows whose output collides with a job in the database: named after the pass.
@@ -157,7 +167,8 @@ fn check_into(
                 }
             }
         };
-        manifest::read_manifest(path, &mut on_row)?;
+        let strict = |kind: ProviderKind| strict_kinds.contains(&kind);
+        manifest::read_manifest_warning(path, &strict, &mut on_row, &mut |w| warnings.push(w))?;
     }
     if let Some(e) = store_error {
         return Err(e.into());
@@ -171,7 +182,11 @@ fn check_into(
     for (kind, p) in plan.providers.iter_mut() {
         p.least_time = least_time(p.requests, &config.provider(*kind).rate_limits);
     }
-    Ok(Checked { plan, errors })
+    Ok(Checked {
+        plan,
+        errors,
+        warnings,
+    })
 }
 
 /// Every job in the database, and every earlier version, owns its outputs' names.
@@ -273,6 +288,8 @@ pub fn least_time(requests: u64, limits: &[crate::rate::RateSpec]) -> Duration {
 pub struct Enqueued {
     pub plan: Plan,
     pub added: u64,
+    /// Rows enqueued with a warning (see [`Checked::warnings`]).
+    pub warnings: Vec<RowError>,
 }
 
 /// Jobs inserted per sled transaction: each transaction costs two small
@@ -310,6 +327,7 @@ pub fn enqueue(
     Ok(Ok(Enqueued {
         plan: checked.plan,
         added,
+        warnings: checked.warnings,
     }))
 }
 

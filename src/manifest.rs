@@ -111,7 +111,28 @@ pub fn read_manifest(
     path: &Path,
     on_row: &mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
 ) -> Result<u64, ManifestError> {
-    read_with(path, &providers::validate, on_row)
+    read_checked(path, &providers::check, on_row, &mut |_| {})
+}
+
+/// [`read_manifest`] that also reports each row's warnings (a model or parameter the
+/// provider's check does not know: the row still passes) to `on_warning`, unless
+/// `strict` says so for the row's provider (`strict_params = true`): then they are
+/// row errors like any other.
+pub fn read_manifest_warning(
+    path: &Path,
+    strict: &dyn Fn(ProviderKind) -> bool,
+    on_row: &mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
+    on_warning: &mut dyn FnMut(RowError),
+) -> Result<u64, ManifestError> {
+    let check = |spec: &JobSpec| {
+        let found = providers::check(spec);
+        if strict(spec.provider) {
+            found.strict(spec.provider)
+        } else {
+            found
+        }
+    };
+    read_checked(path, &check, on_row, on_warning)
 }
 
 /// Decides a manifest's format from its extension, sniffing the content where the
@@ -164,8 +185,9 @@ pub fn read_manifest_bytes(
         path: name,
         file: name.display().to_string(),
         base: base.to_path_buf(),
-        validate: &providers::validate,
+        check: &providers::check,
         on_row,
+        on_warning: &mut |_| {},
         rows: 0,
     };
     match format_for(ext.as_deref(), first) {
@@ -204,10 +226,21 @@ fn check_encoding(path: &Path, head: &[u8]) -> Result<(), ManifestError> {
 }
 
 /// [`read_manifest`] with the provider check passed in (tests use their own).
+#[cfg(test)]
 fn read_with(
     path: &Path,
     validate: &dyn Fn(&JobSpec) -> Vec<String>,
     on_row: &mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
+) -> Result<u64, ManifestError> {
+    let check = |spec: &JobSpec| providers::Findings::errors(validate(spec));
+    read_checked(path, &check, on_row, &mut |_| {})
+}
+
+fn read_checked(
+    path: &Path,
+    check: &dyn Fn(&JobSpec) -> providers::Findings,
+    on_row: &mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
+    on_warning: &mut dyn FnMut(RowError),
 ) -> Result<u64, ManifestError> {
     let io_err = |source| ManifestError::Io {
         path: path.to_path_buf(),
@@ -229,8 +262,9 @@ fn read_with(
         path,
         file: path.display().to_string(),
         base,
-        validate,
+        check,
         on_row,
+        on_warning,
         rows: 0,
     };
     match format {
@@ -302,8 +336,9 @@ struct Ctx<'a> {
     file: String,
     /// The manifest's folder, absolute: relative inputs are resolved against it.
     base: PathBuf,
-    validate: &'a dyn Fn(&JobSpec) -> Vec<String>,
+    check: &'a dyn Fn(&JobSpec) -> providers::Findings,
     on_row: &'a mut dyn FnMut(Result<(Origin, JobSpec), RowError>),
+    on_warning: &'a mut dyn FnMut(RowError),
     rows: u64,
 }
 
@@ -336,12 +371,16 @@ impl Ctx<'_> {
             Ok(spec) => spec,
             Err(problems) => return self.fail(line, problems),
         };
-        let problems = (self.validate)(&spec);
-        if problems.is_empty() {
+        let found = (self.check)(&spec);
+        if found.errors.is_empty() {
+            for reason in found.warnings {
+                let origin = self.origin(line);
+                (self.on_warning)(RowError { origin, reason });
+            }
             let origin = self.origin(line);
             (self.on_row)(Ok((origin, spec)));
         } else {
-            self.fail(line, problems);
+            self.fail(line, found.errors);
         }
     }
 

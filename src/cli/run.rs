@@ -408,6 +408,13 @@ pub(super) fn print_row_errors(errors: &[crate::manifest::RowError]) {
     }
 }
 
+/// `FILE:LINE: warning: …` for rows that pass with something pixbatch does not know.
+pub(super) fn print_row_warnings(warnings: &[crate::manifest::RowError]) {
+    for w in warnings {
+        eprintln!("{}: warning: {}", w.origin, w.reason);
+    }
+}
+
 pub(super) fn enqueue_into(
     store: &Store,
     config: &Config,
@@ -421,6 +428,9 @@ pub(super) fn enqueue_into(
     }
     match intake::enqueue(manifests, store, config)? {
         Ok(done) => {
+            // Shown on enqueue and run too: the row is queued, but it names something
+            // pixbatch does not know (a typo would cost a request).
+            print_row_warnings(&done.warnings);
             if !quiet {
                 progress::notice(&format!(
                     "{} rows read, {} new jobs enqueued, {} already queued, {} repeated rows",
@@ -516,7 +526,9 @@ pub(super) async fn cmd_validate(
     let checked = intake::check(manifests, store, config)?;
     let missing = missing_credentials(&checked.plan, config);
     let mut doc = Preview::new(json, &checked.errors, &checked.plan, config, &missing);
+    doc.set_warnings(&checked.warnings);
     if !json {
+        print_row_warnings(&checked.warnings);
         print_row_errors(&checked.errors);
         print_plan(&checked.plan, config);
         for line in &missing {
@@ -577,19 +589,18 @@ impl Preview {
         let doc = json.then(|| {
             serde_json::json!({
                 "ok": errors.is_empty() && missing.is_empty(),
-                "errors": errors
-                    .iter()
-                    .map(|e| serde_json::json!({
-                        "file": e.origin.file,
-                        "line": e.origin.line,
-                        "reason": e.reason,
-                    }))
-                    .collect::<Vec<_>>(),
+                "errors": rows_json(errors),
                 "missing_credentials": missing,
                 "plan": plan_json(plan, config),
             })
         });
         Preview { doc }
+    }
+
+    /// `warnings`: rows that pass with something pixbatch does not know (a model,
+    /// a parameter), as `{file, line, reason}`.
+    fn set_warnings(&mut self, warnings: &[crate::manifest::RowError]) {
+        self.set("warnings", rows_json(warnings));
     }
 
     fn set(&mut self, key: &str, value: serde_json::Value) {
@@ -608,6 +619,18 @@ impl Preview {
             );
         }
     }
+}
+
+fn rows_json(rows: &[crate::manifest::RowError]) -> serde_json::Value {
+    rows.iter()
+        .map(|e| {
+            serde_json::json!({
+                "file": e.origin.file,
+                "line": e.origin.line,
+                "reason": e.reason,
+            })
+        })
+        .collect()
 }
 
 fn plan_json(plan: &Plan, config: &Config) -> serde_json::Value {
@@ -709,6 +732,9 @@ async fn dry_run(
             _ => None,
         };
         let checked = intake::check(manifests, store, config)?;
+        if !json {
+            print_row_warnings(&checked.warnings);
+        }
         let mut errors: Vec<_> = checked
             .errors
             .into_iter()
@@ -719,6 +745,7 @@ async fn dry_run(
         }
         let missing = missing_credentials(&checked.plan, config);
         doc = Preview::new(json, &errors, &checked.plan, config, &missing);
+        doc.set_warnings(&checked.warnings);
         if !json {
             print_row_errors(&errors);
             print_plan(&checked.plan, config);
@@ -883,11 +910,18 @@ async fn plan_costs(
     } else {
         crate::cost::estimators(config, &kinds).await
     };
-    let grouped: Vec<ProviderKind> = estimators
+    let mut grouped: Vec<ProviderKind> = estimators
         .iter()
         .filter(|(_, e)| e.is_ok())
         .map(|(k, _)| *k)
         .collect();
+    // Topaz's published credit tables price groups with no request (offline too).
+    if kinds.contains(&ProviderKind::Topaz)
+        && !grouped.contains(&ProviderKind::Topaz)
+        && config.provider(ProviderKind::Topaz).cost_per_job.is_none()
+    {
+        grouped.push(ProviderKind::Topaz);
+    }
     let mut collector = crate::cost::Collector::new(grouped);
     for (kind, p) in &plan.providers {
         if !collector.groups(*kind) {

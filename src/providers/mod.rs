@@ -354,12 +354,50 @@ pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
 /// Checks a job against its provider's documented limits before any request is made.
 /// Returns every problem found (empty when the job is valid).
 pub fn validate(spec: &JobSpec) -> Vec<String> {
+    check(spec).errors
+}
+
+/// What a provider's manifest check found for one row.
+///
+/// `errors` refuse the row: a value the provider documents as wrong (out of range,
+/// wrong format, too large). `warnings` let it pass: a model or parameter pixbatch
+/// does not know, which the live API may well accept (providers add models faster
+/// than pixbatch is released). `strict_params = true` for the provider turns the
+/// warnings into errors ([`Findings::strict`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl Findings {
+    pub fn errors(errors: Vec<String>) -> Findings {
+        Findings {
+            errors,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The warnings become errors, each saying why it is one now.
+    pub fn strict(mut self, kind: ProviderKind) -> Findings {
+        for w in std::mem::take(&mut self.warnings) {
+            self.errors
+                .push(format!("{w} (refused: strict_params = true for {kind})"));
+        }
+        self
+    }
+}
+
+/// Checks a job against its provider's documented limits before any request, with
+/// the warnings kept apart (see [`Findings`]). Providers without warnings yet report
+/// their [`validate`] errors only.
+pub fn check(spec: &JobSpec) -> Findings {
     match spec.provider {
-        ProviderKind::Topaz => topaz::validate(spec),
-        ProviderKind::Photio => photio::validate(spec),
-        ProviderKind::Aithriving => aithriving::validate(spec),
-        ProviderKind::Perfect => perfect::validate(spec),
-        ProviderKind::Dzine => dzine::validate(spec),
+        ProviderKind::Topaz => topaz::check(spec),
+        ProviderKind::Photio => Findings::errors(photio::validate(spec)),
+        ProviderKind::Aithriving => Findings::errors(aithriving::validate(spec)),
+        ProviderKind::Perfect => Findings::errors(perfect::validate(spec)),
+        ProviderKind::Dzine => Findings::errors(dzine::validate(spec)),
     }
 }
 
@@ -383,6 +421,15 @@ pub fn cost_unit(kind: ProviderKind) -> &'static str {
 
 /// The most a job can cost by its provider's document, where the document says so
 /// and no API tells (AIThriving: "0.4-2 credits per successful result").
+/// What a job costs by the provider's published price tables, exactly, with no
+/// request (Topaz: credits per output megapixel). `None` where no table settles it.
+pub fn table_cost(spec: &JobSpec) -> Option<f64> {
+    match spec.provider {
+        ProviderKind::Topaz => topaz::table_credits(spec),
+        _ => None,
+    }
+}
+
 pub fn documented_max_cost(spec: &JobSpec) -> Option<f64> {
     match spec.provider {
         ProviderKind::Aithriving => Some(aithriving::MAX_CREDITS_PER_RESULT),

@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use super::util::{self, ImageFormat, Params};
 use super::{
-    Api, JobContext, OutputData, PollOutcome, Provider, ProviderError, Reconciliation, RequestKind,
-    SubmitOutcome,
+    Api, Balance, JobContext, OutputData, PollOutcome, Provider, ProviderError, Reconciliation,
+    RequestKind, SubmitOutcome,
 };
 use crate::api::{excerpt, MAX_JSON_ANSWER};
 use crate::model::{JobSpec, PendingOutput, ProviderKind};
@@ -46,16 +46,41 @@ const MAX_SIDE: i64 = 32000;
 /// "text - max 1024 characters".
 const MAX_PROMPT_CHARS: usize = 1024;
 
+/// `/enhance` models: the document's five, and `Upscale High Fidelity V3` from the
+/// current model pages (docs/providers.md, "Topaz live evidence").
 const ENHANCE_MODELS: &[&str] = &[
     "Standard V2",
     "Low Resolution V2",
     "CGI",
     "High Fidelity V2",
     "Text Refine",
+    "Upscale High Fidelity V3",
 ];
-const GEN_MODELS: &[&str] = &["Redefine", "Recovery"];
+/// `/enhance-gen` models: the document's two, the OpenAPI document's
+/// (`Standard MAX`, `Recovery V2`, `Wonder`) and the current model pages'.
+const GEN_MODELS: &[&str] = &[
+    "Redefine",
+    "Recovery",
+    "Recovery V2",
+    "Standard MAX",
+    "Wonder",
+    "Wonder 2",
+    "Wonder 3",
+    "Wonder 3.5",
+    "Recover 3",
+    "Bloom 2",
+    "Bloom Realism",
+];
 const OUTPUT_FORMATS: &[&str] = &["jpeg", "jpg", "png", "tiff", "tif"];
-/// Every parameter name the manifest may use for Topaz.
+/// `subject_detection`: where the enhancement applies.
+const SUBJECT_DETECTION: &[&str] = &["foreground", "background", "all"];
+/// The highest `creativity` on `/enhance-gen` (the newer route; the document said 6).
+const MAX_CREATIVITY: i64 = 9;
+/// `Bloom Realism` narrows it.
+const BLOOM_REALISM_MAX_CREATIVITY: i64 = 4;
+/// Every parameter name pixbatch knows for Topaz. Others pass with a warning and are
+/// sent as they are: Topaz documents that parameters a model does not use are
+/// ignored, and new models bring new ones.
 const KNOWN_PARAMS: &[&str] = &[
     "model",
     "output_width",
@@ -63,13 +88,18 @@ const KNOWN_PARAMS: &[&str] = &[
     "output_format",
     "crop_to_fill",
     "face_enhancement",
+    "face_enhancement_strength",
     "face_enhancement_creativity",
+    "subject_detection",
     "denoise",
     "sharpen",
     "fix_compression",
+    "strength",
     "creativity",
     "texture",
     "prompt",
+    "autoprompt",
+    "detail",
     "options_json",
 ];
 
@@ -82,14 +112,112 @@ pub enum Endpoint {
     EnhanceSync,
     /// `POST /enhance-gen/async`.
     EnhanceGen,
+    /// `POST /sharpen/async` (and the synchronous `/sharpen`).
+    Sharpen,
+    SharpenSync,
+    /// `POST /sharpen-gen/async`.
+    SharpenGen,
+    /// `POST /denoise/async` (and the synchronous `/denoise`).
+    Denoise,
+    DenoiseSync,
+    /// `POST /restore-gen/async`.
+    RestoreGen,
+    /// `POST /lighting/async` (and the synchronous `/lighting`).
+    Lighting,
+    LightingSync,
 }
 
+/// A setting of the filter endpoints (sharpen, denoise, restore, lighting).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Setting {
+    Number(f64, f64),
+    Integer(i64, i64),
+    Boolean,
+}
+
+/// Per filter model: the settings it reads (the model pages' tables, as copied in
+/// olereon/GigaUp `available_models.md`).
+pub type FilterModels = &'static [(&'static str, &'static [&'static str])];
+
+const SHARPEN_MODELS: FilterModels = &[
+    ("Standard", &["strength", "minor_denoise"]),
+    ("Strong", &["strength"]),
+    ("Lens Blur", &["strength", "minor_denoise"]),
+    ("Lens Blur V2", &["strength", "minor_denoise"]),
+    ("Motion Blur", &["strength", "minor_denoise"]),
+    ("Natural", &["strength", "minor_denoise"]),
+    ("Refocus", &["strength", "minor_denoise"]),
+];
+const SHARPEN_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.01, 1.0)),
+    ("minor_denoise", Setting::Number(0.01, 1.0)),
+];
+const SHARPEN_GEN_MODELS: FilterModels = &[
+    ("Super Focus", &["strength", "focus_boost", "seed"]),
+    ("Super Focus V2", &["detail", "focus_boost"]),
+];
+const SHARPEN_GEN_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.0, 1.0)),
+    ("detail", Setting::Number(0.0, 1.0)),
+    ("focus_boost", Setting::Number(0.25, 1.0)),
+    ("seed", Setting::Integer(-2_147_483_648, 2_147_483_647)),
+];
+const DENOISE_MODELS: FilterModels = &[
+    ("Normal", &["strength", "minor_deblur", "original_detail"]),
+    ("Strong", &["strength", "minor_deblur", "original_detail"]),
+    ("Extreme", &["strength", "minor_deblur", "original_detail"]),
+];
+const DENOISE_SETTINGS: &[(&str, Setting)] = &[
+    ("strength", Setting::Number(0.01, 1.0)),
+    ("minor_deblur", Setting::Number(0.01, 1.0)),
+    ("original_detail", Setting::Number(0.0, 1.0)),
+];
+const RESTORE_MODELS: FilterModels = &[("Dust-Scratch", &[])];
+const LIGHTING_MODELS: FilterModels = &[
+    (
+        "Adjust",
+        &["color_correction", "exposure", "highlight", "shadow"],
+    ),
+    ("White Balance", &["temperature", "opacity"]),
+];
+const LIGHTING_SETTINGS: &[(&str, Setting)] = &[
+    ("color_correction", Setting::Boolean),
+    ("exposure", Setting::Number(0.0, 2.0)),
+    ("highlight", Setting::Number(0.0, 2.0)),
+    ("shadow", Setting::Number(0.0, 2.0)),
+    ("temperature", Setting::Number(0.01, 1.0)),
+    ("opacity", Setting::Number(0.01, 1.0)),
+];
+
 impl Endpoint {
+    pub const ALL: [Endpoint; 11] = [
+        Endpoint::Enhance,
+        Endpoint::EnhanceSync,
+        Endpoint::EnhanceGen,
+        Endpoint::Sharpen,
+        Endpoint::SharpenSync,
+        Endpoint::SharpenGen,
+        Endpoint::Denoise,
+        Endpoint::DenoiseSync,
+        Endpoint::RestoreGen,
+        Endpoint::Lighting,
+        Endpoint::LightingSync,
+    ];
+
     pub fn from_operation(op: &str) -> Option<Endpoint> {
         match util::fold_operation(op).as_str() {
             "enhance" | "enhance-async" => Some(Endpoint::Enhance),
             "enhance-sync" => Some(Endpoint::EnhanceSync),
             "enhance-gen" | "enhance-gen-async" => Some(Endpoint::EnhanceGen),
+            "sharpen" | "sharpen-async" => Some(Endpoint::Sharpen),
+            "sharpen-sync" => Some(Endpoint::SharpenSync),
+            "sharpen-gen" | "sharpen-gen-async" => Some(Endpoint::SharpenGen),
+            "denoise" | "denoise-async" => Some(Endpoint::Denoise),
+            "denoise-sync" => Some(Endpoint::DenoiseSync),
+            // Restoration exists only as the generative route.
+            "restore" | "restore-gen" | "restore-gen-async" => Some(Endpoint::RestoreGen),
+            "lighting" | "lighting-async" => Some(Endpoint::Lighting),
+            "lighting-sync" => Some(Endpoint::LightingSync),
             _ => None,
         }
     }
@@ -99,20 +227,59 @@ impl Endpoint {
             Endpoint::Enhance => "/enhance/async",
             Endpoint::EnhanceSync => "/enhance",
             Endpoint::EnhanceGen => "/enhance-gen/async",
+            Endpoint::Sharpen => "/sharpen/async",
+            Endpoint::SharpenSync => "/sharpen",
+            Endpoint::SharpenGen => "/sharpen-gen/async",
+            Endpoint::Denoise => "/denoise/async",
+            Endpoint::DenoiseSync => "/denoise",
+            Endpoint::RestoreGen => "/restore-gen/async",
+            Endpoint::Lighting => "/lighting/async",
+            Endpoint::LightingSync => "/lighting",
         }
     }
 
-    pub fn estimate_path(self) -> &'static str {
+    /// The synchronous endpoints answer with the image itself.
+    pub fn is_sync(self) -> bool {
+        matches!(
+            self,
+            Endpoint::EnhanceSync
+                | Endpoint::SharpenSync
+                | Endpoint::DenoiseSync
+                | Endpoint::LightingSync
+        )
+    }
+
+    /// `/estimate` and `/estimate-gen` are documented for the enhance routes only.
+    pub fn estimate_path(self) -> Option<&'static str> {
         match self {
-            Endpoint::Enhance | Endpoint::EnhanceSync => "/estimate",
-            Endpoint::EnhanceGen => "/estimate-gen",
+            Endpoint::Enhance | Endpoint::EnhanceSync => Some("/estimate"),
+            Endpoint::EnhanceGen => Some("/estimate-gen"),
+            _ => None,
         }
     }
 
-    pub fn models(self) -> &'static [&'static str] {
+    /// The filter endpoints' models and settings; `None` for the enhance routes.
+    pub fn filter(self) -> Option<(FilterModels, &'static [(&'static str, Setting)])> {
         match self {
-            Endpoint::Enhance | Endpoint::EnhanceSync => ENHANCE_MODELS,
-            Endpoint::EnhanceGen => GEN_MODELS,
+            Endpoint::Sharpen | Endpoint::SharpenSync => Some((SHARPEN_MODELS, SHARPEN_SETTINGS)),
+            Endpoint::SharpenGen => Some((SHARPEN_GEN_MODELS, SHARPEN_GEN_SETTINGS)),
+            Endpoint::Denoise | Endpoint::DenoiseSync => Some((DENOISE_MODELS, DENOISE_SETTINGS)),
+            Endpoint::RestoreGen => Some((RESTORE_MODELS, &[])),
+            Endpoint::Lighting | Endpoint::LightingSync => {
+                Some((LIGHTING_MODELS, LIGHTING_SETTINGS))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn models(self) -> Vec<&'static str> {
+        match self {
+            Endpoint::Enhance | Endpoint::EnhanceSync => ENHANCE_MODELS.to_vec(),
+            Endpoint::EnhanceGen => GEN_MODELS.to_vec(),
+            other => other
+                .filter()
+                .map(|(m, _)| m.iter().map(|(name, _)| *name).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -120,34 +287,77 @@ impl Endpoint {
         match self {
             Endpoint::Enhance | Endpoint::EnhanceSync => "Standard V2",
             Endpoint::EnhanceGen => "Redefine",
+            Endpoint::SharpenGen => "Super Focus V2",
+            other => other
+                .filter()
+                .and_then(|(m, _)| m.first().map(|(name, _)| *name))
+                .unwrap_or("Standard"),
         }
     }
 
     /// The largest output the endpoint produces, in megapixels.
     pub fn max_output_mp(self) -> u64 {
         match self {
-            Endpoint::EnhanceSync => 96,
-            Endpoint::Enhance => 512,
             Endpoint::EnhanceGen => 256,
+            e if e.is_sync() => 96,
+            _ => 512,
         }
     }
 
-    fn operation(self) -> &'static str {
+    /// Whether the output keeps the input's size (everything but enhance).
+    pub fn keeps_size(self) -> bool {
+        self.filter().is_some()
+    }
+
+    pub fn is_generative(self) -> bool {
+        matches!(
+            self,
+            Endpoint::EnhanceGen | Endpoint::SharpenGen | Endpoint::RestoreGen
+        )
+    }
+
+    pub fn operation(self) -> &'static str {
         match self {
             Endpoint::Enhance => "enhance",
             Endpoint::EnhanceSync => "enhance-sync",
             Endpoint::EnhanceGen => "enhance-gen",
+            Endpoint::Sharpen => "sharpen",
+            Endpoint::SharpenSync => "sharpen-sync",
+            Endpoint::SharpenGen => "sharpen-gen",
+            Endpoint::Denoise => "denoise",
+            Endpoint::DenoiseSync => "denoise-sync",
+            Endpoint::RestoreGen => "restore-gen",
+            Endpoint::Lighting => "lighting",
+            Endpoint::LightingSync => "lighting-sync",
         }
     }
 }
 
-/// The model-specific settings each model reads (the document's "Available models").
+/// The model settings each model reads, per the document's and the model pages'
+/// tables. A setting outside its model's list passes with a warning: Topaz ignores
+/// it, so the user would pay for a result without it.
 fn model_params(model: &str) -> &'static [&'static str] {
     match model {
-        "CGI" => &["denoise", "sharpen"],
-        "Redefine" => &["prompt", "creativity", "texture", "denoise", "sharpen"],
-        "Recovery" => &[],
-        _ => &["denoise", "sharpen", "fix_compression"],
+        "CGI" => &["denoise", "sharpen", "strength"],
+        "Redefine" => &[
+            "prompt",
+            "autoprompt",
+            "creativity",
+            "texture",
+            "denoise",
+            "sharpen",
+        ],
+        "Recovery" | "Recovery V2" => &["detail"],
+        m if GEN_MODELS.contains(&m) => &[
+            "prompt",
+            "autoprompt",
+            "creativity",
+            "texture",
+            "denoise",
+            "sharpen",
+            "detail",
+        ],
+        _ => &["denoise", "sharpen", "fix_compression", "strength"],
     }
 }
 
@@ -165,13 +375,29 @@ fn ext_of_format(format: &str) -> Option<&'static str> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub endpoint: Endpoint,
-    pub model: &'static str,
+    /// A known model's own spelling, or an unknown one as given (with a warning).
+    pub model: String,
     pub output_width: Option<u32>,
     pub output_height: Option<u32>,
     /// Extension of the result (`jpg` unless `output_format` says otherwise).
     pub ext: &'static str,
     /// The form fields to send besides `image`, in order.
-    pub fields: Vec<(&'static str, String)>,
+    pub fields: Vec<(String, String)>,
+    /// What passes but pixbatch does not know (see [`super::Findings`]).
+    pub warnings: Vec<String>,
+}
+
+/// A parameter pixbatch does not know, as the form field Topaz would read.
+fn passthrough(name: &str, v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!(
+            "topaz parameter {name} must be a string, number or boolean: form fields are text (got {})",
+            util::show_value(other)
+        )),
+    }
 }
 
 impl Plan {
@@ -179,64 +405,163 @@ impl Plan {
     /// found in the manifest alone is listed.
     pub fn from_spec(spec: &JobSpec) -> Result<Plan, Vec<String>> {
         let Some(endpoint) = Endpoint::from_operation(&spec.operation) else {
+            let all: Vec<&str> = Endpoint::ALL.iter().map(|e| e.operation()).collect();
             return Err(vec![format!(
-                "unknown topaz operation {:?} (expected enhance, enhance-sync or enhance-gen)",
-                spec.operation
+                "unknown topaz operation {:?} (expected one of {})",
+                spec.operation,
+                all.join(", ")
             )]);
         };
+        if let Some((models, settings)) = endpoint.filter() {
+            return Plan::filter_from_spec(spec, endpoint, models, settings);
+        }
         let params = spec.params();
         let map = &params;
         let mut p = Params::new(map);
-        p.reject_unknown("topaz", KNOWN_PARAMS);
-
-        let model = match p.get("model") {
-            None => Some(endpoint.default_model()),
-            Some(v) => match util::one_of("model", v, endpoint.models()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    p.errors.push(format!("{e} for {}", endpoint.operation()));
-                    None
+        let mut warnings = Vec::new();
+        let mut extra: Vec<(String, String)> = Vec::new();
+        for (name, v) in map.iter() {
+            if KNOWN_PARAMS.contains(&name.as_str()) {
+                continue;
+            }
+            let mut msg = format!("topaz parameter {name:?} is not one pixbatch knows; sent as given (Topaz ignores parameters a model does not use)");
+            if let Some(s) = util::suggest(name, KNOWN_PARAMS) {
+                msg.push_str(&format!("; did you mean {s:?}?"));
+            }
+            match passthrough(name, v) {
+                Ok(text) => {
+                    warnings.push(msg);
+                    extra.push((name.clone(), text));
                 }
+                Err(e) => p.errors.push(e),
+            }
+        }
+
+        // A model pixbatch does not know passes with a warning, sent as written: new
+        // models appear on Topaz's pages faster than pixbatch is released, and an
+        // answer refusing it fails the job with Topaz's reason, before any charge.
+        let model: Option<(String, bool)> = match p.get("model") {
+            None => Some((endpoint.default_model().to_string(), true)),
+            Some(v) => match util::one_of("model", v, &endpoint.models()) {
+                Ok(m) => Some((m.to_string(), true)),
+                Err(_) => match v {
+                    Value::String(s) if !s.trim().is_empty() && s.trim().len() <= 128 => {
+                        let other = match endpoint {
+                            Endpoint::EnhanceGen => ENHANCE_MODELS,
+                            _ => GEN_MODELS,
+                        };
+                        let hint = match util::one_of("model", v, other) {
+                            Ok(m) => format!(
+                                "; {m:?} is a model of {}",
+                                match endpoint {
+                                    Endpoint::EnhanceGen => "operation enhance",
+                                    _ => "operation enhance-gen",
+                                }
+                            ),
+                            Err(_) => String::new(),
+                        };
+                        warnings.push(format!(
+                            "topaz model {:?} is not one pixbatch knows for {} (known: {}); sent as given{hint}",
+                            s.trim(),
+                            endpoint.operation(),
+                            endpoint.models().join(", ")
+                        ));
+                        Some((s.trim().to_string(), false))
+                    }
+                    other => {
+                        p.errors.push(format!(
+                            "model must be a model name for {} (got {})",
+                            endpoint.operation(),
+                            util::show_value(other)
+                        ));
+                        None
+                    }
+                },
             },
         };
 
-        let mut fields: Vec<(&'static str, String)> = Vec::new();
-        if let Some(m) = model {
-            fields.push(("model", m.to_string()));
+        let mut fields: Vec<(String, String)> = Vec::new();
+        if let Some((m, _)) = &model {
+            fields.push(("model".into(), m.clone()));
         }
         let output_width = p.integer("output_width", 1, MAX_SIDE).map(|v| v as u32);
         let output_height = p.integer("output_height", 1, MAX_SIDE).map(|v| v as u32);
         if let Some(w) = output_width {
-            fields.push(("output_width", w.to_string()));
+            fields.push(("output_width".into(), w.to_string()));
         }
         if let Some(h) = output_height {
-            fields.push(("output_height", h.to_string()));
+            fields.push(("output_height".into(), h.to_string()));
         }
         let format = p.choice("output_format", OUTPUT_FORMATS).unwrap_or("jpeg");
-        fields.push(("output_format", format.to_string()));
+        fields.push(("output_format".into(), format.to_string()));
         let ext = ext_of_format(format).unwrap_or("jpg");
+        let mut face = None;
         for name in ["crop_to_fill", "face_enhancement"] {
             if let Some(b) = p.boolean(name) {
-                fields.push((name, b.to_string()));
+                fields.push((name.into(), b.to_string()));
+                if name == "face_enhancement" {
+                    face = Some(b);
+                }
             }
         }
-        if let Some(x) = p.number("face_enhancement_creativity", 0.0, 1.0) {
-            fields.push(("face_enhancement_creativity", util::fmt_num(x)));
+        let face_strength = p.number("face_enhancement_strength", 0.0, 1.0);
+        let face_creativity = p.number("face_enhancement_creativity", 0.0, 1.0);
+        // The model pages: both strengths are "required if face_enhancement=true". The
+        // strength has no documented default, so a request without it is refused
+        // here; the creativity has one in the document (0), so it only warns.
+        if face == Some(true) {
+            if face_strength.is_none() && !p.has("face_enhancement_strength") {
+                p.errors.push(
+                    "face_enhancement = true needs face_enhancement_strength (a number from 0 to 1): Topaz requires it with face enhancement".into(),
+                );
+            }
+            if face_creativity.is_none() && !p.has("face_enhancement_creativity") {
+                warnings.push("face_enhancement = true without face_enhancement_creativity: the model pages call it required, the document defaults it to 0".into());
+            }
+        }
+        if let Some(x) = face_strength {
+            fields.push(("face_enhancement_strength".into(), util::fmt_num(x)));
+        }
+        if let Some(x) = face_creativity {
+            fields.push(("face_enhancement_creativity".into(), util::fmt_num(x)));
+        }
+        if let Some(c) = p.choice("subject_detection", SUBJECT_DETECTION) {
+            fields.push(("subject_detection".into(), c.to_string()));
         }
 
-        // Model settings: checked for range everywhere, and refused for a model that
-        // would silently ignore them (the user would pay for a result without them).
+        // Model settings: checked for range everywhere; one a known model does not
+        // read passes with a warning (Topaz ignores it: the result comes without it).
         let mut settings: Vec<(&'static str, String)> = Vec::new();
         for name in ["denoise", "sharpen", "fix_compression"] {
             if let Some(x) = p.number(name, 0.0, 1.0) {
                 settings.push((name, util::fmt_num(x)));
             }
         }
-        if let Some(c) = p.integer("creativity", 1, 6) {
+        if let Some(x) = p.number("strength", 0.01, 1.0) {
+            settings.push(("strength", util::fmt_num(x)));
+        }
+        let max_creativity = match model.as_ref().map(|(m, _)| m.as_str()) {
+            Some("Bloom Realism") => BLOOM_REALISM_MAX_CREATIVITY,
+            _ => MAX_CREATIVITY,
+        };
+        if let Some(c) = p.integer("creativity", 1, max_creativity) {
             settings.push(("creativity", c.to_string()));
         }
         if let Some(t) = p.integer("texture", 1, 5) {
             settings.push(("texture", t.to_string()));
+        }
+        if let Some(b) = p.boolean("autoprompt") {
+            settings.push(("autoprompt", b.to_string()));
+        }
+        // `detail`: a decimal 0..1 on the Recovery pages, a boolean on the newer ones.
+        match p.get("detail") {
+            None => {}
+            Some(Value::Bool(b)) => settings.push(("detail", b.to_string())),
+            Some(_) => {
+                if let Some(x) = p.number("detail", 0.0, 1.0) {
+                    settings.push(("detail", util::fmt_num(x)));
+                }
+            }
         }
         let prompt = util::prompt_of(spec, map);
         if p.has("prompt") && !matches!(p.get("prompt"), Some(Value::String(_))) {
@@ -255,7 +580,7 @@ impl Plan {
                 Err(e) => p.errors.push(e),
             }
         }
-        if let Some(m) = model {
+        if let Some((m, true)) = &model {
             let usable = model_params(m);
             for (name, _) in &settings {
                 if !usable.contains(name) {
@@ -271,25 +596,26 @@ impl Plan {
                     } else {
                         format!("it takes {}", usable.join(", "))
                     };
-                    let hint = match *name {
-                        "prompt" | "creativity" | "texture" => {
-                            "; use operation enhance-gen with model Redefine"
-                        }
+                    let hint = match (*name, endpoint) {
+                        (
+                            "prompt" | "creativity" | "texture" | "autoprompt",
+                            Endpoint::Enhance | Endpoint::EnhanceSync,
+                        ) => "; use operation enhance-gen (e.g. model Redefine)",
                         _ => "",
                     };
-                    p.errors.push(format!(
-                        "topaz model {m:?} does not use {what}: {takes}{hint}"
+                    warnings.push(format!(
+                        "topaz model {m:?} does not use {what} (Topaz ignores it): {takes}{hint}"
                     ));
                 }
             }
         }
-        fields.extend(settings);
+        fields.extend(settings.into_iter().map(|(n, v)| (n.to_string(), v)));
 
         if let Some(v) = p.get("options_json") {
             match v {
-                Value::Object(_) => fields.push(("options_json", v.to_string())),
+                Value::Object(_) => fields.push(("options_json".into(), v.to_string())),
                 Value::String(s) => match serde_json::from_str::<Value>(s) {
-                    Ok(Value::Object(_)) => fields.push(("options_json", s.clone())),
+                    Ok(Value::Object(_)) => fields.push(("options_json".into(), s.clone())),
                     _ => p.errors.push(format!(
                         "options_json must be a JSON object (got {})",
                         util::show_value(v)
@@ -301,17 +627,133 @@ impl Plan {
                 )),
             }
         }
+        fields.extend(extra);
 
         if !p.errors.is_empty() {
             return Err(p.errors);
         }
         Ok(Plan {
             endpoint,
-            model: model.unwrap_or_else(|| endpoint.default_model()),
+            model: model.map_or_else(|| endpoint.default_model().to_string(), |(m, _)| m),
             output_width,
             output_height,
             ext,
             fields,
+            warnings,
+        })
+    }
+
+    /// A sharpen, denoise, restore or lighting job: a model of the endpoint's and its
+    /// settings, checked against the model pages' ranges. The output keeps the
+    /// input's size. As for enhance, an unknown model or parameter passes with a
+    /// warning and is sent as given.
+    fn filter_from_spec(
+        spec: &JobSpec,
+        endpoint: Endpoint,
+        models: FilterModels,
+        settings: &'static [(&'static str, Setting)],
+    ) -> Result<Plan, Vec<String>> {
+        let params = spec.params();
+        let mut p = Params::new(&params);
+        let mut warnings = Vec::new();
+        let op = endpoint.operation();
+        let names: Vec<&'static str> = models.iter().map(|(m, _)| *m).collect();
+        let model: (String, Option<&'static [&'static str]>) = match p.get("model") {
+            None => {
+                let m = endpoint.default_model();
+                (
+                    m.to_string(),
+                    models.iter().find(|(n, _)| *n == m).map(|(_, s)| *s),
+                )
+            }
+            Some(v) => match util::one_of("model", v, &names) {
+                Ok(m) => (
+                    m.to_string(),
+                    models.iter().find(|(n, _)| *n == m).map(|(_, s)| *s),
+                ),
+                Err(_) => match v {
+                    Value::String(s) if !s.trim().is_empty() && s.trim().len() <= 128 => {
+                        warnings.push(format!(
+                            "topaz model {:?} is not one pixbatch knows for {op} (known: {}); sent as given",
+                            s.trim(),
+                            names.join(", ")
+                        ));
+                        (s.trim().to_string(), None)
+                    }
+                    other => {
+                        p.errors.push(format!(
+                            "model must be a model name for {op} (got {})",
+                            util::show_value(other)
+                        ));
+                        (endpoint.default_model().to_string(), None)
+                    }
+                },
+            },
+        };
+        let mut fields: Vec<(String, String)> = vec![("model".into(), model.0.clone())];
+        let format = p.choice("output_format", OUTPUT_FORMATS).unwrap_or("jpeg");
+        fields.push(("output_format".into(), format.to_string()));
+        let ext = ext_of_format(format).unwrap_or("jpg");
+        for (name, kind) in settings {
+            let value = match kind {
+                Setting::Number(lo, hi) => p.number(name, *lo, *hi).map(util::fmt_num),
+                Setting::Integer(lo, hi) => p.integer(name, *lo, *hi).map(|i| i.to_string()),
+                Setting::Boolean => p.boolean(name).map(|b| b.to_string()),
+            };
+            let Some(value) = value else { continue };
+            if let Some(usable) = model.1 {
+                if !usable.contains(name) {
+                    let takes = if usable.is_empty() {
+                        "it takes no settings".to_string()
+                    } else {
+                        format!("it takes {}", usable.join(", "))
+                    };
+                    warnings.push(format!(
+                        "topaz model {:?} does not use parameter {name} (Topaz ignores it): {takes}",
+                        model.0
+                    ));
+                }
+            }
+            fields.push((name.to_string(), value));
+        }
+        let known: Vec<&str> = ["model", "output_format"]
+            .into_iter()
+            .chain(settings.iter().map(|(n, _)| *n))
+            .collect();
+        for (name, v) in params.iter() {
+            if known.contains(&name.as_str()) {
+                continue;
+            }
+            let mut msg = format!(
+                "topaz parameter {name:?} is not one pixbatch knows for {op}; sent as given (Topaz ignores parameters a model does not use)"
+            );
+            if let Some(s) = util::suggest(name, &known) {
+                msg.push_str(&format!("; did you mean {s:?}?"));
+            }
+            match passthrough(name, v) {
+                Ok(text) => {
+                    warnings.push(msg);
+                    fields.push((name.clone(), text));
+                }
+                Err(e) => p.errors.push(e),
+            }
+        }
+        if util::prompt_of(spec, &params).is_some_and(|t| !t.trim().is_empty()) {
+            warnings.push(format!(
+                "topaz {op} takes no prompt; the prompt column is not sent"
+            ));
+        }
+        if !p.errors.is_empty() {
+            return Err(p.errors);
+        }
+        Ok(Plan {
+            endpoint,
+            model: model.0,
+            output_width: None,
+            output_height: None,
+            ext,
+            fields,
+            warnings,
         })
     }
 
@@ -353,11 +795,17 @@ impl Plan {
                 mp(input_px)
             ));
         }
-        if let Some((ow, oh)) = self.output_size((iw, ih)) {
+        let size = if self.endpoint.keeps_size() {
+            Some((u64::from(iw), u64::from(ih)))
+        } else {
+            self.output_size((iw, ih))
+        };
+        if let Some((ow, oh)) = size {
             let max = self.endpoint.max_output_mp();
             if ow * oh > max * MEGAPIXEL {
                 let hint = match self.endpoint {
                     Endpoint::EnhanceSync => " (use operation enhance, which allows 512 MP)",
+                    e if e.is_sync() => " (use the asynchronous operation, which allows 512 MP)",
                     _ => "",
                 };
                 errors.push(format!(
@@ -380,11 +828,20 @@ fn mp(px: u64) -> String {
     format!("{:.1} MP", px as f64 / MEGAPIXEL as f64)
 }
 
-/// Checks a Topaz job against the document before any request is made.
+/// Checks a Topaz job against the document before any request is made (errors only).
 pub fn validate(spec: &JobSpec) -> Vec<String> {
+    check(spec).errors
+}
+
+/// [`validate`] with the warnings: what pixbatch does not know but Topaz may accept.
+pub fn check(spec: &JobSpec) -> super::Findings {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let plan = match Plan::from_spec(spec) {
-        Ok(plan) => Some(plan),
+        Ok(plan) => {
+            warnings.extend(plan.warnings.iter().cloned());
+            Some(plan)
+        }
         Err(e) => {
             errors.extend(e);
             None
@@ -396,16 +853,55 @@ pub fn validate(spec: &JobSpec) -> Vec<String> {
             errors.extend(plan.check_input(info.format, info.dimensions));
         }
     }
-    errors
+    super::Findings { errors, warnings }
+}
+
+/// Output megapixels one credit buys, per model family (developer.topazlabs.com
+/// "model pricing": Gigapixel 24, Wonder 4, Bloom 2; as transcribed and checked
+/// against every per-model table in file id 60049032122). `None`: no table.
+fn megapixels_per_credit(endpoint: Endpoint, model: &str) -> Option<f64> {
+    match endpoint {
+        Endpoint::Enhance | Endpoint::EnhanceSync if ENHANCE_MODELS.contains(&model) => Some(24.0),
+        Endpoint::EnhanceGen => match model {
+            "Redefine" | "Wonder" | "Wonder 2" | "Wonder 3" | "Wonder 3.5" | "Standard MAX"
+            | "Recover 3" => Some(4.0),
+            "Bloom 2" | "Bloom Realism" => Some(2.0),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A job's credits from the published tables, with no request: `ceil(output MP /
+/// MP per credit)`. Needs the output size: both sides given, or one and a local
+/// input to scale the other from. `None` otherwise (Topaz's autopilot picks the
+/// size, or the model has no table): then `/estimate` is asked.
+pub fn table_credits(spec: &JobSpec) -> Option<f64> {
+    let plan = Plan::from_spec(spec).ok()?;
+    let per_credit = megapixels_per_credit(plan.endpoint, &plan.model)?;
+    let (w, h) = match (plan.output_width, plan.output_height) {
+        (Some(w), Some(h)) => (u64::from(w), u64::from(h)),
+        (None, None) => return None,
+        _ => {
+            let input = spec.inputs.first()?;
+            if util::is_url(input) {
+                return None;
+            }
+            let dims = util::dimensions_of_file(std::path::Path::new(input.trim()))?;
+            plan.output_size(dims)?
+        }
+    };
+    let mp = (w * h) as f64 / MEGAPIXEL as f64;
+    (mp > 0.0).then(|| (mp / per_credit).ceil())
 }
 
 /// Requests a typical job makes: the submission, a few polls, a download link and
 /// the status cleanup (the synchronous endpoint needs no polls and no link).
 pub fn requests_per_job(spec: &JobSpec) -> u32 {
     match Endpoint::from_operation(&spec.operation) {
-        Some(Endpoint::EnhanceSync) => 2,
-        Some(Endpoint::Enhance) => 5,
-        Some(Endpoint::EnhanceGen) => 8,
+        Some(e) if e.is_sync() => 2,
+        Some(e) if e.is_generative() => 8,
+        Some(_) => 5,
         None => 1,
     }
 }
@@ -422,7 +918,14 @@ pub struct Estimate {
 /// The Topaz adapter.
 pub struct Topaz {
     api_key: String,
+    /// Statuses per page of `GET /status?paginated=true` (the API's maximum, 100;
+    /// smaller in tests).
+    status_page: u32,
 }
+
+/// The most pages of the status list read for one reconciliation (100 000 statuses
+/// at 100 a page); past that nothing is concluded.
+const MAX_STATUS_PAGES: u32 = 1000;
 
 impl std::fmt::Debug for Topaz {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -436,6 +939,7 @@ impl Topaz {
     pub fn new(api_key: String) -> Topaz {
         Topaz {
             api_key: api_key.trim().to_string(),
+            status_page: 100,
         }
     }
 
@@ -466,6 +970,12 @@ impl Topaz {
     /// input's size from its header (a URL input is fetched).
     pub async fn estimate(&self, api: &Api, spec: &JobSpec) -> Result<Estimate, ProviderError> {
         let plan = Plan::from_spec(spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
+        let Some(estimate_path) = plan.endpoint.estimate_path() else {
+            return Err(ProviderError::permanent(format!(
+                "topaz documents no estimate for {}",
+                plan.endpoint.operation()
+            )));
+        };
         let source = util::single_input(spec)?;
         let dims = if util::is_url(source) {
             util::load_input(api, source, MAX_INPUT_BYTES)
@@ -484,10 +994,10 @@ impl Topaz {
             .text("input_width", w.to_string())
             .text("input_height", h.to_string());
         for (name, value) in &plan.fields {
-            form = form.text(*name, value.clone());
+            form = form.text(name.clone(), value.clone());
         }
         let request = self
-            .request(api, reqwest::Method::POST, plan.endpoint.estimate_path())?
+            .request(api, reqwest::Method::POST, estimate_path)?
             .multipart(form);
         let response = api.send(RequestKind::Query, request).await?;
         if !response.status().is_success() {
@@ -654,12 +1164,43 @@ impl Provider for Topaz {
     }
 
     async fn estimate_cost(&self, api: &Api, spec: &JobSpec) -> Result<Option<f64>, ProviderError> {
+        // Sharpen, denoise, restore and lighting have no estimate endpoint: unknown.
+        if Endpoint::from_operation(&spec.operation).is_some_and(|e| e.estimate_path().is_none()) {
+            return Ok(None);
+        }
         Ok(self.estimate(api, spec).await?.credits.map(|c| c as f64))
+    }
+
+    /// `GET /account/v1/credits/balance` (the Account API, beside `/image/v1` on the
+    /// same host): `available_credits` is what can be spent; reserved credits are
+    /// held by tasks in progress.
+    async fn balance(&self, api: &Api) -> Result<Option<Balance>, ProviderError> {
+        let url = account_url(api.base_url(), "/credits/balance")?;
+        let (name, value) = self.auth_header()?;
+        let request = api
+            .client()
+            .request(reqwest::Method::GET, url)
+            .header(name, value);
+        let response = api.send(RequestKind::Query, request).await?;
+        if !response.status().is_success() {
+            return Err(self.error(RequestKind::Query, response).await);
+        }
+        let v: Value = Api::read_json(RequestKind::Query, response, MAX_SMALL_JSON).await?;
+        parse_balance(&v).map(Some).ok_or_else(|| {
+            ProviderError::bad_answer(
+                RequestKind::Query,
+                format!(
+                    "credit balance answer without available_credits: {}",
+                    excerpt(v.to_string().as_bytes())
+                ),
+            )
+        })
     }
 
     /// `GET /status` lists the account's tasks: free, and it needs the key.
     async fn check_access(&self, api: &Api) -> Result<String, ProviderError> {
-        let request = self.request(api, reqwest::Method::GET, "/status")?;
+        // One status is enough; the whole list may be slow for a big account.
+        let request = self.request(api, reqwest::Method::GET, "/status?paginated=true&limit=1")?;
         let response = api.send(RequestKind::Query, request).await?;
         if !response.status().is_success() {
             return Err(self.error(RequestKind::Query, response).await);
@@ -686,24 +1227,29 @@ impl Provider for Topaz {
     ) -> Result<SubmitOutcome, ProviderError> {
         let plan = Plan::from_spec(job.spec).map_err(|e| ProviderError::permanent(e.join("; ")))?;
         let source = util::single_input(job.spec)?;
-        let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
-        // A URL input is only seen now: check it before paying.
-        let problems = plan.check_input(input.format, input.dimensions());
-        if !problems.is_empty() {
-            return Err(ProviderError::permanent(problems.join("; ")));
-        }
-
         // A fresh form for every call: a sent body cannot be replayed.
-        let len = input.bytes.len() as u64;
-        let image = Part::stream_with_length(reqwest::Body::from(input.bytes.clone()), len)
-            .file_name(format!("{}.{}", job.submit_key, input.ext()))
-            .mime_str(input.mime())
-            .map_err(|e| ProviderError::permanent(format!("building the request: {e}")))?;
         let mut form = Form::new();
         for (name, value) in &plan.fields {
-            form = form.text(*name, value.clone());
+            form = form.text(name.clone(), value.clone());
         }
-        let form = form.part("image", image);
+        let form = if util::is_url(source) {
+            // Topaz fetches an http(s) input itself (`source_url`): pixbatch neither
+            // downloads nor re-uploads it. Its format and size are Topaz's to check;
+            // a refusal is a 400 before any charge.
+            form.text("source_url", source.to_string())
+        } else {
+            let input = util::load_input(api, source, MAX_INPUT_BYTES).await?;
+            let problems = plan.check_input(input.format, input.dimensions());
+            if !problems.is_empty() {
+                return Err(ProviderError::permanent(problems.join("; ")));
+            }
+            let len = input.bytes.len() as u64;
+            let image = Part::stream_with_length(reqwest::Body::from(input.bytes.clone()), len)
+                .file_name(format!("{}.{}", job.submit_key, input.ext()))
+                .mime_str(input.mime())
+                .map_err(|e| ProviderError::permanent(format!("building the request: {e}")))?;
+            form.part("image", image)
+        };
         let request = self
             .request(api, reqwest::Method::POST, plan.endpoint.path())?
             .header("X-Request-Id", job.submit_key.as_str())
@@ -715,7 +1261,7 @@ impl Provider for Topaz {
         }
         let header_id = util::header_str(&response, "x-process-id");
 
-        if plan.endpoint == Endpoint::EnhanceSync {
+        if plan.endpoint.is_sync() {
             let content_type = util::header_str(&response, "content-type");
             let data = Api::read_bytes(RequestKind::Submit, response, MAX_SYNC_ANSWER).await?;
             return read_sync_answer(content_type.as_deref(), data, header_id);
@@ -797,22 +1343,63 @@ impl Provider for Topaz {
         api: &Api,
         job: &JobContext<'_>,
     ) -> Result<Reconciliation, ProviderError> {
-        let request = self.request(api, reqwest::Method::GET, "/status")?;
-        let response = api.send(RequestKind::Query, request).await?;
-        if !response.status().is_success() {
-            return Err(self.error(RequestKind::Query, response).await);
-        }
-        // The list holds every task not yet deleted: it can be long. Read it with a
-        // cap; past the cap nothing can be concluded.
-        let Some(body) = util::read_limited(RequestKind::Query, response, MAX_JSON_ANSWER).await?
-        else {
-            tracing::warn!(
-                "topaz: the status list is longer than {} and cannot be searched; the submission cannot be reconciled",
-                util::human_bytes(MAX_JSON_ANSWER)
-            );
+        // A `source_url` submission has no file name of ours to find in the list
+        // (Topaz names it after the URL): whether it arrived cannot be told.
+        if util::single_input(job.spec).is_ok_and(util::is_url) {
             return Ok(Reconciliation::Unknowable);
-        };
-        read_status_list(&body, &job.submit_key)
+        }
+        // The paginated list (`paginated=true`, `limit`, `cursor`): the plain array
+        // of every status "may be slow or fail for accounts with many statuses".
+        let mut cursor: Option<String> = None;
+        let mut found: Vec<ListedStatus> = Vec::new();
+        for _ in 0..MAX_STATUS_PAGES {
+            let path = {
+                let mut query = url::form_urlencoded::Serializer::new(String::new());
+                query
+                    .append_pair("paginated", "true")
+                    .append_pair("limit", &self.status_page.to_string());
+                if let Some(c) = &cursor {
+                    query.append_pair("cursor", c);
+                }
+                format!("/status?{}", query.finish())
+            };
+            let request = self.request(api, reqwest::Method::GET, &path)?;
+            let response = api.send(RequestKind::Query, request).await?;
+            if !response.status().is_success() {
+                return Err(self.error(RequestKind::Query, response).await);
+            }
+            let Some(body) =
+                util::read_limited(RequestKind::Query, response, MAX_JSON_ANSWER).await?
+            else {
+                tracing::warn!(
+                    "topaz: a status list page is longer than {} and cannot be searched; the submission cannot be reconciled",
+                    util::human_bytes(MAX_JSON_ANSWER)
+                );
+                return Ok(Reconciliation::Unknowable);
+            };
+            let page = read_status_page(&body)?;
+            let key = job.submit_key.as_str();
+            found.extend(
+                page.statuses
+                    .into_iter()
+                    .filter(|st| st.filename.as_deref().is_some_and(|f| file_stem(f) == key)),
+            );
+            match page.next_cursor {
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                // The last page (or a server that ignored `paginated` and sent the
+                // whole array, or repeats its cursor): the list has been read.
+                _ => {
+                    return Ok(match find_submission(&found, key) {
+                        Some(remote_id) => Reconciliation::Found { remote_id },
+                        None => Reconciliation::NotSubmitted,
+                    })
+                }
+            }
+        }
+        tracing::warn!(
+            "topaz: the status list has more than {MAX_STATUS_PAGES} pages; the submission cannot be reconciled"
+        );
+        Ok(Reconciliation::Unknowable)
     }
 
     async fn cancel(&self, api: &Api, remote_id: &str) -> Result<bool, ProviderError> {
@@ -934,6 +1521,83 @@ pub fn read_status_list(body: &[u8], submit_key: &str) -> Result<Reconciliation,
     })
 }
 
+/// The Account API's URL for `path`, from the Image API's base: `…/image/v1` becomes
+/// `…/account/v1` (the two share the host, in production and in the simulator).
+pub fn account_url(image_base: &str, path: &str) -> Result<String, ProviderError> {
+    let base = image_base.trim_end_matches('/');
+    match base.strip_suffix("/image/v1") {
+        Some(host) => Ok(format!("{host}/account/v1{path}")),
+        None => Err(ProviderError::permanent(format!(
+            "cannot find Topaz's Account API from the base URL {base} (it should end in /image/v1)"
+        ))),
+    }
+}
+
+/// `available_credits` (integer in the reference; a number is accepted).
+pub fn parse_balance(v: &Value) -> Option<Balance> {
+    let amount = match v.get("available_credits")? {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    amount.is_finite().then(|| Balance {
+        amount,
+        unit: "credits".into(),
+    })
+}
+
+/// One page of `GET /status?paginated=true`.
+#[derive(Debug, Default)]
+pub struct StatusPage {
+    statuses: Vec<ListedStatus>,
+    /// The cursor of the next page; `None` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// Reads a status list page leniently: the reference names the metadata
+/// (`next_cursor`, `has_next_page`) but not the array's key, so the first array
+/// among `statuses`, `data`, `items`, `results` (then any array field) holds the
+/// statuses. A plain array (a server ignoring `paginated`) is the whole list.
+pub fn read_status_page(body: &[u8]) -> Result<StatusPage, ProviderError> {
+    let bad = |why: String| {
+        ProviderError::bad_answer(
+            RequestKind::Query,
+            format!("unexpected status list: {why}: {}", excerpt(body)),
+        )
+    };
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let parse = |items: &Value| -> Result<Vec<ListedStatus>, ProviderError> {
+        serde_json::from_value(items.clone()).map_err(|e| bad(e.to_string()))
+    };
+    match &v {
+        Value::Array(_) => Ok(StatusPage {
+            statuses: parse(&v)?,
+            next_cursor: None,
+        }),
+        Value::Object(m) => {
+            let items = ["statuses", "data", "items", "results"]
+                .iter()
+                .find_map(|k| m.get(*k).filter(|x| x.is_array()))
+                .or_else(|| m.values().find(|x| x.is_array()));
+            let statuses = match items {
+                Some(items) => parse(items)?,
+                None => Vec::new(),
+            };
+            let more = m.get("has_next_page").and_then(Value::as_bool);
+            let next_cursor = m
+                .get("next_cursor")
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty() && more != Some(false))
+                .map(str::to_string);
+            Ok(StatusPage {
+                statuses,
+                next_cursor,
+            })
+        }
+        _ => Err(bad("neither an array nor an object".into())),
+    }
+}
+
 /// Reads a download answer: `download_url`.
 pub fn parse_download(v: &Value) -> Result<String, String> {
     match v.get("download_url") {
@@ -983,6 +1647,21 @@ mod tests {
         );
     }
 
+    /// The row passes, with a warning containing `needle`.
+    fn one_warning(spec: &JobSpec, needle: &str) {
+        let found = check(spec);
+        assert!(
+            found.errors.is_empty(),
+            "unexpected errors {:?}",
+            found.errors
+        );
+        assert!(
+            found.warnings.iter().any(|e| e.contains(needle)),
+            "expected a warning containing {needle:?}, got {:?}",
+            found.warnings
+        );
+    }
+
     #[test]
     fn a_plain_job_is_valid_with_defaults() {
         assert_eq!(
@@ -992,7 +1671,9 @@ mod tests {
         let plan = Plan::from_spec(&url_spec("enhance", json!({}))).expect("plan");
         assert_eq!(plan.model, "Standard V2");
         assert_eq!(plan.ext, "jpg");
-        assert!(plan.fields.contains(&("output_format", "jpeg".into())));
+        assert!(plan
+            .fields
+            .contains(&("output_format".into(), "jpeg".into())));
         let plan = Plan::from_spec(&url_spec("enhance-gen", json!({}))).expect("plan");
         assert_eq!(plan.model, "Redefine");
         assert_eq!(plan.endpoint, Endpoint::EnhanceGen);
@@ -1004,8 +1685,31 @@ mod tests {
     #[test]
     fn every_documented_limit_is_checked() {
         one_error(
-            &url_spec("enhance-gen", json!({"creativity": 7})),
-            "creativity must be an integer from 1 to 6 (got 7)",
+            &url_spec("enhance-gen", json!({"creativity": 10})),
+            "creativity must be an integer from 1 to 9 (got 10)",
+        );
+        one_error(
+            &url_spec(
+                "enhance-gen",
+                json!({"model": "Bloom Realism", "creativity": 5}),
+            ),
+            "creativity must be an integer from 1 to 4 (got 5)",
+        );
+        one_error(
+            &url_spec("enhance", json!({"strength": 0})),
+            "strength must be a number from 0.01 to 1",
+        );
+        one_error(
+            &url_spec("enhance", json!({"subject_detection": "sky"})),
+            "subject_detection must be one of",
+        );
+        one_error(
+            &url_spec("enhance", json!({"face_enhancement": true})),
+            "needs face_enhancement_strength",
+        );
+        one_error(
+            &url_spec("enhance-gen", json!({"model": "Recovery V2", "detail": 2})),
+            "detail must be a number from 0 to 1",
         );
         one_error(
             &url_spec("enhance-gen", json!({"texture": 0})),
@@ -1058,50 +1762,191 @@ mod tests {
     }
 
     #[test]
-    fn models_are_checked_per_endpoint() {
+    fn filter_operations_check_their_models_and_settings() {
+        for (op, params, path) in [
+            (
+                "sharpen",
+                json!({"model": "Lens Blur V2", "strength": 0.5, "minor_denoise": 0.2}),
+                "/sharpen/async",
+            ),
+            ("sharpen-sync", json!({}), "/sharpen"),
+            (
+                "sharpen-gen",
+                json!({"model": "Super Focus V2", "detail": 0.4, "focus_boost": 0.5}),
+                "/sharpen-gen/async",
+            ),
+            (
+                "denoise",
+                json!({"model": "Extreme", "strength": 0.6, "original_detail": 0}),
+                "/denoise/async",
+            ),
+            ("denoise-sync", json!({"minor_deblur": 0.1}), "/denoise"),
+            ("restore", json!({}), "/restore-gen/async"),
+            (
+                "lighting",
+                json!({"model": "Adjust", "exposure": 1.5, "color_correction": true}),
+                "/lighting/async",
+            ),
+            (
+                "lighting-sync",
+                json!({"model": "White Balance", "temperature": 0.3}),
+                "/lighting",
+            ),
+        ] {
+            let found = check(&url_spec(op, params.clone()));
+            assert_eq!(
+                found,
+                crate::providers::Findings::default(),
+                "{op} {params}"
+            );
+            let plan = Plan::from_spec(&url_spec(op, params)).expect("plan");
+            assert_eq!(plan.endpoint.path(), path);
+        }
         one_error(
-            &url_spec("enhance", json!({"model": "Redefine"})),
-            "model must be one of \"Standard V2\"",
+            &url_spec("sharpen", json!({"strength": 0})),
+            "strength must be a number from 0.01 to 1",
         );
         one_error(
+            &url_spec("sharpen-gen", json!({"focus_boost": 0.1})),
+            "focus_boost must be a number from 0.25 to 1",
+        );
+        one_error(
+            &url_spec("lighting", json!({"exposure": 2.5})),
+            "exposure must be a number from 0 to 2",
+        );
+        one_warning(
+            &url_spec("sharpen", json!({"model": "Strong", "minor_denoise": 0.3})),
+            "does not use parameter minor_denoise",
+        );
+        one_warning(
+            &url_spec("restore", json!({"model": "Colorize"})),
+            "not one pixbatch knows for restore-gen",
+        );
+        one_warning(
+            &url_spec("denoise", json!({"output_width": 100})),
+            "\"output_width\" is not one pixbatch knows for denoise",
+        );
+        assert_eq!(
+            Plan::from_spec(&url_spec("sharpen-gen", json!({})))
+                .expect("plan")
+                .model,
+            "Super Focus V2"
+        );
+        assert_eq!(requests_per_job(&url_spec("lighting-sync", json!({}))), 2);
+        assert_eq!(requests_per_job(&url_spec("restore", json!({}))), 8);
+    }
+
+    #[test]
+    fn current_models_and_settings_are_accepted() {
+        for (op, params) in [
+            (
+                "enhance-gen",
+                json!({"model": "Recovery V2", "detail": 0.5}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Standard MAX", "creativity": 9, "subject_detection": "foreground"}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Wonder", "autoprompt": true, "face_enhancement": true,
+                       "face_enhancement_strength": 0.8, "face_enhancement_creativity": 0.2}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "wonder 3.5", "detail": true}),
+            ),
+            (
+                "enhance-gen",
+                json!({"model": "Bloom Realism", "creativity": 4}),
+            ),
+            ("enhance", json!({"model": "Text Refine", "strength": 0.4})),
+            ("enhance", json!({"model": "Upscale High Fidelity V3"})),
+        ] {
+            let found = check(&url_spec(op, params.clone()));
+            assert_eq!(
+                found,
+                crate::providers::Findings::default(),
+                "{op} {params}"
+            );
+        }
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"model": "wonder 3.5"})))
+            .expect("plan");
+        assert_eq!(plan.model, "Wonder 3.5");
+    }
+
+    #[test]
+    fn models_are_checked_per_endpoint() {
+        one_warning(
+            &url_spec("enhance", json!({"model": "Redefine"})),
+            "\"Redefine\" is a model of operation enhance-gen",
+        );
+        one_warning(
             &url_spec("enhance-gen", json!({"model": "Standard V2"})),
             "for enhance-gen",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance-sync", json!({"model": "Recovery"})),
             "for enhance-sync",
+        );
+        one_warning(
+            &url_spec("enhance-gen", json!({"model": "Wonder 9"})),
+            "not one pixbatch knows",
+        );
+        // Sent as written.
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"model": " Wonder 9 "})))
+            .expect("plan");
+        assert_eq!(plan.model, "Wonder 9");
+        assert!(plan.fields.contains(&("model".into(), "Wonder 9".into())));
+        one_error(&url_spec("enhance", json!({"model": 3})), "model must be");
+        // strict_params turns warnings into errors.
+        let strict = check(&url_spec("enhance-gen", json!({"model": "Wonder 9"})))
+            .strict(ProviderKind::Topaz);
+        assert!(strict.warnings.is_empty());
+        assert!(
+            strict
+                .errors
+                .iter()
+                .any(|e| e.contains("strict_params = true")),
+            "{strict:?}"
         );
         assert!(validate(&url_spec("enhance", json!({"model": "low resolution v2"}))).is_empty());
         assert!(validate(&url_spec("enhance-gen", json!({"model": "Recovery"}))).is_empty());
         // Settings the model would silently ignore.
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"creativity": 3})),
             "does not use parameter creativity",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"model": "CGI", "fix_compression": 0.2})),
             "does not use parameter fix_compression",
         );
-        one_error(
+        one_warning(
             &url_spec("enhance-gen", json!({"model": "Recovery", "denoise": 0.2})),
-            "takes no model settings",
+            "it takes detail",
         );
-        one_error(
+        one_warning(
             &spec("enhance", &["https://x/a.png"], Some("a cat"), json!({})),
             "prompt column",
         );
     }
 
     #[test]
-    fn unknown_operations_and_params_are_refused() {
+    fn unknown_operations_are_refused_and_unknown_params_warn() {
         one_error(&url_spec("upscale", json!({})), "unknown topaz operation");
-        one_error(
+        one_warning(
             &url_spec("enhance", json!({"ouput_width": 100})),
             "did you mean \"output_width\"",
         );
+        one_warning(
+            &url_spec("enhance-gen", json!({"grain_model": "silver"})),
+            "\"grain_model\" is not one pixbatch knows",
+        );
+        let plan = Plan::from_spec(&url_spec("enhance-gen", json!({"seed": 7}))).expect("plan");
+        assert!(plan.fields.contains(&("seed".into(), "7".into())));
         one_error(
-            &url_spec("enhance", json!({"strength": 1})),
-            "unknown topaz parameter \"strength\"",
+            &url_spec("enhance-gen", json!({"seed": [1]})),
+            "form fields are text",
         );
         one_error(&spec("enhance", &[], None, json!({})), "needs one input");
         one_error(
@@ -1126,7 +1971,7 @@ mod tests {
         let plan = Plan::from_spec(&s).expect("plan");
         assert!(plan
             .fields
-            .contains(&("prompt", "girl with red hair".into())));
+            .contains(&("prompt".into(), "girl with red hair".into())));
         let s = spec(
             "enhance-gen",
             &["https://x/a.png"],
@@ -1136,7 +1981,7 @@ mod tests {
         assert!(Plan::from_spec(&s)
             .expect("plan")
             .fields
-            .contains(&("prompt", "from params".into())));
+            .contains(&("prompt".into(), "from params".into())));
     }
 
     #[test]
@@ -1822,6 +2667,154 @@ mod sim_tests {
             }
         }
         panic!("task {id} never finished")
+    }
+
+    #[tokio::test]
+    async fn reconciliation_walks_the_paginated_status_list() {
+        let (sim, api) = start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = spec(dir.path(), "enhance", None, json!({"output_width": 80}));
+        let mut topaz = Topaz::new("sim-key".into());
+        // Two statuses a page: five tasks take three pages.
+        topaz.status_page = 2;
+        let mut ids = Vec::new();
+        for n in 1..=5 {
+            let job = JobContext {
+                spec: &spec,
+                submit_key: format!("k{n}~1"),
+                submission: 1,
+                prepared: &[],
+            };
+            let SubmitOutcome::Accepted { remote_id, .. } =
+                topaz.submit(&api, &job).await.expect("submit")
+            else {
+                panic!("not accepted")
+            };
+            ids.push(remote_id);
+        }
+        let ctx = |key: &str| JobContext {
+            spec: &spec,
+            submit_key: key.into(),
+            submission: 1,
+            prepared: &[],
+        };
+        let lists = || async {
+            let v: Value = reqwest::get(format!("{}/_sim/ledger", sim.base_url()))
+                .await
+                .expect("ledger")
+                .json()
+                .await
+                .expect("ledger json");
+            v["entries"]
+                .as_array()
+                .map(|l| l.iter().filter(|e| e["endpoint"] == "status_all").count())
+                .unwrap_or(0)
+        };
+        // On the last page.
+        assert_eq!(
+            topaz.reconcile(&api, &ctx("k5~1")).await,
+            Ok(Reconciliation::Found {
+                remote_id: ids[4].clone()
+            })
+        );
+        assert_eq!(lists().await, 3, "three pages were read");
+        // Nowhere: every page read, then "not submitted".
+        assert_eq!(
+            topaz.reconcile(&api, &ctx("k9~1")).await,
+            Ok(Reconciliation::NotSubmitted)
+        );
+        assert_eq!(lists().await, 6);
+        // One page is enough for the access check.
+        assert!(topaz.check_access(&api).await.is_ok());
+        let _ = sim.shutdown().await;
+    }
+
+    #[test]
+    fn the_account_api_sits_beside_the_image_api() {
+        assert_eq!(
+            account_url("https://api.topazlabs.com/image/v1", "/credits/balance").ok(),
+            Some("https://api.topazlabs.com/account/v1/credits/balance".to_string())
+        );
+        assert_eq!(
+            account_url("http://127.0.0.1:9/topaz/image/v1/", "/credits/balance").ok(),
+            Some("http://127.0.0.1:9/topaz/account/v1/credits/balance".to_string())
+        );
+        assert!(account_url("https://example.com/api", "/x").is_err());
+        let b = parse_balance(&json!({"available_credits": 100, "reserved_credits": 10}))
+            .expect("balance");
+        assert_eq!((b.amount, b.unit.as_str()), (100.0, "credits"));
+        assert_eq!(parse_balance(&json!({"total_credits": 1})), None);
+    }
+
+    #[test]
+    fn credits_come_from_the_published_tables() {
+        let c = |op: &str, params: Value| {
+            table_credits(&JobSpec {
+                id: "t".into(),
+                provider: ProviderKind::Topaz,
+                operation: op.into(),
+                inputs: vec!["https://example.com/a.png".into()],
+                prompt: None,
+                params_json: params.to_string(),
+                output: None,
+            })
+        };
+        // Standard V2 at 24 MP a credit: 32 MP -> 2, 24 MP -> 1.
+        assert_eq!(
+            c(
+                "enhance",
+                json!({"output_width": 8000, "output_height": 4000})
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            c(
+                "enhance",
+                json!({"output_width": 6000, "output_height": 4000})
+            ),
+            Some(1.0)
+        );
+        // Redefine at 4: 100 MP -> 25; Bloom 2 at 2: 100 MP -> 50.
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"output_width": 10000, "output_height": 10000})
+            ),
+            Some(25.0)
+        );
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"model": "Bloom 2", "output_width": 10000, "output_height": 10000})
+            ),
+            Some(50.0)
+        );
+        // No table (Recovery V2, the filters), no size, a URL input with one side.
+        assert_eq!(
+            c(
+                "enhance-gen",
+                json!({"model": "Recovery V2", "output_width": 100, "output_height": 100})
+            ),
+            None
+        );
+        assert_eq!(c("sharpen", json!({})), None);
+        assert_eq!(c("enhance", json!({})), None);
+        assert_eq!(c("enhance", json!({"output_width": 100})), None);
+    }
+
+    #[test]
+    fn status_pages_are_read_leniently() {
+        let p = read_status_page(
+            br#"{"statuses":[{"process_id":"a","filename":"k~1.png"}],"next_cursor":"x","has_next_page":true}"#,
+        )
+        .expect("page");
+        assert_eq!((p.statuses.len(), p.next_cursor.as_deref()), (1, Some("x")));
+        let p = read_status_page(br#"{"data":[],"next_cursor":"x","has_next_page":false}"#)
+            .expect("page");
+        assert_eq!(p.next_cursor, None);
+        let p = read_status_page(br#"[{"process_id":"a"}]"#).expect("plain");
+        assert_eq!((p.statuses.len(), p.next_cursor), (1, None));
+        assert!(read_status_page(b"7").is_err());
     }
 
     #[tokio::test]

@@ -28,14 +28,30 @@ pub(crate) const LEGACY_PREFIX: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJ
 const API: &str = "/image/v1";
 const FILES: &str = "/_files/";
 
-const ENHANCE_MODELS: [&str; 5] = [
+/// The models the current reference pages list per route (docs/providers.md, "Topaz
+/// live evidence"); any other model is refused with 400, before any charge, as the
+/// live API does.
+const ENHANCE_MODELS: [&str; 6] = [
     "Standard V2",
     "Low Resolution V2",
     "CGI",
     "High Fidelity V2",
     "Text Refine",
+    "Upscale High Fidelity V3",
 ];
-const GEN_MODELS: [&str; 2] = ["Redefine", "Recovery"];
+const GEN_MODELS: [&str; 11] = [
+    "Redefine",
+    "Recovery",
+    "Recovery V2",
+    "Standard MAX",
+    "Wonder",
+    "Wonder 2",
+    "Wonder 3",
+    "Wonder 3.5",
+    "Recover 3",
+    "Bloom 2",
+    "Bloom Realism",
+];
 
 /// Output limits per endpoint (topaz.txt), in pixels.
 const SYNC_MAX_PIXELS: u64 = 96_000_000;
@@ -59,6 +75,8 @@ pub(crate) struct TopazState {
     deleted: Mutex<HashMap<String, Option<String>>>,
     /// Creation order for `GET /status`.
     next_order: AtomicU64,
+    /// Credits of every accepted submission, for `GET /account/v1/credits/balance`.
+    spent: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +124,8 @@ struct Task {
     output_width: u32,
     output_height: u32,
     model: String,
+    /// The URL Topaz was asked to fetch the input from, instead of an uploaded file.
+    source_url: Option<String>,
     face_enhancement: bool,
     crop_to_fill: bool,
     options_json: Option<String>,
@@ -157,6 +177,9 @@ impl Task {
         let mut m = Map::new();
         m.insert("process_id".into(), json!(self.process_id));
         m.insert("filename".into(), json!(self.filename));
+        if let Some(u) = &self.source_url {
+            m.insert("source_url".into(), json!(u));
+        }
         m.insert("input_format".into(), json!(self.input_format));
         m.insert("input_height".into(), json!(self.input_height));
         m.insert("input_width".into(), json!(self.input_width));
@@ -196,6 +219,13 @@ pub(crate) fn route(method: &Method, rest: &str) -> Route {
         }
         return Route::api("unknown").unmetered();
     }
+    // The Account API, beside the Image API on the same host.
+    if rest == "/account/v1/credits/balance" {
+        return match *method {
+            Method::GET => Route::api("credits_balance"),
+            _ => Route::api("unknown"),
+        };
+    }
     let Some(p) = rest.strip_prefix(API) else {
         return Route::api("unknown");
     };
@@ -203,6 +233,14 @@ pub(crate) fn route(method: &Method, rest: &str) -> Route {
         (Method::POST, "/enhance") => return Route::api("enhance_sync").image(),
         (Method::POST, "/enhance/async") => return Route::api("enhance_async"),
         (Method::POST, "/enhance-gen/async") => return Route::api("enhance_gen_async"),
+        (Method::POST, "/sharpen") => return Route::api("sharpen_sync").image(),
+        (Method::POST, "/sharpen/async") => return Route::api("sharpen_async"),
+        (Method::POST, "/sharpen-gen/async") => return Route::api("sharpen_gen_async"),
+        (Method::POST, "/denoise") => return Route::api("denoise_sync").image(),
+        (Method::POST, "/denoise/async") => return Route::api("denoise_async"),
+        (Method::POST, "/restore-gen/async") => return Route::api("restore_gen_async"),
+        (Method::POST, "/lighting") => return Route::api("lighting_sync").image(),
+        (Method::POST, "/lighting/async") => return Route::api("lighting_async"),
         (Method::GET, "/status") => return Route::api("status_all"),
         (Method::POST, "/estimate") => return Route::api("estimate"),
         (Method::POST, "/estimate-gen") => return Route::api("estimate_gen"),
@@ -244,6 +282,14 @@ fn known_api_path(rest: &str) -> bool {
         "/enhance"
             | "/enhance/async"
             | "/enhance-gen/async"
+            | "/sharpen"
+            | "/sharpen/async"
+            | "/sharpen-gen/async"
+            | "/denoise"
+            | "/denoise/async"
+            | "/restore-gen/async"
+            | "/lighting"
+            | "/lighting/async"
             | "/status"
             | "/estimate"
             | "/estimate-gen"
@@ -349,7 +395,16 @@ pub(crate) async fn handle(s: &Arc<Shared>, ctx: &Ctx, req: Request) -> Reply {
         "enhance_sync" => submit(s, ctx, req, Kind::Sync).await,
         "enhance_async" => submit(s, ctx, req, Kind::Async).await,
         "enhance_gen_async" => submit(s, ctx, req, Kind::Gen).await,
-        "status_all" => status_all(s),
+        "sharpen_sync" => submit_filter(s, ctx, req, Kind::Sync, "sharpen-sync").await,
+        "sharpen_async" => submit_filter(s, ctx, req, Kind::Async, "sharpen").await,
+        "sharpen_gen_async" => submit_filter(s, ctx, req, Kind::Gen, "sharpen-gen").await,
+        "denoise_sync" => submit_filter(s, ctx, req, Kind::Sync, "denoise-sync").await,
+        "denoise_async" => submit_filter(s, ctx, req, Kind::Async, "denoise").await,
+        "restore_gen_async" => submit_filter(s, ctx, req, Kind::Gen, "restore-gen").await,
+        "lighting_sync" => submit_filter(s, ctx, req, Kind::Sync, "lighting-sync").await,
+        "lighting_async" => submit_filter(s, ctx, req, Kind::Async, "lighting").await,
+        "status_all" => status_all(s, &req),
+        "credits_balance" => credits_balance(s),
         "status" => with_task(s, ctx, |t, now, d| {
             Reply::json(StatusCode::OK, &t.json(now, d))
         }),
@@ -405,6 +460,10 @@ struct Params {
     options_json: Option<String>,
     /// The raw prompt (only `Redefine` uses it; the simulator reads `sim-fail` from it).
     prompt: Option<String>,
+    /// Sharpen, denoise, restore, lighting: the output keeps the input's size.
+    same_size: bool,
+    /// What the status calls the task (`Enhance`, `Sharpen` …).
+    category: &'static str,
 }
 
 fn text<'a>(form: &'a Form, name: &str) -> Result<Option<&'a str>, Reply> {
@@ -467,12 +526,47 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
         }
     };
     for name in [
+        "face_enhancement_strength",
         "face_enhancement_creativity",
         "denoise",
         "sharpen",
         "fix_compression",
     ] {
         decimal(name)?;
+    }
+    // "required if face_enhancement=true" (the model pages): only when asked for
+    // explicitly, since face enhancement is on by default.
+    if text(form, "face_enhancement")?.is_some()
+        && face_enhancement
+        && text(form, "face_enhancement_strength")?.is_none()
+    {
+        return Err(bad(
+            "face_enhancement_strength is required when face_enhancement is true.",
+        ));
+    }
+    if let Some(v) = text(form, "strength")? {
+        if parse::dec_in(v, 0.01, 1.0).is_none() {
+            return Err(bad("Invalid strength: expected a decimal from 0.01 to 1."));
+        }
+    }
+    if let Some(v) = text(form, "subject_detection")? {
+        if !["foreground", "background", "all"].contains(&v) {
+            return Err(bad(
+                "Invalid subject_detection: expected foreground, background or all.",
+            ));
+        }
+    }
+    if let Some(v) = text(form, "autoprompt")? {
+        if parse::boolean(v).is_none() {
+            return Err(bad("Invalid autoprompt: expected true or false."));
+        }
+    }
+    if let Some(v) = text(form, "detail")? {
+        if parse::boolean(v).is_none() && parse::dec_in(v, 0.0, 1.0).is_none() {
+            return Err(bad(
+                "Invalid detail: expected true, false or a decimal from 0 to 1.",
+            ));
+        }
     }
     let integer = |name: &str, max: i64| -> Result<(), Reply> {
         match text(form, name)? {
@@ -482,7 +576,8 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
             _ => Ok(()),
         }
     };
-    integer("creativity", 6)?;
+    // 1-9 on the current enhance-gen route, 1-4 on Bloom Realism (the model pages).
+    integer("creativity", if model == "Bloom Realism" { 4 } else { 9 })?;
     integer("texture", 5)?;
     let prompt = text(form, "prompt")?.map(str::to_string);
     if prompt.as_ref().is_some_and(|p| p.chars().count() > 1024) {
@@ -502,7 +597,112 @@ fn parse_params(form: &Form, gen: bool) -> Result<Params, Reply> {
         face_enhancement,
         options_json,
         prompt,
+        same_size: false,
+        category: if gen { "Enhance Generative" } else { "Enhance" },
     })
+}
+
+/// The parameters of a sharpen, denoise, restore or lighting submission. The models
+/// and ranges are the model pages' (olereon/GigaUp `available_models.md`), the same
+/// tables the client checks against; an unknown model is refused with 400.
+fn parse_filter_params(form: &Form, op: &str) -> Result<Params, Reply> {
+    let endpoint = crate::providers::topaz::Endpoint::from_operation(op)
+        .ok_or_else(|| bad("Unknown endpoint."))?;
+    let (models, settings) = endpoint.filter().ok_or_else(|| bad("Unknown endpoint."))?;
+    let model = match text(form, "model")? {
+        None => endpoint.default_model().to_string(),
+        Some(m) if models.iter().any(|(n, _)| *n == m) => m.to_string(),
+        Some(m) => {
+            let names: Vec<&str> = models.iter().map(|(n, _)| *n).collect();
+            return Err(bad(&format!(
+                "Invalid model {:?}. Valid models for this endpoint: {}.",
+                truncate_chars(m, 64),
+                names.join(", ")
+            )));
+        }
+    };
+    for (name, kind) in settings {
+        let Some(v) = text(form, name)? else { continue };
+        use crate::providers::topaz::Setting;
+        let ok = match kind {
+            Setting::Number(lo, hi) => parse::dec_in(v, *lo, *hi).is_some(),
+            Setting::Integer(lo, hi) => parse::int_in(v, *lo, *hi).is_some(),
+            Setting::Boolean => parse::boolean(v).is_some(),
+        };
+        if !ok {
+            return Err(bad(&format!("Invalid {name}.")));
+        }
+    }
+    let (output_format, format) = match text(form, "output_format")? {
+        None => ("jpeg".to_string(), Format::Jpeg),
+        Some(f @ ("jpeg" | "jpg")) => (f.to_string(), Format::Jpeg),
+        Some("png") => ("png".to_string(), Format::Png),
+        Some(_) => return Err(bad(
+            "Invalid output format. Valid formats: jpeg, jpg, png (the simulator writes no tiff).",
+        )),
+    };
+    let category = match op.split('-').next().unwrap_or(op) {
+        "sharpen" => "Sharpen",
+        "denoise" => "Denoise",
+        "restore" => "Restore",
+        _ => "Lighting",
+    };
+    Ok(Params {
+        model,
+        output_width: None,
+        output_height: None,
+        output_format,
+        format,
+        crop_to_fill: false,
+        face_enhancement: false,
+        options_json: None,
+        prompt: None,
+        same_size: true,
+        category,
+    })
+}
+
+/// Fetches a `source_url` input (loopback only: the simulator reaches nothing else),
+/// capped at the body limit. The answer is a 400, as Topaz's for a URL it cannot read.
+async fn fetch_source(s: &Shared, raw: &str) -> Result<Bytes, Reply> {
+    let url = url::Url::parse(raw).map_err(|_| bad("Invalid source_url."))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback {
+        return Err(bad(
+            "source_url must point at a loopback address (the simulator fetches nothing else).",
+        ));
+    }
+    let mut resp = s
+        .http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| bad(&format!("Could not fetch source_url: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(bad(&format!(
+            "Could not fetch source_url: HTTP {}",
+            resp.status().as_u16()
+        )));
+    }
+    let limit = s.config.max_body_bytes;
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if buf.len() + c.len() > limit {
+                    return Err(bad("The image at source_url is too large."));
+                }
+                buf.extend_from_slice(&c);
+            }
+            Ok(None) => return Ok(Bytes::from(buf)),
+            Err(e) => return Err(bad(&format!("Could not fetch source_url: {e}"))),
+        }
+    }
 }
 
 /// `options_json` is a string in the schema and an object in the example: accept the JSON
@@ -572,22 +772,69 @@ fn stem(filename: &str) -> Option<String> {
 }
 
 async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
+    submit_as(s, ctx, req, kind, None).await
+}
+
+async fn submit_filter(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind, op: &str) -> Reply {
+    submit_as(s, ctx, req, kind, Some(op)).await
+}
+
+async fn submit_as(
+    s: &Arc<Shared>,
+    ctx: &Ctx,
+    req: Request,
+    kind: Kind,
+    filter: Option<&str>,
+) -> Reply {
     let form = match form::read_multipart(req, &["image"]).await {
         Ok(f) => f,
         Err(e) => return err(e.status(), &e.message()),
     };
-    let params = match parse_params(&form, kind == Kind::Gen) {
+    let parsed = match filter {
+        Some(op) => parse_filter_params(&form, op),
+        None => parse_params(&form, kind == Kind::Gen),
+    };
+    let params = match parsed {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let Some(image) = form.file("image") else {
-        return bad("No image provided: the multipart field `image` is required.");
+    let source_url = match text(&form, "source_url") {
+        Ok(u) => u.map(str::to_string),
+        Err(r) => return r,
     };
-    let filename = image
-        .filename
-        .clone()
-        .filter(|f| !f.is_empty())
-        .unwrap_or_else(|| "image".to_string());
+    // Exactly one of `image` and `source_url` (the OpenAPI document's rule; the
+    // simulator has no `source_id`). A URL is fetched by the simulator itself, as
+    // Topaz does: the client never downloads it.
+    let (image_bytes, filename) = match (form.file("image"), &source_url) {
+        (Some(_), Some(_)) => {
+            return bad("Provide exactly one of image, source_id or source_url.");
+        }
+        (Some(image), None) => (
+            image.bytes.clone(),
+            image
+                .filename
+                .clone()
+                .filter(|f| !f.is_empty())
+                .unwrap_or_else(|| "image".to_string()),
+        ),
+        (None, Some(url)) => match fetch_source(s, url).await {
+            Ok(bytes) => {
+                let name = url::Url::parse(url)
+                    .ok()
+                    .and_then(|u| {
+                        u.path_segments()
+                            .and_then(|mut p| p.next_back().map(str::to_string))
+                    })
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "image".to_string());
+                (bytes, name)
+            }
+            Err(r) => return r.key(ctx.request_key.clone()),
+        },
+        (None, None) => {
+            return bad("No image provided: the multipart field `image` is required.");
+        }
+    };
     let request_key = ctx.request_key.clone().or_else(|| stem(&filename));
     let unsupported = || {
         err(
@@ -596,7 +843,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         )
         .key(request_key.clone())
     };
-    let Ok(probe) = images::probe(&image.bytes) else {
+    let Ok(probe) = images::probe(&image_bytes) else {
         return unsupported();
     };
     if probe.width == 0 || probe.height == 0 {
@@ -618,7 +865,12 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         return bad("The Recovery model accepts input images of at most 16 megapixels.")
             .key(request_key);
     }
-    let (ow, oh, fit) = match output_dims(&params, probe.width, probe.height) {
+    let dims = if params.same_size {
+        Ok((probe.width, probe.height, Fit::Stretch))
+    } else {
+        output_dims(&params, probe.width, probe.height)
+    };
+    let (ow, oh, fit) = match dims {
         Ok(d) => d,
         Err(r) => return r.key(request_key),
     };
@@ -641,7 +893,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         .key(request_key);
     }
 
-    let bytes = image.bytes.clone();
+    let bytes = image_bytes.clone();
     let decoded = s.cpu(move || images::decode(&bytes, max)).await;
     let Ok(decoded) = decoded else {
         return unsupported();
@@ -683,15 +935,12 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         output_width: ow,
         output_height: oh,
         model: params.model.clone(),
+        source_url: source_url.clone(),
         face_enhancement: params.face_enhancement,
         crop_to_fill: params.crop_to_fill,
         options_json: params.options_json.clone(),
         sync: kind == Kind::Sync,
-        category: if kind == Kind::Gen {
-            "Enhance Generative"
-        } else {
-            "Enhance"
-        },
+        category: params.category,
         credits: credits_for(kind == Kind::Gen, out_pixels),
         created: ctx.arrived,
         created_unix_ms: ctx.arrived_unix_ms,
@@ -704,6 +953,7 @@ async fn submit(s: &Arc<Shared>, ctx: &Ctx, req: Request, kind: Kind) -> Reply {
         output: output.clone(),
     };
     let eta = task.eta(s.config.task_duration);
+    s.topaz.spent.fetch_add(task.credits, Ordering::SeqCst);
     lock(&s.topaz.tasks).insert(process_id.clone(), task);
 
     let reply = if kind == Kind::Sync {
@@ -744,14 +994,69 @@ fn with_task(
     }
 }
 
-fn status_all(s: &Shared) -> Reply {
+/// Every account starts with this many credits.
+pub(crate) const START_CREDITS: u64 = 10_000;
+
+/// `GET /account/v1/credits/balance` (the Account API reference): what is left of
+/// [`START_CREDITS`] after every accepted submission's credits. Nothing is reserved.
+fn credits_balance(s: &Shared) -> Reply {
+    let available = START_CREDITS.saturating_sub(s.topaz.spent.load(Ordering::SeqCst));
+    Reply::json(
+        StatusCode::OK,
+        &json!({
+            "available_credits": available,
+            "reserved_credits": 0,
+            "total_credits": available,
+        }),
+    )
+}
+
+/// `GET /status`: every status as a plain array, or with `paginated=true` one page of
+/// `limit` (1–100, default 50) from `cursor`, as `{"statuses": [...], "next_cursor",
+/// "has_next_page"}` (the reference names the two metadata fields; the array's key
+/// is the simulator's choice). The cursor is opaque to clients: here, the `order` of
+/// the page's first task.
+fn status_all(s: &Shared, req: &Request) -> Reply {
+    let mut paginated = false;
+    let mut limit = 50usize;
+    let mut cursor: Option<u64> = None;
+    if let Some(q) = req.uri().query() {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            match k.as_ref() {
+                "paginated" => paginated = parse::boolean(&v).unwrap_or(false),
+                "limit" => match v.parse::<usize>() {
+                    Ok(n @ 1..=100) => limit = n,
+                    _ => return bad("Invalid limit: expected an integer from 1 to 100."),
+                },
+                "cursor" => match v.strip_prefix('c').and_then(|n| n.parse::<u64>().ok()) {
+                    Some(n) => cursor = Some(n),
+                    None => return bad("Invalid cursor."),
+                },
+                _ => {}
+            }
+        }
+    }
     let now = Instant::now();
     let d = s.config.task_duration;
     let tasks = lock(&s.topaz.tasks);
     let mut all: Vec<&Task> = tasks.values().collect();
     all.sort_by_key(|t| t.order);
-    let list: Vec<Value> = all.iter().map(|t| t.json(now, d)).collect();
-    Reply::json(StatusCode::OK, &Value::Array(list))
+    if !paginated {
+        let list: Vec<Value> = all.iter().map(|t| t.json(now, d)).collect();
+        return Reply::json(StatusCode::OK, &Value::Array(list));
+    }
+    let from = cursor.unwrap_or(0);
+    let mut rest = all.into_iter().filter(|t| t.order >= from);
+    let page: Vec<Value> = rest.by_ref().take(limit).map(|t| t.json(now, d)).collect();
+    let next = rest.next().map(|t| format!("c{}", t.order));
+    Reply::json(
+        StatusCode::OK,
+        &json!({
+            "statuses": page,
+            "next_cursor": next,
+            "has_next_page": next.is_some(),
+        }),
+    )
 }
 
 fn delete_status(s: &Shared, ctx: &Ctx) -> Reply {
@@ -1449,7 +1754,11 @@ mod tests {
             ),
             (
                 "/enhance-gen/async",
-                mp(&img, "a.png", &[("model", "Redefine"), ("creativity", "7")]),
+                mp(
+                    &img,
+                    "a.png",
+                    &[("model", "Redefine"), ("creativity", "10")],
+                ),
                 400,
                 "creativity",
             ),

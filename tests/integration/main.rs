@@ -26,4 +26,5 @@ mod security;
 mod shell;
 mod soak;
 mod storage;
+mod topaz_live;
 mod watch;

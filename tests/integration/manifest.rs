@@ -9,7 +9,7 @@ fn bad_rows_enqueue_nothing_and_every_bad_line_is_named() {
     write_png(&dir.path().join("a.png"), 32, 32, 1);
     let csv = "id,provider,operation,input,prompt,params,output\n\
                ok1,topaz,enhance,a.png,,,\n\
-               bad-creativity,topaz,enhance-gen,a.png,,\"{\"\"model\"\":\"\"Redefine\"\",\"\"creativity\"\":7}\",\n\
+               bad-creativity,topaz,enhance-gen,a.png,,\"{\"\"model\"\":\"\"Redefine\"\",\"\"creativity\"\":10}\",\n\
                ok2,photio,upscale,a.png,,,\n\
                bad-size,aithriving,img2img,a.png,cat,\"{\"\"width\"\":300,\"\"height\"\":512}\",\n\
                bad-provider,midjourney,imagine,a.png,,,\n\

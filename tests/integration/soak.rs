@@ -166,6 +166,17 @@ fn write_manifest(dir: &Path, p: &Preset) {
     for i in 0..p.jobs {
         let img = format!("in/img{}.png", i % 8);
         let row = match i % 8 {
+            // The newer Topaz routes (issue 13) in the mix, one of every 16 jobs.
+            1 if i % 16 == 9 => {
+                let (op, model) = [
+                    ("sharpen", "Standard"),
+                    ("denoise-sync", "Normal"),
+                    ("restore-gen", "Dust-Scratch"),
+                    ("lighting", "Adjust"),
+                    ("sharpen-gen", "Super Focus V2"),
+                ][(i / 16) % 5];
+                format!("f{i},topaz,{op},{img},,\"{{\"\"model\"\":\"\"{model}\"\"}}\",\n")
+            }
             0 | 1 => format!("t{i},topaz,enhance,{img},,\"{{\"\"output_width\"\":96}}\",\n"),
             2 => format!("g{i},topaz,enhance-gen,{img},a quiet street,\"{{\"\"model\"\":\"\"Redefine\"\",\"\"output_width\"\":80}}\",\n"),
             3 => format!("s{i},topaz,enhance-sync,{img},,\"{{\"\"output_height\"\":64,\"\"output_format\"\":\"\"png\"\"}}\",\n"),
