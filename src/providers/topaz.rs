@@ -2757,6 +2757,7 @@ mod sim_tests {
                 prompt: None,
                 params_json: params.to_string(),
                 output: None,
+                metadata: Vec::new(),
             })
         };
         // Standard V2 at 24 MP a credit: 32 MP -> 2, 24 MP -> 1.
