@@ -13,6 +13,14 @@ fn show_json(dir: &std::path::Path, id: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `validate --offline` asks no provider, but a missing key is still an error: a
+/// made-up one (nothing is sent).
+fn offline_validate(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = pixbatch(dir);
+    cmd.env("TOPAZ_API_KEY", "test-topaz-key-123");
+    cmd
+}
+
 fn write_manifest(dir: &std::path::Path, rows: &[serde_json::Value]) {
     let body: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(dir.join("jobs.jsonl"), body).unwrap();
@@ -74,7 +82,7 @@ fn current_models_and_settings_validate_and_run() {
         "[providers.topaz]\npoll_interval = \"100ms\"\n",
     )
     .unwrap();
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -118,7 +126,7 @@ fn an_unknown_model_warns_fails_with_the_providers_reason_and_strict_refuses_it(
         "[providers.topaz]\npoll_interval = \"100ms\"\nmax_attempts = 2\n",
     )
     .unwrap();
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -166,7 +174,7 @@ fn an_unknown_model_warns_fails_with_the_providers_reason_and_strict_refuses_it(
         "[providers.topaz]\nstrict_params = true\n",
     )
     .unwrap();
-    let out = pixbatch(strict.path())
+    let out = offline_validate(strict.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -193,7 +201,7 @@ fn face_enhancement_without_its_strength_is_refused_before_any_request() {
             serde_json::json!({"face_enhancement": true}),
         )],
     );
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -272,7 +280,7 @@ fn a_url_input_goes_as_source_url_and_pixbatch_never_downloads_it() {
         "[providers.topaz]\npoll_interval = \"100ms\"\n",
     )
     .unwrap();
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -390,7 +398,7 @@ fn sharpen_denoise_restore_and_lighting_run_through_the_simulator() {
         "[providers.topaz]\npoll_interval = \"100ms\"\n",
     )
     .unwrap();
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
@@ -447,7 +455,7 @@ fn published_credit_tables_price_topaz_jobs_offline() {
             ),
         ],
     );
-    let out = pixbatch(dir.path())
+    let out = offline_validate(dir.path())
         .args(["validate", "--offline", "jobs.jsonl"])
         .output()
         .unwrap();
