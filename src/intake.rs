@@ -88,9 +88,9 @@ fn check_into(
         Some(st) if st.total_jobs()? == 0 => None,
         other => other,
     };
-    if let Some(st) = store {
-        claim_existing(st, &mut outputs)?;
-    }
+    // The database's outputs are read at the first new row: a manifest run again
+    // (every row already queued) costs no scan of the database.
+    let mut claimed = false;
     for path in paths {
         let mut on_row = |row: Result<(crate::model::Origin, crate::model::JobSpec), RowError>| {
             plan.rows += 1;
@@ -138,6 +138,13 @@ fn check_into(
                 }
             }
             if is_new {
+                if let (Some(st), false) = (store, claimed) {
+                    claimed = true;
+                    if let Err(e) = claim_existing(st, &mut outputs) {
+                        store_error.get_or_insert(e);
+                        return;
+                    }
+                }
                 if let Err(c) = outputs.check(&origin, &spec, false) {
                     push_conflict(&mut errors, &mut to_name, origin, c);
                     return;
