@@ -6,8 +6,9 @@
 //! file beside the database (the spool) as they are checked, and only once every row
 //! is known good are they read back and inserted in large batches, so the manifests
 //! are read, parsed and validated (one file inspection per local input) once, not
-//! twice. Memory stays small at a million rows: only the duplicate tracker's
-//! fixed-size entries are kept.
+//! twice. Memory stays small at a million rows: only the duplicate and output
+//! trackers' fixed-size entries are kept. Outputs are checked against the database's
+//! jobs (and earlier versions) too: one scan of it, at the first new row only.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
