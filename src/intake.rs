@@ -6,8 +6,9 @@
 //! file beside the database (the spool) as they are checked, and only once every row
 //! is known good are they read back and inserted in large batches, so the manifests
 //! are read, parsed and validated (one file inspection per local input) once, not
-//! twice. Memory stays small at a million rows: only the duplicate tracker's
-//! fixed-size entries are kept.
+//! twice. Memory stays small at a million rows: only the duplicate and output
+//! trackers' fixed-size entries are kept. Outputs are checked against the database's
+//! jobs (and earlier versions) too: one scan of it, at the first new row only.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -98,9 +99,9 @@ fn check_into(
         Some(st) if st.total_jobs()? == 0 => None,
         other => other,
     };
-    if let Some(st) = store {
-        claim_existing(st, &mut outputs)?;
-    }
+    // The database's outputs are read at the first new row: a manifest run again
+    // (every row already queued) costs no scan of the database.
+    let mut claimed = false;
     for path in paths {
         let mut on_row = |row: Result<(crate::model::Origin, crate::model::JobSpec), RowError>| {
             plan.rows += 1;
@@ -148,6 +149,13 @@ fn check_into(
                 }
             }
             if is_new {
+                if let (Some(st), false) = (store, claimed) {
+                    claimed = true;
+                    if let Err(e) = claim_existing(st, &mut outputs) {
+                        store_error.get_or_insert(e);
+                        return;
+                    }
+                }
                 if let Err(c) = outputs.check(&origin, &spec, false) {
                     push_conflict(&mut errors, &mut to_name, origin, c);
                     return;

@@ -283,6 +283,30 @@ mod tests {
     }
 
     #[test]
+    fn earlier_versions_files_are_known_not_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).unwrap();
+        store
+            .insert_new(&[job("a", JobState::Done, &[("a.png", b"v1")])])
+            .unwrap();
+        let v2 = job("a", JobState::Done, &[("a.v2.png", b"v2")]);
+        assert!(store.replace_with_version(&v2, 1).unwrap());
+        std::fs::write(out.join("a.png"), b"v1").unwrap();
+        std::fs::write(out.join("a.v2.png"), b"v2").unwrap();
+        let v = verify(&store, &out, &[]).unwrap();
+        assert!(v.ok(), "{:?}", v.problems);
+        // The old version's file may go (it is the user's to keep); the current may not.
+        std::fs::remove_file(out.join("a.png")).unwrap();
+        assert!(verify(&store, &out, &[]).unwrap().ok());
+        std::fs::remove_file(out.join("a.v2.png")).unwrap();
+        let v = verify(&store, &out, &[]).unwrap();
+        assert_eq!(v.problems.len(), 1);
+        assert_eq!(v.problems[0].problem, Problem::Missing);
+    }
+
+    #[test]
     fn finds_missing_changed_and_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");

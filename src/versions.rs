@@ -55,7 +55,8 @@ pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
     // The new versions' names must not meet another job's files either. Collisions
     // between two rows' own names are the ordinary check's to report, not this one's.
     let mut outputs = OutputTracker::new();
-    crate::intake::claim_existing(store, &mut outputs)?;
+    // Read at the first row to check (none when every row is already queued).
+    let mut claimed = false;
     let mut to_name = Vec::new();
     let mut failure: Option<StoreError> = None;
     for path in paths {
@@ -67,9 +68,21 @@ pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
             if !matches!(tracker.check(&origin, &spec), Ok(RowStatus::New)) {
                 return;
             }
+            let mut claim = |outputs: &mut OutputTracker| {
+                if !claimed {
+                    claimed = true;
+                    crate::intake::claim_existing(store, outputs)
+                } else {
+                    Ok(())
+                }
+            };
             let existing = match store.get(&spec.id) {
                 Ok(Some(j)) => j,
                 Ok(None) => {
+                    if let Err(e) = claim(&mut outputs) {
+                        failure = Some(e);
+                        return;
+                    }
                     if let Err(c) = outputs.check(&origin, &spec, false) {
                         if c.version {
                             crate::intake::push_conflict(
@@ -97,6 +110,10 @@ pub fn find(paths: &[PathBuf], store: &Store) -> Result<Found, IntakeError> {
                     return;
                 }
             };
+            if let Err(e) = claim(&mut outputs) {
+                failure = Some(e);
+                return;
+            }
             let versioned = JobSpec {
                 output: Some(versioned_output(&spec, next)),
                 ..spec.clone()
