@@ -283,3 +283,62 @@ fn a_near_typo_of_a_known_column_is_refused_with_a_suggestion() {
         "nothing was enqueued"
     );
 }
+
+/// A job record written by the pixbatch before this change (record format 1; the
+/// bytes are the format-1 code's own, as in the store's unit test).
+const V1_JOB: &str = "01056f6c642d31030775707363616c6501092f696e2f612e706e67010561206361740b7b227363616c65223a327d0105636174732f455b843d26cf8da3d8b4f2789601ff632a3d5aefe7cb278ad2108107979d39a8056d2e6373760707000102010675706c6f616403752d39000104722d343202000a687474703a2f2f782f7903706e6702036a706701000e636174732f6f6c642d312e706e67fbd20440616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261620000fd0068e5cf8b01000001fde86be5cf8b01000001fdd06fe5cf8b010000fdd06fe5cf8b010000";
+
+#[test]
+fn a_database_of_the_previous_format_opens_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_png(&d.join("a.png"), 16, 16, 1);
+    std::fs::write(
+        d.join("jobs.csv"),
+        "id,provider,operation,input\nnew-1,topaz,enhance,a.png\n",
+    )
+    .unwrap();
+    let out = pixbatch(d).args(["enqueue", "jobs.csv"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Made into a format-1 database holding a format-1 job record.
+    {
+        let db = sled::open(d.join("pixbatch.db")).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[1u8])
+            .unwrap();
+        db.open_tree("jobs")
+            .unwrap()
+            .insert("old-1", hex::decode(V1_JOB).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = pixbatch(d)
+        .args(["show", "old-1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let detail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(detail["row"]["state"], "done");
+    assert_eq!(
+        detail["row"]["outputs"],
+        serde_json::json!(["cats/old-1.png"])
+    );
+    assert_eq!(detail["row"]["metadata"], serde_json::json!({}));
+    // No folder recorded then: the default one.
+    assert_eq!(detail["files"][0], "out/cats/old-1.png");
+    let rows = report(d, &d.join("pixbatch.db"));
+    assert_eq!(rows.len(), 2);
+    let old = rows.iter().find(|r| r["id"] == "old-1").unwrap();
+    assert_eq!(old["pixels"], serde_json::json!([null]), "{old}");
+    assert!(old["out_dir"].is_null());
+    // Marked format 2 by the open, for an older pixbatch to refuse cleanly.
+    let db = sled::open(d.join("pixbatch.db")).unwrap();
+    let format = db
+        .open_tree("meta")
+        .unwrap()
+        .get("format")
+        .unwrap()
+        .unwrap();
+    assert_eq!(format.to_vec(), vec![pixbatch::store::FORMAT_VERSION]);
+}
