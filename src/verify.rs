@@ -295,13 +295,13 @@ mod tests {
         assert!(store.replace_with_version(&v2, 1).unwrap());
         std::fs::write(out.join("a.png"), b"v1").unwrap();
         std::fs::write(out.join("a.v2.png"), b"v2").unwrap();
-        let v = verify(&store, &out, &[]).unwrap();
+        let v = verify(&store, Some(&out), &out, &[]).unwrap();
         assert!(v.ok(), "{:?}", v.problems);
         // The old version's file may go (it is the user's to keep); the current may not.
         std::fs::remove_file(out.join("a.png")).unwrap();
-        assert!(verify(&store, &out, &[]).unwrap().ok());
+        assert!(verify(&store, Some(&out), &out, &[]).unwrap().ok());
         std::fs::remove_file(out.join("a.v2.png")).unwrap();
-        let v = verify(&store, &out, &[]).unwrap();
+        let v = verify(&store, Some(&out), &out, &[]).unwrap();
         assert_eq!(v.problems.len(), 1);
         assert_eq!(v.problems[0].problem, Problem::Missing);
     }
