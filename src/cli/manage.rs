@@ -272,16 +272,35 @@ impl JobFilter {
     }
 
     pub fn matches(&self, job: &Job) -> bool {
-        self.states.contains(&job.state)
-            && self.provider.is_none_or(|p| p == job.spec.provider)
+        let changed_ms = job.finished_ms.unwrap_or(job.updated_ms);
+        self.matches_parts(
+            job.state,
+            job.spec.provider,
+            job.error.as_deref(),
+            changed_ms,
+        )
+    }
+
+    /// [`JobFilter::matches`] on a row from a running process (rows carry no
+    /// `updated_ms`: an unfinished job counts from its creation).
+    pub fn matches_row(&self, r: &JobRow) -> bool {
+        let changed_ms = r.finished_ms.unwrap_or(r.created_ms);
+        self.matches_parts(r.state, r.provider, r.error.as_deref(), changed_ms)
+    }
+
+    fn matches_parts(
+        &self,
+        state: JobState,
+        provider: ProviderKind,
+        error: Option<&str>,
+        changed_ms: u64,
+    ) -> bool {
+        self.states.contains(&state)
+            && self.provider.is_none_or(|p| p == provider)
             && self.error.as_ref().is_none_or(|needle| {
-                job.error
-                    .as_ref()
-                    .is_some_and(|e| e.to_lowercase().contains(needle.as_str()))
+                error.is_some_and(|e| e.to_lowercase().contains(needle.as_str()))
             })
-            && self
-                .since_ms
-                .is_none_or(|t| job.finished_ms.unwrap_or(job.updated_ms) >= t)
+            && self.since_ms.is_none_or(|t| changed_ms >= t)
     }
 }
 
@@ -392,18 +411,7 @@ fn cancel_through_run(
         Ok(())
     })
     .map_err(unreachable)?;
-    let matches = |r: &JobRow| {
-        filter.states.contains(&r.state)
-            && filter.provider.is_none_or(|p| p == r.provider)
-            && filter.error.as_ref().is_none_or(|needle| {
-                r.error
-                    .as_ref()
-                    .is_some_and(|e| e.to_lowercase().contains(needle.as_str()))
-            })
-            && filter
-                .since_ms
-                .is_none_or(|t| r.finished_ms.unwrap_or(r.created_ms) >= t)
-    };
+    let matches = |r: &JobRow| filter.matches_row(r);
     let mut chosen: Vec<&JobRow> = Vec::new();
     if args.job_ids.is_empty() {
         chosen.extend(rows.iter().filter(|r| matches(r)));

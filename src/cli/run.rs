@@ -69,12 +69,7 @@ async fn run_inner(
             progress::notice(&format!("{n} failed job(s) requeued"));
         }
     }
-    let unfinished: u64 = store
-        .counts()?
-        .iter()
-        .filter(|((state, _), _)| !state.is_terminal())
-        .map(|(_, n)| *n)
-        .sum();
+    let unfinished = engine::summarize(&store)?.unfinished;
     if unfinished == 0 && !args.quiet {
         progress::notice(&format!(
             "nothing to do: every job in {} has finished (`pixbatch retry --failed` puts failed ones back)",
